@@ -1,0 +1,17 @@
+"""expertflow: run Mixture-of-Experts models larger than GPU memory.
+
+Importing expertflow imports torch, loads the native extension and registers the
+``torch.ops.expertflow`` operators. It never initialises CUDA and creates no stream.
+"""
+
+import torch  # noqa: F401  (loaded first: the extension links against libtorch)
+
+from expertflow._extension import build_info, load_extension
+
+_C = load_extension()
+
+from expertflow import ops  # noqa: E402  (registers fake kernels for the ops _C defines)
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "build_info", "ops"]
