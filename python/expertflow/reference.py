@@ -1,0 +1,118 @@
+"""Plain-torch references of the native ops: slow, simple, and the definition of their results.
+
+The tests compare every native kernel against these on fresh random inputs. They follow the
+documented semantics exactly, tie-breaking and NaN handling included.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["topk_gating", "group_by_expert", "combine", "rank_descending"]
+
+
+def rank_descending(keys: torch.Tensor) -> torch.Tensor:
+    """Per-row column order: larger key first, equal keys by lower index, NaN after everything.
+
+    Args:
+        keys: ``[rows, n]`` float.
+
+    Returns:
+        ``[rows, n]`` int64 column indices in selection order.
+    """
+    nan = torch.isnan(keys)
+    clean = torch.where(nan, torch.full_like(keys, float("-inf")), keys)
+    order = torch.sort(clean, dim=-1, descending=True, stable=True).indices
+    # A second stable sort moves NaN keys behind -inf without disturbing anything else.
+    nan_in_order = torch.gather(nan, -1, order).to(torch.int8)
+    return torch.gather(order, -1, torch.sort(nan_in_order, dim=-1, stable=True).indices)
+
+
+def _scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
+    return logits.softmax(dim=-1) if scoring == "softmax" else logits.sigmoid()
+
+
+def topk_gating(
+    router_logits: torch.Tensor,
+    top_k: int,
+    *,
+    scoring: str = "softmax",
+    renormalize: bool = True,
+    correction_bias: torch.Tensor | None = None,
+    n_group: int | None = None,
+    topk_group: int | None = None,
+    routed_scaling_factor: float = 1.0,
+    softmax_after_topk: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of :func:`expertflow.ops.topk_gating`; same arguments and results."""
+    logits = router_logits.float()
+    num_tokens, num_experts = logits.shape
+    scores = _scores(logits, scoring)
+    if correction_bias is not None and not softmax_after_topk:
+        keys = scores + correction_bias.float()
+    else:
+        # softmax and sigmoid are monotonic: ranking the logits ranks the scores, minus the
+        # ties that rounding of exp would create.
+        keys = logits
+
+    if n_group is not None and n_group > 1:
+        group_size = num_experts // n_group
+        grouped = keys.view(num_tokens, n_group, group_size)
+        best_of = 2 if (correction_bias is not None and group_size >= 2) else 1
+        ranked = torch.gather(grouped, -1, rank_descending(grouped.reshape(-1, group_size))
+                              .view(num_tokens, n_group, group_size)[..., :best_of])
+        group_keys = ranked.sum(dim=-1)
+        kept = rank_descending(group_keys)[:, :topk_group]
+        allowed = torch.zeros(num_tokens, n_group, dtype=torch.bool, device=keys.device)
+        allowed.scatter_(1, kept, True)
+        allowed = allowed.repeat_interleave(group_size, dim=1)
+    else:
+        allowed = torch.ones_like(keys, dtype=torch.bool)
+
+    order = rank_descending(keys)
+    # Move ineligible experts behind every eligible one, keeping the order within each part.
+    order = torch.gather(order, -1, torch.sort(
+        (~torch.gather(allowed, -1, order)).to(torch.int8), dim=-1, stable=True).indices)
+    ids = order[:, :top_k]
+
+    if softmax_after_topk:
+        weights = torch.gather(logits, -1, ids).softmax(dim=-1)
+    else:
+        weights = torch.gather(scores, -1, ids)
+        if renormalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    weights = weights * routed_scaling_factor
+    return ids.to(torch.int32), weights.to(torch.float32)
+
+
+def group_by_expert(
+    topk_ids: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference of :func:`expertflow.ops.group_by_expert`; same arguments and results."""
+    ids = topk_ids.reshape(-1).long()
+    routed = (ids >= 0) & (ids < num_experts)
+    sort_key = torch.where(routed, ids, torch.full_like(ids, num_experts))
+    order = torch.sort(sort_key, stable=True).indices
+    counts = torch.bincount(ids[routed], minlength=num_experts)[:num_experts]
+    offsets = torch.zeros(num_experts + 1, dtype=torch.long, device=ids.device)
+    offsets[1:] = torch.cumsum(counts, dim=0)
+    inverse = torch.empty_like(ids)
+    inverse[order] = torch.arange(ids.numel(), device=ids.device)
+    inverse[~routed] = -1
+    return order.int(), counts.int(), offsets.int(), inverse.int()
+
+
+def combine(
+    expert_outputs: torch.Tensor, topk_weights: torch.Tensor, inverse: torch.Tensor
+) -> torch.Tensor:
+    """Reference of :func:`expertflow.ops.combine`; same arguments and results."""
+    num_tokens, top_k = topk_weights.shape
+    acc = torch.zeros(num_tokens, expert_outputs.shape[1], dtype=torch.float32,
+                      device=expert_outputs.device)
+    inv = inverse.view(num_tokens, top_k).long()
+    for j in range(top_k):
+        rows = inv[:, j]
+        valid = rows >= 0
+        contribution = expert_outputs.float()[rows.clamp(min=0)] * topk_weights[:, j : j + 1]
+        acc += torch.where(valid[:, None], contribution, torch.zeros_like(contribution))
+    return acc.to(expert_outputs.dtype)
