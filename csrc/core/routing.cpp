@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <numeric>
 
 #include "fast_math.h"
 
@@ -16,97 +15,132 @@ std::string join(std::initializer_list<std::string> parts) {
   return out;
 }
 
-// Insertion into a best-first list: cheap for the small k of real routers (one comparison per
-// rejected candidate).
-void insertion_top_k(const float* values, const int32_t* candidates, int32_t n, int32_t k,
-                     int32_t* out) {
+// Best-first list of at most k (value, id). Candidates are offered in increasing id order, so
+// an equal value never displaces an earlier (lower) id: that is the tie-break.
+struct TopKList {
+  int32_t k;
+  float* vals;
+  int32_t* ids;
   int32_t filled = 0;
-  for (int32_t c = 0; c < n; ++c) {
-    const int32_t id = candidates[c];
-    const float v = values[id];
-    if (filled == k && !ranks_before(v, id, values[out[k - 1]], out[k - 1])) continue;
+
+  // Full comparator: NaN-aware.
+  void insert(float v, int32_t id) {
     int32_t pos = filled < k ? filled++ : k - 1;
-    while (pos > 0 && ranks_before(v, id, values[out[pos - 1]], out[pos - 1])) {
-      out[pos] = out[pos - 1];
+    while (pos > 0 && ranks_before(v, id, vals[pos - 1], ids[pos - 1])) {
+      vals[pos] = vals[pos - 1];
+      ids[pos] = ids[pos - 1];
       --pos;
     }
-    out[pos] = id;
+    vals[pos] = v;
+    ids[pos] = id;
   }
-}
 
-float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+  // NaN-free: v goes after every kept value >= v (ids only grow, so earlier ids win ties).
+  void insert_nan_free(float v, int32_t id) {
+    int32_t pos = filled < k ? filled++ : k - 1;
+    while (pos > 0 && v > vals[pos - 1]) {
+      vals[pos] = vals[pos - 1];
+      ids[pos] = ids[pos - 1];
+      --pos;
+    }
+    vals[pos] = v;
+    ids[pos] = id;
+  }
+
+  // Any values, NaN included: the full comparator on every candidate.
+  void offer_range(const float* values, int32_t begin, int32_t end) {
+    for (int32_t e = begin; e < end; ++e) {
+      if (filled < k || ranks_before(values[e], e, vals[k - 1], ids[k - 1])) {
+        insert(values[e], e);
+      }
+    }
+  }
+
+  // NaN-free values: once the list is full a candidate must beat the k-th value strictly;
+  // blocks of 8 are screened with one vector compare, and for small k most are skipped.
+  void offer_range_nan_free(const float* values, int32_t begin, int32_t end) {
+    int32_t e = begin;
+    for (; e < end && filled < k; ++e) insert_nan_free(values[e], e);
+    for (; e + 8 <= end; e += 8) {
+      for (unsigned mask = greater_mask8(values + e, vals[k - 1]); mask; mask &= mask - 1) {
+        const int32_t i = e + __builtin_ctz(mask);
+        if (values[i] > vals[k - 1]) insert_nan_free(values[i], i);
+      }
+    }
+    for (; e < end; ++e) {
+      if (values[e] > vals[k - 1]) insert_nan_free(values[e], e);
+    }
+  }
+
+  void offer(const float* values, int32_t begin, int32_t end, bool nan_free) {
+    nan_free ? offer_range_nan_free(values, begin, end) : offer_range(values, begin, end);
+  }
+};
+
+// sigmoid through exp of a non-positive argument only, so it vectorises and never overflows.
+float sigmoid(float x) {
+  const float z = exp_nonpositive(-std::fabs(x));
+  const float numerator = x >= 0.0f ? 1.0f : z;  // a select, not a branch: it vectorises
+  return numerator / (1.0f + z);
+}
 
 // Fills ws.keys (and ws.scores on the bias path). Without a bias the logits themselves are the
 // key: softmax and sigmoid are monotonic, so the chosen ids are the same and no ulp-level
 // rounding of exp can create or break ties.
 const float* compute_keys(const RouterSpec& spec, const float* logits, const float* bias,
-                          RoutingWorkspace& ws) {
+                          const RowFacts& facts, RoutingWorkspace& ws) {
   if (!spec.has_bias || spec.softmax_after_topk) return logits;
   const int32_t n = spec.num_experts;
   if (spec.scoring == Scoring::kSigmoid) {
     for (int32_t e = 0; e < n; ++e) ws.scores[e] = sigmoid(logits[e]);
   } else {
-    float m = -std::numeric_limits<float>::infinity();
-    for (int32_t e = 0; e < n; ++e) m = (logits[e] > m || logits[e] != logits[e]) ? logits[e] : m;
+    // As torch's softmax: a NaN anywhere makes the row NaN (and +inf gives inf - inf = NaN).
+    const float m = facts.has_nan ? std::numeric_limits<float>::quiet_NaN() : facts.max;
     float sum = 0.0f;
-    for (int32_t e = 0; e < n; ++e) sum += (ws.scores[e] = std::exp(logits[e] - m));
-    for (int32_t e = 0; e < n; ++e) ws.scores[e] /= sum;
+    for (int32_t e = 0; e < n; ++e) sum += (ws.scores[e] = exp_nonpositive(logits[e] - m));
+    const float inv = 1.0f / sum;
+    for (int32_t e = 0; e < n; ++e) ws.scores[e] *= inv;
   }
   for (int32_t e = 0; e < n; ++e) ws.keys[e] = ws.scores[e] + bias[e];
   return ws.keys.data();
 }
 
-// Group-limited routing: writes the eligible experts into ws.candidates, returns their count.
-int32_t eligible_experts(const RouterSpec& spec, const float* keys, RoutingWorkspace& ws) {
-  const int32_t n = spec.num_experts;
+// Group-limited routing: fills ws.range_starts with the first expert of each eligible group
+// (ascending) and returns how many; without groups one range covers every expert.
+int32_t eligible_groups(const RouterSpec& spec, const float* keys, bool nan_free,
+                        RoutingWorkspace& ws) {
   if (spec.num_groups <= 1) {
-    std::iota(ws.candidates.begin(), ws.candidates.end(), 0);
-    return n;
+    ws.range_starts[0] = 0;
+    return 1;
   }
-  const int32_t group_size = n / spec.num_groups;
+  const int32_t group_size = spec.num_experts / spec.num_groups;
   const int32_t best_of = (spec.has_bias && group_size >= 2) ? 2 : 1;
-  int32_t best[2];
+  float best[2];
+  int32_t best_ids[2];
   for (int32_t g = 0; g < spec.num_groups; ++g) {
-    std::iota(ws.candidates.begin(), ws.candidates.begin() + group_size, g * group_size);
-    insertion_top_k(keys, ws.candidates.data(), group_size, best_of, best);
-    ws.group_keys[g] = best_of == 2 ? keys[best[0]] + keys[best[1]] : keys[best[0]];
+    TopKList top{best_of, best, best_ids};
+    top.offer(keys, g * group_size, (g + 1) * group_size, nan_free);
+    ws.group_keys[g] = best_of == 2 ? best[0] + best[1] : best[0];
   }
-  std::vector<int32_t>& groups = ws.group_ids;
-  std::iota(ws.candidates.begin(), ws.candidates.begin() + spec.num_groups, 0);
-  insertion_top_k(ws.group_keys.data(), ws.candidates.data(), spec.num_groups, spec.topk_groups,
-                  groups.data());
-  // Ascending group order keeps the candidate list in expert order (cache friendly).
-  std::sort(groups.begin(), groups.end());
-  int32_t count = 0;
-  for (int32_t g : groups) {
-    for (int32_t e = g * group_size; e < (g + 1) * group_size; ++e) ws.candidates[count++] = e;
-  }
-  return count;
-}
-
-// True when the row holds a NaN or +inf: torch's softmax then gives a NaN row.
-bool poisons_softmax(const float* logits, int32_t n) {
-  constexpr float kInf = std::numeric_limits<float>::infinity();
-  bool bad = false;
-  for (int32_t e = 0; e < n; ++e) bad |= !(logits[e] < kInf);
-  return bad;
-}
-
-float row_max(const float* logits, int32_t n) {
-  float m = -std::numeric_limits<float>::infinity();
-  for (int32_t e = 0; e < n; ++e) m = logits[e] > m ? logits[e] : m;
-  return m;
+  TopKList groups{spec.topk_groups, ws.top_values.data(), ws.group_ids.data()};
+  groups.offer(ws.group_keys.data(), 0, spec.num_groups,
+               !scan_row(ws.group_keys.data(), spec.num_groups).has_nan);
+  // Ascending group order keeps expert ids increasing across ranges (the tie-break needs it).
+  std::sort(ws.group_ids.begin(), ws.group_ids.end());
+  for (int32_t i = 0; i < spec.topk_groups; ++i) ws.range_starts[i] = ws.group_ids[i] * group_size;
+  return spec.topk_groups;
 }
 
 void fill_nan(float* weights, int32_t k) {
   std::fill(weights, weights + k, std::numeric_limits<float>::quiet_NaN());
 }
 
-void softmax_weights(const RouterSpec& spec, const float* logits, const int32_t* ids,
-                     float* weights) {
+void softmax_weights(const RouterSpec& spec, const float* logits, const RowFacts& facts,
+                     const int32_t* ids, float* weights) {
   const int32_t n = spec.num_experts;
   const int32_t k = spec.top_k;
-  if (poisons_softmax(logits, n)) return fill_nan(weights, k);
+  // A NaN or +inf logit poisons torch's softmax row; so does a row of -inf.
+  if (facts.has_nan || facts.has_pos_inf || !std::isfinite(facts.max)) return fill_nan(weights, k);
   if (spec.renormalize) {
     // The softmax denominator cancels in the renormalisation: only the k chosen exps are needed,
     // shifted by the largest chosen logit. The caller divides by their sum.
@@ -115,8 +149,7 @@ void softmax_weights(const RouterSpec& spec, const float* logits, const int32_t*
     for (int32_t j = 0; j < k; ++j) weights[j] = exp_nonpositive(logits[ids[j]] - m);
     return;
   }
-  const float m = row_max(logits, n);
-  if (!std::isfinite(m)) return fill_nan(weights, k);
+  const float m = facts.max;
   constexpr int kLanes = 8;
   float partial[kLanes] = {};
   int32_t e = 0;
@@ -179,27 +212,27 @@ RoutingWorkspace::RoutingWorkspace(const RouterSpec& spec)
       scores(spec.num_experts),
       group_keys(spec.num_groups),
       group_ids(spec.topk_groups),
-      candidates(spec.num_experts) {}
+      range_starts(std::max(spec.topk_groups, 1)),
+      top_values(std::max(spec.top_k, spec.topk_groups)) {}
 
-void select_top_k(const float* values, const int32_t* candidates, int32_t num_candidates,
-                  int32_t k, int32_t* out_ids) {
-  constexpr int32_t kInsertionLimit = 32;
-  if (k <= kInsertionLimit) {
-    insertion_top_k(values, candidates, num_candidates, k, out_ids);
-    return;
-  }
-  std::vector<int32_t> order(candidates, candidates + num_candidates);
-  std::partial_sort(order.begin(), order.begin() + k, order.end(), [values](int32_t a, int32_t b) {
-    return ranks_before(values[a], a, values[b], b);
-  });
-  std::copy(order.begin(), order.begin() + k, out_ids);
+void select_top_k(const float* values, int32_t num_values, int32_t k, int32_t* out_ids) {
+  std::vector<float> vals(k);
+  TopKList top{k, vals.data(), out_ids};
+  top.offer(values, 0, num_values, !scan_row(values, num_values).has_nan);
 }
 
 void route_token(const RouterSpec& spec, const float* logits, const float* bias,
                  RoutingWorkspace& ws, int32_t* ids, float* weights) {
-  const float* keys = compute_keys(spec, logits, bias, ws);
-  const int32_t num_candidates = eligible_experts(spec, keys, ws);
-  select_top_k(keys, ws.candidates.data(), num_candidates, spec.top_k, ids);
+  const RowFacts facts = scan_row(logits, spec.num_experts);
+  const float* keys = compute_keys(spec, logits, bias, facts, ws);
+  const bool nan_free =
+      keys == logits ? !facts.has_nan : !scan_row(keys, spec.num_experts).has_nan;
+  const int32_t num_ranges = eligible_groups(spec, keys, nan_free, ws);
+  const int32_t range_size = spec.num_experts / spec.num_groups;
+  TopKList top{spec.top_k, ws.top_values.data(), ids};
+  for (int32_t r = 0; r < num_ranges; ++r) {
+    top.offer(keys, ws.range_starts[r], ws.range_starts[r] + range_size, nan_free);
+  }
 
   if (spec.softmax_after_topk) {
     softmax_over_selected(spec, logits, ids, weights);
@@ -208,7 +241,7 @@ void route_token(const RouterSpec& spec, const float* logits, const float* bias,
   } else if (spec.scoring == Scoring::kSigmoid) {
     for (int32_t j = 0; j < spec.top_k; ++j) weights[j] = sigmoid(logits[ids[j]]);
   } else {
-    softmax_weights(spec, logits, ids, weights);
+    softmax_weights(spec, logits, facts, ids, weights);
   }
 
   if (spec.renormalize && !spec.softmax_after_topk) {

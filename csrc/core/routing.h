@@ -42,7 +42,8 @@ struct RoutingWorkspace {
   std::vector<float> scores;        // [E] unbiased scores (bias path only)
   std::vector<float> group_keys;    // [G]
   std::vector<int32_t> group_ids;   // [topk_groups]
-  std::vector<int32_t> candidates;  // [E] experts allowed by the group stage
+  std::vector<int32_t> range_starts;  // [topk_groups] first expert of each eligible group
+  std::vector<float> top_values;    // [max(k, topk_groups)] keys of the list being selected
 };
 
 // True when (a, id_a) is selected before (b, id_b): larger value first, NaN after everything
@@ -55,10 +56,9 @@ EXPERTFLOW_HOST_DEVICE inline bool ranks_before(float a, int32_t id_a, float b, 
   return id_a < id_b;
 }
 
-// Writes the `k` best entries of `values` restricted to `candidates` (ranks_before order) into
-// `out_ids`, best first. `candidates` lists the indices to consider; `k <= candidates.size()`.
-void select_top_k(const float* values, const int32_t* candidates, int32_t num_candidates,
-                  int32_t k, int32_t* out_ids);
+// Writes the indices of the `k` best of `values[0, num_values)` (ranks_before order) into
+// `out_ids`, best first. Requires k <= num_values.
+void select_top_k(const float* values, int32_t num_values, int32_t k, int32_t* out_ids);
 
 // Routes one token. logits: [E]; bias: [E] or nullptr (must match spec.has_bias);
 // ids: [k] output, best first; weights: [k] output. The spec must be valid.

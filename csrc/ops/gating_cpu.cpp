@@ -16,7 +16,7 @@ void route_rows(const core::RouterSpec& spec, const scalar_t* logits, const floa
   const int64_t experts = spec.num_experts;
   const int64_t k = spec.top_k;
   // Enough rows per task to amortise the thread hand-off; tiny batches stay on one thread.
-  const int64_t grain = std::max<int64_t>(1, 32768 / experts);
+  const int64_t grain = std::max<int64_t>(16, 4096 / experts);
   at::parallel_for(0, num_tokens, grain, [&](int64_t begin, int64_t end) {
     core::RoutingWorkspace ws(spec);
     std::vector<float> row(std::is_same_v<scalar_t, float> ? 0 : experts);
