@@ -135,8 +135,9 @@ void fill_nan(float* weights, int32_t k) {
   std::fill(weights, weights + k, std::numeric_limits<float>::quiet_NaN());
 }
 
+// chosen: [k] logits of the chosen experts, best first (contiguous, so the exps vectorise).
 void softmax_weights(const RouterSpec& spec, const float* logits, const RowFacts& facts,
-                     const int32_t* ids, float* weights) {
+                     const float* chosen, float* weights) {
   const int32_t n = spec.num_experts;
   const int32_t k = spec.top_k;
   // A NaN or +inf logit poisons torch's softmax row; so does a row of -inf.
@@ -144,9 +145,9 @@ void softmax_weights(const RouterSpec& spec, const float* logits, const RowFacts
   if (spec.renormalize) {
     // The softmax denominator cancels in the renormalisation: only the k chosen exps are needed,
     // shifted by the largest chosen logit. The caller divides by their sum.
-    const float m = logits[ids[0]];
+    const float m = chosen[0];
     if (!std::isfinite(m)) return fill_nan(weights, k);
-    for (int32_t j = 0; j < k; ++j) weights[j] = exp_nonpositive(logits[ids[j]] - m);
+    for (int32_t j = 0; j < k; ++j) weights[j] = exp_nonpositive(chosen[j] - m);
     return;
   }
   const float m = facts.max;
@@ -160,19 +161,18 @@ void softmax_weights(const RouterSpec& spec, const float* logits, const RowFacts
   float sum = 0.0f;
   for (float p : partial) sum += p;
   const float inv = 1.0f / sum;
-  for (int32_t j = 0; j < k; ++j) weights[j] = exp_nonpositive(logits[ids[j]] - m) * inv;
+  for (int32_t j = 0; j < k; ++j) weights[j] = exp_nonpositive(chosen[j] - m) * inv;
 }
 
-void softmax_over_selected(const RouterSpec& spec, const float* logits, const int32_t* ids,
-                           float* weights) {
+void softmax_over_selected(const RouterSpec& spec, const float* chosen, float* weights) {
   const int32_t k = spec.top_k;
   for (int32_t j = 0; j < k; ++j) {
-    if (!(logits[ids[j]] < std::numeric_limits<float>::infinity())) return fill_nan(weights, k);
+    if (!(chosen[j] < std::numeric_limits<float>::infinity())) return fill_nan(weights, k);
   }
-  const float m = logits[ids[0]];
+  const float m = chosen[0];
   if (!std::isfinite(m)) return fill_nan(weights, k);
   float sum = 0.0f;
-  for (int32_t j = 0; j < k; ++j) sum += (weights[j] = exp_nonpositive(logits[ids[j]] - m));
+  for (int32_t j = 0; j < k; ++j) sum += (weights[j] = exp_nonpositive(chosen[j] - m));
   for (int32_t j = 0; j < k; ++j) weights[j] /= sum;
 }
 
@@ -235,13 +235,13 @@ void route_token(const RouterSpec& spec, const float* logits, const float* bias,
   }
 
   if (spec.softmax_after_topk) {
-    softmax_over_selected(spec, logits, ids, weights);
+    softmax_over_selected(spec, ws.top_values.data(), weights);  // keys are the logits
   } else if (spec.has_bias) {
     for (int32_t j = 0; j < spec.top_k; ++j) weights[j] = ws.scores[ids[j]];
   } else if (spec.scoring == Scoring::kSigmoid) {
     for (int32_t j = 0; j < spec.top_k; ++j) weights[j] = sigmoid(logits[ids[j]]);
   } else {
-    softmax_weights(spec, logits, facts, ids, weights);
+    softmax_weights(spec, logits, facts, ws.top_values.data(), weights);
   }
 
   if (spec.renormalize && !spec.softmax_after_topk) {

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The prepared GPU check, one call on a GPU machine (H200): builds for sm_90, runs the CUDA tests
+# and the GPU benchmarks, writes logs/JSON under OUT_DIR and prints a short table last.
+# Needs torch (CUDA), scikit-build-core, cmake, ninja, pytest, transformers already installed.
+#
+#   bash bench/gpu_check.sh OUT_DIR
+set -uo pipefail
+out="${1:-${OUT:-bench/results}}"
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export EXPERTFLOW_CUDA=ON TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" PATH="${CUDA_HOME}/bin:$PATH" PYTHONUNBUFFERED=1
+py="${PYTHON:-python3}"
+
+start=$(date +%s)
+if ! "$py" -m pip install -v --no-build-isolation --no-deps --no-index . >"$out/build.log" 2>&1; then
+  tail -40 "$out/build.log"
+  echo "BUILD FAILED"
+  exit 1
+fi
+echo "build: $(( $(date +%s) - start )) s"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+
+"$py" -m pytest tests -m cuda -q -p no:cacheprovider 2>&1 | tee "$out/pytest_cuda.log" | tail -5
+"$py" -m pytest tests -q -p no:cacheprovider -x 2>&1 | tee "$out/pytest_all.log" | tail -3
+for dtype in float32 bfloat16; do
+  "$py" bench/bench_gating.py --device cuda --dtype "$dtype" --out "$out" \
+    >"$out/bench_gating_$dtype.txt" 2>&1 || echo "bench_gating $dtype FAILED"
+done
+
+echo "== summary =="
+grep -E "passed|failed" "$out/pytest_cuda.log" | tail -1
+for dtype in float32 bfloat16; do
+  echo "-- gating on cuda, $dtype (T=4096 rows)"
+  grep -E "router|4096|min speed-up|copy_bandwidth" "$out/bench_gating_$dtype.txt" | cut -c1-160
+done
