@@ -15,8 +15,12 @@ cp -r "$root/python/expertflow" "$stage/"
 cp "$build"/_C*.so "$build/_build_info.py" "$stage/expertflow/"
 # torch.compile tests start a C++ compiler, which must not inherit the sanitizer runtime.
 cd "$root"
-LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \
-  ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+preload="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
+# An editable install's import hook would win over PYTHONPATH: refuse to test the wrong build.
+LD_PRELOAD="$preload" ASAN_OPTIONS=detect_leaks=0 PYTHONPATH="$stage" "$py" -c \
+  "import expertflow, sys; f = expertflow.__file__; print('testing', f); sys.exit(not f.startswith('$stage'))" \
+  || { echo "expertflow is not imported from $stage (editable install in this venv?)"; exit 1; }
+LD_PRELOAD="$preload" ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
   PYTHONPATH="$stage" "$py" -m pytest tests/ops tests/test_build.py -q -p no:cacheprovider \
   -k "not compile and not cuda" \
   --override-ini="addopts=" -W ignore "$@"
