@@ -13,8 +13,14 @@ from collections.abc import Callable
 import torch
 
 
-def median_seconds(fn: Callable[[], object], device: str, *, warmup: int = 5,
-                   repeats: int = 30, min_seconds: float = 0.2) -> float:
+def median_seconds(
+    fn: Callable[[], object],
+    device: str,
+    *,
+    warmup: int = 5,
+    repeats: int = 30,
+    min_seconds: float = 0.2,
+) -> float:
     """Median wall time of ``fn()`` on ``device`` in seconds.
 
     Runs ``warmup`` untimed calls, then at least ``repeats`` timed ones and at least

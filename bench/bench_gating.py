@@ -10,6 +10,7 @@ medians and speed-ups; on CUDA also the achieved bytes/s against the measured co
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import sys
@@ -64,29 +65,36 @@ def run(router: str, device: str, dtype: torch.dtype, quick: bool, bandwidth: fl
     for t, e, k in cases(router, quick):
         logits = torch.randn(t, e, generator=gen).to(dtype).to(device)
         if router == "mixtral":
-            def fused():
-                return ops.topk_gating(logits, k)
-
-            def eager():
-                return eager_mixtral(logits, k)
+            fused = functools.partial(ops.topk_gating, logits, k)
+            eager = functools.partial(eager_mixtral, logits, k)
         else:
             bias = (torch.randn(e, generator=gen) * 0.1).to(device)
-
-            def fused():
-                return ops.topk_gating(logits, k, scoring="sigmoid", correction_bias=bias,
-                                       n_group=8, topk_group=4, routed_scaling_factor=2.5)
-
-            def eager():
-                return eager_deepseek_v3(logits, k, bias, 8, 4)
+            fused = functools.partial(
+                ops.topk_gating,
+                logits,
+                k,
+                scoring="sigmoid",
+                correction_bias=bias,
+                n_group=8,
+                topk_group=4,
+                routed_scaling_factor=2.5,
+            )
+            eager = functools.partial(eager_deepseek_v3, logits, k, bias, 8, 4)
         # Same answer before timing anything.
         f_ids, _ = fused()
         e_ids, _ = eager()
         assert torch.equal(f_ids.sort(-1)[0].long(), e_ids.sort(-1)[0]) or t > 256, (t, e, k)
         fused_s = median_seconds(fused, device)
         eager_s = median_seconds(eager, device)
-        row = {"router": router, "tokens": t, "experts": e, "top_k": k,
-               "fused_us": fused_s * 1e6, "eager_us": eager_s * 1e6,
-               "speedup": eager_s / fused_s}
+        row = {
+            "router": router,
+            "tokens": t,
+            "experts": e,
+            "top_k": k,
+            "fused_us": fused_s * 1e6,
+            "eager_us": eager_s * 1e6,
+            "speedup": eager_s / fused_s,
+        }
         if bandwidth:
             moved = t * e * logits.element_size() + t * k * 8  # logits in, ids + weights out
             row["fused_GBps"] = moved / fused_s / 1e9
@@ -117,19 +125,25 @@ def main(argv=None) -> int:
 
     bandwidth = device_copy_bandwidth(args.device) if args.device == "cuda" else None
     routers = ["mixtral", "deepseek_v3"] if args.router == "all" else [args.router]
-    rows = [r for router in routers for r in run(router, args.device, dtype, args.quick,
-                                                    bandwidth)]
-    env = {"device": torch.cuda.get_device_name() if args.device == "cuda" else
-           platform.processor() or platform.machine(),
-           "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "dtype": args.dtype, "expertflow": expertflow.build_info()["git_revision"]}
+    rows = [r for router in routers for r in run(router, args.device, dtype, args.quick, bandwidth)]
+    env = {
+        "device": torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "dtype": args.dtype,
+        "expertflow": expertflow.build_info()["git_revision"],
+    }
     if bandwidth:
         env["copy_bandwidth_GBps"] = bandwidth / 1e9
     print(f"topk_gating, fused vs eager torch, medians ({env})")
     print_table(rows)
     big = [r for r in rows if r["tokens"] == 4096]
-    print(f"min speed-up at T=4096: {min(r['speedup'] for r in big):.2f}x "
-          f"(target >= {'3' if args.device == 'cuda' else '2'}x)")
+    print(
+        f"min speed-up at T=4096: {min(r['speedup'] for r in big):.2f}x "
+        f"(target >= {'3' if args.device == 'cuda' else '2'}x)"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"gating_{args.device}_{args.dtype}.json"
     path.write_text(json.dumps({"env": env, "rows": rows}, indent=1))

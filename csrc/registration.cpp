@@ -7,7 +7,6 @@ TORCH_LIBRARY(expertflow, m) {
       "topk_gating(Tensor router_logits, int top_k, str scoring='softmax', bool renormalize=True, "
       "Tensor? correction_bias=None, int n_group=1, int topk_group=1, "
       "float routed_scaling_factor=1.0, bool softmax_after_topk=False) -> (Tensor, Tensor)");
-  m.def(
-      "group_by_expert(Tensor topk_ids, int num_experts) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("group_by_expert(Tensor topk_ids, int num_experts) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("combine(Tensor expert_outputs, Tensor topk_weights, Tensor inverse) -> Tensor");
 }

@@ -21,8 +21,10 @@ def test_build_info_reports_the_build():
     assert info["cxx_standard"] >= 202002
     if info["cuda_kernels"]:
         assert torch.version.cuda, "CUDA kernels need a CUDA build of torch"
-        assert info["cuda_arch_list"] and info["cuda_version"].split(".")[0] == (
-            torch.version.cuda.split(".")[0])
+        assert (
+            info["cuda_arch_list"]
+            and info["cuda_version"].split(".")[0] == (torch.version.cuda.split(".")[0])
+        )
     else:
         assert info["cuda_arch_list"] == [] and info["cuda_version"] == ""
 

@@ -41,17 +41,35 @@ inline float exp_nonpositive(float x) {
 
 namespace expertflow::core {
 
-// Bit l (l < 8) set when v[l] > threshold. NaN compares false.
+// Bit l (l < 8) set when v[l] > threshold, or v[l] >= threshold with kOrEqual. NaN never.
+template <bool kOrEqual = false>
 inline unsigned greater_mask8(const float* v, float threshold) {
 #if defined(__SSE2__)
   const __m128 t = _mm_set1_ps(threshold);
-  const unsigned lo = static_cast<unsigned>(_mm_movemask_ps(_mm_cmpgt_ps(_mm_loadu_ps(v), t)));
-  const unsigned hi = static_cast<unsigned>(_mm_movemask_ps(_mm_cmpgt_ps(_mm_loadu_ps(v + 4), t)));
+  const auto cmp = [&t](__m128 x) { return kOrEqual ? _mm_cmpge_ps(x, t) : _mm_cmpgt_ps(x, t); };
+  const unsigned lo = static_cast<unsigned>(_mm_movemask_ps(cmp(_mm_loadu_ps(v))));
+  const unsigned hi = static_cast<unsigned>(_mm_movemask_ps(cmp(_mm_loadu_ps(v + 4))));
   return lo | (hi << 4);
 #else
   unsigned mask = 0;
-  for (int l = 0; l < 8; ++l) mask |= static_cast<unsigned>(v[l] > threshold) << l;
+  for (int l = 0; l < 8; ++l) {
+    mask |= static_cast<unsigned>(kOrEqual ? v[l] >= threshold : v[l] > threshold) << l;
+  }
   return mask;
+#endif
+}
+
+// Largest of v[0..8), for NaN-free input.
+inline float max8(const float* v) {
+#if defined(__SSE2__)
+  __m128 m = _mm_max_ps(_mm_loadu_ps(v), _mm_loadu_ps(v + 4));
+  m = _mm_max_ps(m, _mm_shuffle_ps(m, m, _MM_SHUFFLE(1, 0, 3, 2)));
+  m = _mm_max_ps(m, _mm_shuffle_ps(m, m, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtss_f32(m);
+#else
+  float m = v[0];
+  for (int l = 1; l < 8; ++l) m = v[l] > m ? v[l] : m;
+  return m;
 #endif
 }
 

@@ -59,17 +59,44 @@ struct TopKList {
   // NaN-free values: once the list is full a candidate must beat the k-th value strictly;
   // blocks of 8 are screened with one vector compare, and for small k most are skipped.
   void offer_range_nan_free(const float* values, int32_t begin, int32_t end) {
+    constexpr float kInf = std::numeric_limits<float>::infinity();
+    const float floor = filled == 0 ? kth_block_max(values, begin, end) : -kInf;
     int32_t e = begin;
-    for (; e < end && filled < k; ++e) insert_nan_free(values[e], e);
+    if (floor == -kInf) {
+      for (; e < end && filled < k; ++e) insert_nan_free(values[e], e);
+    }
+    // While the list fills, only values >= floor qualify (at least k of them exist).
+    const auto qualifies = [&](float v) { return filled < k ? v >= floor : v > vals[k - 1]; };
     for (; e + 8 <= end; e += 8) {
-      for (unsigned mask = greater_mask8(values + e, vals[k - 1]); mask; mask &= mask - 1) {
+      const unsigned screened = filled < k ? greater_mask8<true>(values + e, floor)
+                                           : greater_mask8(values + e, vals[k - 1]);
+      for (unsigned mask = screened; mask; mask &= mask - 1) {
         const int32_t i = e + __builtin_ctz(mask);
-        if (values[i] > vals[k - 1]) insert_nan_free(values[i], i);
+        if (qualifies(values[i])) insert_nan_free(values[i], i);
       }
     }
     for (; e < end; ++e) {
-      if (values[e] > vals[k - 1]) insert_nan_free(values[e], e);
+      if (qualifies(values[e])) insert_nan_free(values[e], e);
     }
+  }
+
+  // A lower bound on the k-th best of values[begin, end), or -inf when not worth it: the k-th
+  // best of the maxima of 8-blocks (those k maxima are k values at least that large). Starting
+  // from it, only a few values are ever inserted, instead of every new running best.
+  float kth_block_max(const float* values, int32_t begin, int32_t end) const {
+    constexpr int32_t kMaxK = 32;
+    const int32_t blocks = (end - begin) / 8;
+    if (k < 4 || k > kMaxK || blocks < k) return -std::numeric_limits<float>::infinity();
+    float best[kMaxK];
+    int32_t count = 0;
+    for (int32_t b = 0; b < blocks; ++b) {
+      const float m = max8(values + begin + 8 * b);
+      if (count == k && !(m > best[k - 1])) continue;
+      int32_t pos = count < k ? count++ : k - 1;
+      for (; pos > 0 && m > best[pos - 1]; --pos) best[pos] = best[pos - 1];
+      best[pos] = m;
+    }
+    return best[k - 1];
   }
 
   void offer(const float* values, int32_t begin, int32_t end, bool nan_free) {
@@ -225,8 +252,7 @@ void route_token(const RouterSpec& spec, const float* logits, const float* bias,
                  RoutingWorkspace& ws, int32_t* ids, float* weights) {
   const RowFacts facts = scan_row(logits, spec.num_experts);
   const float* keys = compute_keys(spec, logits, bias, facts, ws);
-  const bool nan_free =
-      keys == logits ? !facts.has_nan : !scan_row(keys, spec.num_experts).has_nan;
+  const bool nan_free = keys == logits ? !facts.has_nan : !scan_row(keys, spec.num_experts).has_nan;
   const int32_t num_ranges = eligible_groups(spec, keys, nan_free, ws);
   const int32_t range_size = spec.num_experts / spec.num_groups;
   TopKList top{spec.top_k, ws.top_values.data(), ids};

@@ -24,10 +24,10 @@ struct RouterSpec {
   int32_t num_experts = 0;
   int32_t top_k = 0;
   Scoring scoring = Scoring::kSoftmax;
-  bool renormalize = true;          // divide the k weights by their sum
-  bool has_bias = false;            // a correction bias is added to scores for selection only
-  int32_t num_groups = 1;           // 1 = no group-limited routing
-  int32_t topk_groups = 1;          // groups kept when num_groups > 1
+  bool renormalize = true;  // divide the k weights by their sum
+  bool has_bias = false;    // a correction bias is added to scores for selection only
+  int32_t num_groups = 1;   // 1 = no group-limited routing
+  int32_t topk_groups = 1;  // groups kept when num_groups > 1
   float routed_scaling_factor = 1.0f;
   bool softmax_after_topk = false;  // GPT-OSS: top-k on logits, softmax over the k
 };
@@ -38,12 +38,12 @@ std::string validate(const RouterSpec& spec);
 // Per-thread scratch space, reused across tokens.
 struct RoutingWorkspace {
   explicit RoutingWorkspace(const RouterSpec& spec);
-  std::vector<float> keys;          // [E] selection key of each expert
-  std::vector<float> scores;        // [E] unbiased scores (bias path only)
-  std::vector<float> group_keys;    // [G]
-  std::vector<int32_t> group_ids;   // [topk_groups]
+  std::vector<float> keys;            // [E] selection key of each expert
+  std::vector<float> scores;          // [E] unbiased scores (bias path only)
+  std::vector<float> group_keys;      // [G]
+  std::vector<int32_t> group_ids;     // [topk_groups]
   std::vector<int32_t> range_starts;  // [topk_groups] first expert of each eligible group
-  std::vector<float> top_values;    // [max(k, topk_groups)] keys of the list being selected
+  std::vector<float> top_values;      // [max(k, topk_groups)] keys of the list being selected
 };
 
 // True when (a, id_a) is selected before (b, id_b): larger value first, NaN after everything

@@ -1,11 +1,10 @@
 // Small helpers shared by the CUDA kernels of csrc/ops.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 namespace expertflow::ops::cuda {
 
@@ -23,7 +22,9 @@ __device__ __forceinline__ float to_float(c10::BFloat16 x) {
 template <typename T>
 __device__ __forceinline__ T from_float(float x);
 template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
+__device__ __forceinline__ float from_float<float>(float x) {
+  return x;
+}
 template <>
 __device__ __forceinline__ c10::Half from_float<c10::Half>(float x) {
   const __half h = __float2half_rn(x);

@@ -3,8 +3,7 @@
 
 #include <ATen/Dispatch.h>
 
-#define EXPERTFLOW_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)           \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                    \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)      \
-                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)   \
-                             AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+#define EXPERTFLOW_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)                         \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                                 \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE( \
+                         at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))

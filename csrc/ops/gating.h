@@ -15,14 +15,16 @@ namespace expertflow::ops {
 // router_logits: [num_tokens, num_experts]; correction_bias: [num_experts] or none.
 core::RouterSpec make_router_spec(const at::Tensor& router_logits, int64_t top_k,
                                   std::string_view scoring, bool renormalize,
-                                  const std::optional<at::Tensor>& correction_bias,
-                                  int64_t n_group, int64_t topk_group,
-                                  double routed_scaling_factor, bool softmax_after_topk);
+                                  const std::optional<at::Tensor>& correction_bias, int64_t n_group,
+                                  int64_t topk_group, double routed_scaling_factor,
+                                  bool softmax_after_topk);
 
 // Returns (topk_ids int32 [num_tokens, top_k], topk_weights float32 [num_tokens, top_k]).
-std::tuple<at::Tensor, at::Tensor> topk_gating_cpu(
-    const at::Tensor& router_logits, int64_t top_k, std::string_view scoring, bool renormalize,
-    const std::optional<at::Tensor>& correction_bias, int64_t n_group, int64_t topk_group,
-    double routed_scaling_factor, bool softmax_after_topk);
+std::tuple<at::Tensor, at::Tensor> topk_gating_cpu(const at::Tensor& router_logits, int64_t top_k,
+                                                   std::string_view scoring, bool renormalize,
+                                                   const std::optional<at::Tensor>& correction_bias,
+                                                   int64_t n_group, int64_t topk_group,
+                                                   double routed_scaling_factor,
+                                                   bool softmax_after_topk);
 
 }  // namespace expertflow::ops

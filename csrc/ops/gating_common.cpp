@@ -6,9 +6,9 @@ namespace expertflow::ops {
 
 core::RouterSpec make_router_spec(const at::Tensor& router_logits, int64_t top_k,
                                   std::string_view scoring, bool renormalize,
-                                  const std::optional<at::Tensor>& correction_bias,
-                                  int64_t n_group, int64_t topk_group,
-                                  double routed_scaling_factor, bool softmax_after_topk) {
+                                  const std::optional<at::Tensor>& correction_bias, int64_t n_group,
+                                  int64_t topk_group, double routed_scaling_factor,
+                                  bool softmax_after_topk) {
   TORCH_CHECK(router_logits.dim() == 2,
               "topk_gating: router_logits must be 2-D [num_tokens, num_experts], got shape ",
               router_logits.sizes());
@@ -23,8 +23,8 @@ core::RouterSpec make_router_spec(const at::Tensor& router_logits, int64_t top_k
               num_experts);
   TORCH_CHECK(n_group >= 1 && n_group <= num_experts, "topk_gating: n_group must be in [1, ",
               num_experts, "], got ", n_group);
-  TORCH_CHECK(top_k >= 1 && top_k <= num_experts, "topk_gating: top_k must be in [1, num_experts=",
-              num_experts, "], got ", top_k);
+  TORCH_CHECK(top_k >= 1 && top_k <= num_experts,
+              "topk_gating: top_k must be in [1, num_experts=", num_experts, "], got ", top_k);
   TORCH_CHECK(topk_group >= 1 && topk_group <= n_group,
               "topk_gating: topk_group must be in [1, n_group=", n_group, "], got ", topk_group);
   if (correction_bias.has_value()) {

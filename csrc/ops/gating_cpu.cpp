@@ -1,10 +1,10 @@
-#include "ops/dispatch.h"
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <vector>
 
+#include "ops/dispatch.h"
 #include "ops/gating.h"
 
 namespace expertflow::ops {
@@ -36,10 +36,12 @@ void route_rows(const core::RouterSpec& spec, const scalar_t* logits, const floa
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> topk_gating_cpu(
-    const at::Tensor& router_logits, int64_t top_k, std::string_view scoring, bool renormalize,
-    const std::optional<at::Tensor>& correction_bias, int64_t n_group, int64_t topk_group,
-    double routed_scaling_factor, bool softmax_after_topk) {
+std::tuple<at::Tensor, at::Tensor> topk_gating_cpu(const at::Tensor& router_logits, int64_t top_k,
+                                                   std::string_view scoring, bool renormalize,
+                                                   const std::optional<at::Tensor>& correction_bias,
+                                                   int64_t n_group, int64_t topk_group,
+                                                   double routed_scaling_factor,
+                                                   bool softmax_after_topk) {
   const core::RouterSpec spec =
       make_router_spec(router_logits, top_k, scoring, renormalize, correction_bias, n_group,
                        topk_group, routed_scaling_factor, softmax_after_topk);
@@ -51,12 +53,10 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cpu(
   if (correction_bias.has_value()) bias = correction_bias->to(at::kFloat).contiguous();
   const float* bias_ptr = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
 
-  EXPERTFLOW_DISPATCH_FLOAT_TYPES(logits.scalar_type(), "topk_gating",
-                                  [&] {
-                                    route_rows(spec, logits.const_data_ptr<scalar_t>(), bias_ptr,
-                                               num_tokens, ids.mutable_data_ptr<int32_t>(),
-                                               weights.mutable_data_ptr<float>());
-                                  });
+  EXPERTFLOW_DISPATCH_FLOAT_TYPES(logits.scalar_type(), "topk_gating", [&] {
+    route_rows(spec, logits.const_data_ptr<scalar_t>(), bias_ptr, num_tokens,
+               ids.mutable_data_ptr<int32_t>(), weights.mutable_data_ptr<float>());
+  });
   return {ids, weights};
 }
 

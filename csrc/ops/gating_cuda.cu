@@ -7,9 +7,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "ops/dispatch.h"
-
 #include "ops/cuda_utils.cuh"
+#include "ops/dispatch.h"
 #include "ops/gating.h"
 
 namespace expertflow::ops {
@@ -184,7 +183,8 @@ __global__ void topk_gating_kernel(const scalar_t* __restrict__ logits,
 
   bool nan_weights = false;
   if (softmax && !biased) {
-    nan_weights = (spec.softmax_after_topk ? chosen_poisoned : poisoned) || !isfinite(top_logit) || (!spec.renormalize && !isfinite(m));
+    nan_weights = (spec.softmax_after_topk ? chosen_poisoned : poisoned) || !isfinite(top_logit) ||
+                  (!spec.renormalize && !isfinite(m));
   }
   const bool normalise = spec.softmax_after_topk || spec.renormalize;
   const float denom = spec.softmax_after_topk ? chosen_sum : chosen_sum + 1e-20f;
@@ -205,8 +205,9 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cuda(
   const core::RouterSpec spec =
       make_router_spec(router_logits, top_k, scoring, renormalize, correction_bias, n_group,
                        topk_group, routed_scaling_factor, softmax_after_topk);
-  TORCH_CHECK(spec.num_experts <= kMaxExpertsCuda, "topk_gating: on CUDA num_experts must be <= ",
-              kMaxExpertsCuda, ", got ", spec.num_experts);
+  TORCH_CHECK(spec.num_experts <= kMaxExpertsCuda,
+              "topk_gating: on CUDA num_experts must be <= ", kMaxExpertsCuda, ", got ",
+              spec.num_experts);
   const c10::cuda::CUDAGuard guard(router_logits.device());
   const at::Tensor logits = router_logits.contiguous();
   const int64_t num_tokens = logits.size(0);
@@ -223,15 +224,11 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cuda(
   const int64_t blocks = (num_tokens + warps - 1) / warps;
   TORCH_CHECK(blocks < (int64_t{1} << 31), "topk_gating: too many tokens: ", num_tokens);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  EXPERTFLOW_DISPATCH_FLOAT_TYPES(logits.scalar_type(), "topk_gating",
-                                  [&] {
-                                    topk_gating_kernel<scalar_t>
-                                        <<<blocks, warps * kWarpSize, warps * per_warp, stream>>>(
-                                            logits.const_data_ptr<scalar_t>(),
-                                            bias.defined() ? bias.const_data_ptr<float>() : nullptr,
-                                            num_tokens, spec, ids.mutable_data_ptr<int32_t>(),
-                                            weights.mutable_data_ptr<float>());
-                                  });
+  EXPERTFLOW_DISPATCH_FLOAT_TYPES(logits.scalar_type(), "topk_gating", [&] {
+    topk_gating_kernel<scalar_t><<<blocks, warps * kWarpSize, warps * per_warp, stream>>>(
+        logits.const_data_ptr<scalar_t>(), bias.defined() ? bias.const_data_ptr<float>() : nullptr,
+        num_tokens, spec, ids.mutable_data_ptr<int32_t>(), weights.mutable_data_ptr<float>());
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {ids, weights};
 }

@@ -7,14 +7,16 @@
 namespace expertflow::ops {
 
 at::Tensor flat_expert_ids(const at::Tensor& topk_ids, int64_t num_experts) {
-  TORCH_CHECK(topk_ids.dim() == 2, "group_by_expert: topk_ids must be 2-D [num_tokens, top_k], got shape ",
+  TORCH_CHECK(topk_ids.dim() == 2,
+              "group_by_expert: topk_ids must be 2-D [num_tokens, top_k], got shape ",
               topk_ids.sizes());
   TORCH_CHECK(topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong,
               "group_by_expert: topk_ids must be int32 or int64, got ", topk_ids.scalar_type());
   TORCH_CHECK(num_experts >= 1 && num_experts < std::numeric_limits<int32_t>::max(),
               "group_by_expert: num_experts must be >= 1, got ", num_experts);
   TORCH_CHECK(topk_ids.numel() < std::numeric_limits<int32_t>::max(),
-              "group_by_expert: topk_ids must have fewer than 2^31 entries, got ", topk_ids.numel());
+              "group_by_expert: topk_ids must have fewer than 2^31 entries, got ",
+              topk_ids.numel());
   if (topk_ids.scalar_type() == at::kLong) {
     return topk_ids.clamp(-1, num_experts).to(at::kInt).reshape({-1}).contiguous();
   }

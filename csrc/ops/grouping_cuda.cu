@@ -7,12 +7,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "ops/dispatch.h"
+#include <bit>
 #include <cub/device/device_radix_sort.cuh>
 
-#include <bit>
-
 #include "ops/cuda_utils.cuh"
+#include "ops/dispatch.h"
 #include "ops/grouping.h"
 
 namespace expertflow::ops {
@@ -40,7 +39,10 @@ __global__ void offsets_kernel(const int32_t* __restrict__ sorted_keys, int32_t 
   int32_t lo = 0, hi = n;
   while (lo < hi) {
     const int32_t mid = lo + (hi - lo) / 2;
-    if (sorted_keys[mid] < e) lo = mid + 1; else hi = mid;
+    if (sorted_keys[mid] < e)
+      lo = mid + 1;
+    else
+      hi = mid;
   }
   offsets[e] = lo;
 }
@@ -55,8 +57,8 @@ __global__ void counts_and_inverse_kernel(const int32_t* __restrict__ order,
 }
 
 template <typename scalar_t>
-__global__ void combine_kernel(const scalar_t* __restrict__ rows, int64_t num_rows,
-                               int64_t hidden, const float* __restrict__ weights,
+__global__ void combine_kernel(const scalar_t* __restrict__ rows, int64_t num_rows, int64_t hidden,
+                               const float* __restrict__ weights,
                                const int32_t* __restrict__ inverse, int64_t top_k,
                                scalar_t* __restrict__ out) {
   const int64_t t = blockIdx.x;
@@ -99,8 +101,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_by_expert_cuda(
     const int end_bit = std::bit_width(static_cast<uint32_t>(experts));
     size_t temp_bytes = 0;
     C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
-        nullptr, temp_bytes, keys.const_data_ptr<int32_t>(), sorted_keys.mutable_data_ptr<int32_t>(),
-        pairs.const_data_ptr<int32_t>(), order.mutable_data_ptr<int32_t>(), n, 0, end_bit, stream));
+        nullptr, temp_bytes, keys.const_data_ptr<int32_t>(),
+        sorted_keys.mutable_data_ptr<int32_t>(), pairs.const_data_ptr<int32_t>(),
+        order.mutable_data_ptr<int32_t>(), n, 0, end_bit, stream));
     at::Tensor temp = at::empty({static_cast<int64_t>(temp_bytes)}, ids.options().dtype(at::kByte));
     C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
         temp.mutable_data_ptr(), temp_bytes, keys.const_data_ptr<int32_t>(),

@@ -59,8 +59,13 @@ def topk_gating(
         group_size = num_experts // n_group
         grouped = keys.view(num_tokens, n_group, group_size)
         best_of = 2 if (correction_bias is not None and group_size >= 2) else 1
-        ranked = torch.gather(grouped, -1, rank_descending(grouped.reshape(-1, group_size))
-                              .view(num_tokens, n_group, group_size)[..., :best_of])
+        ranked = torch.gather(
+            grouped,
+            -1,
+            rank_descending(grouped.reshape(-1, group_size)).view(num_tokens, n_group, group_size)[
+                ..., :best_of
+            ],
+        )
         group_keys = ranked.sum(dim=-1)
         kept = rank_descending(group_keys)[:, :topk_group]
         allowed = torch.zeros(num_tokens, n_group, dtype=torch.bool, device=keys.device)
@@ -71,8 +76,11 @@ def topk_gating(
 
     order = rank_descending(keys)
     # Move ineligible experts behind every eligible one, keeping the order within each part.
-    order = torch.gather(order, -1, torch.sort(
-        (~torch.gather(allowed, -1, order)).to(torch.int8), dim=-1, stable=True).indices)
+    order = torch.gather(
+        order,
+        -1,
+        torch.sort((~torch.gather(allowed, -1, order)).to(torch.int8), dim=-1, stable=True).indices,
+    )
     ids = order[:, :top_k]
 
     if softmax_after_topk:
@@ -107,8 +115,9 @@ def combine(
 ) -> torch.Tensor:
     """Reference of :func:`expertflow.ops.combine`; same arguments and results."""
     num_tokens, top_k = topk_weights.shape
-    acc = torch.zeros(num_tokens, expert_outputs.shape[1], dtype=torch.float32,
-                      device=expert_outputs.device)
+    acc = torch.zeros(
+        num_tokens, expert_outputs.shape[1], dtype=torch.float32, device=expert_outputs.device
+    )
     inv = inverse.view(num_tokens, top_k).long()
     for j in range(top_k):
         rows = inv[:, j]

@@ -43,8 +43,7 @@ Routed reference_softmax(const std::vector<float>& logits, int k, bool renormali
   const int n = static_cast<int>(logits.size());
   std::vector<int32_t> order(n);
   std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int a, int b) { return logits[a] > logits[b]; });
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return logits[a] > logits[b]; });
   const double m = *std::max_element(logits.begin(), logits.end());
   double sum = 0;
   for (float l : logits) sum += std::exp(l - m);
@@ -140,7 +139,8 @@ TEST(RouteToken, GroupLimitedGreedyKeepsBestGroups) {
   EXPECT_EQ(r.ids, (std::vector<int32_t>{2, 6}));
   const Routed want = reference_softmax(logits, 8, false);  // full softmax probabilities
   auto prob = [&](int e) {
-    for (int j = 0; j < 8; ++j) if (want.ids[j] == e) return want.weights[j];
+    for (int j = 0; j < 8; ++j)
+      if (want.ids[j] == e) return want.weights[j];
     return -1.0f;
   };
   EXPECT_NEAR(r.weights[0], 2.0f * prob(2), 1e-6f);
@@ -187,18 +187,16 @@ TEST(SelectTopK, AgreesWithStableSortWithAndWithoutNaN) {
   std::iota(order.begin(), order.end(), 0);
   std::vector<int32_t> big(100), want(100);
   select_top_k(values.data(), 300, 100, big.data());
-  std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
-    return ranks_before(values[a], a, values[b], b);
-  });
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int a, int b) { return ranks_before(values[a], a, values[b], b); });
   std::copy(order.begin(), order.begin() + 100, want.begin());
   EXPECT_EQ(big, want);
   std::vector<int32_t> small_k(8);
   select_top_k(values.data(), 300, 8, small_k.data());
   EXPECT_TRUE(std::equal(small_k.begin(), small_k.end(), want.begin()));
   values[17] = 2.5f;  // NaN-free: the vectorised path must give the same order
-  std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
-    return ranks_before(values[a], a, values[b], b);
-  });
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int a, int b) { return ranks_before(values[a], a, values[b], b); });
   select_top_k(values.data(), 300, 100, big.data());
   EXPECT_TRUE(std::equal(big.begin(), big.end(), order.begin()));
   select_top_k(values.data(), 300, 8, small_k.data());

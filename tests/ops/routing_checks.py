@@ -37,9 +37,10 @@ def assert_same_routing(
         ref_weights = ref_weights.gather(-1, ref_perm)
     differ = (ids != ref_ids).any(dim=-1)
     if differ.any():
-        assert ref_keys is not None, f"ids differ in rows {differ.nonzero().flatten().tolist()[:10]}"
+        rows = differ.nonzero().flatten().tolist()
+        assert ref_keys is not None, f"ids differ in rows {rows[:10]}"
         keys = ref_keys.cpu().float()
-        for row in differ.nonzero().flatten().tolist():
+        for row in rows:
             chosen_keys = keys[row, ref_ids[row]]
             kth = chosen_keys.min()
             swapped = set(ids[row].tolist()) ^ set(ref_ids[row].tolist())
@@ -52,8 +53,9 @@ def assert_same_routing(
                     f"{ref_ids[row].tolist()}, keys {ours.tolist()} vs {theirs.tolist()}"
                 )
                 by_id, ref_by_id = ids[row].argsort(), ref_ids[row].argsort()
-                torch.testing.assert_close(weights[row][by_id], ref_weights[row][ref_by_id],
-                                           rtol=rtol, atol=atol)
+                torch.testing.assert_close(
+                    weights[row][by_id], ref_weights[row][ref_by_id], rtol=rtol, atol=atol
+                )
                 continue
             for e in swapped:
                 assert torch.isclose(keys[row, e], kth, rtol=key_rtol, atol=0), (

@@ -7,8 +7,13 @@ import torch
 
 from expertflow import ops, reference
 
-SWEEP = [(t, e, k) for t in (0, 1, 33, 4096) for e in (8, 60, 64, 128, 256)
-         for k in (1, 2, 6, 8, e) if k <= e and t * k <= 4096 * 256]
+SWEEP = [
+    (t, e, k)
+    for t in (0, 1, 33, 4096)
+    for e in (8, 60, 64, 128, 256)
+    for k in (1, 2, 6, 8, e)
+    if k <= e and t * k <= 4096 * 256
+]
 
 
 def _random_ids(t, e, k, gen, device):
@@ -57,8 +62,9 @@ def test_int64_ids_accepted_and_huge_values_unrouted(device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("t,e,k,h", [(0, 8, 2, 16), (1, 8, 1, 7), (33, 60, 6, 64),
-                                     (512, 64, 8, 96), (64, 8, 8, 1)])
+@pytest.mark.parametrize(
+    "t,e,k,h", [(0, 8, 2, 16), (1, 8, 1, 7), (33, 60, 6, 64), (512, 64, 8, 96), (64, 8, 8, 1)]
+)
 def test_combine_matches_reference(device, gen, dtype, t, e, k, h):
     ids = _random_ids(t, e, k, gen, device)
     _, _, _, inverse = ops.group_by_expert(ids, e)
@@ -95,8 +101,9 @@ def test_grouped_moe_forward_matches_transformers_experts(gen, dtype):
     transformers = pytest.importorskip("transformers")
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-    cfg = transformers.MixtralConfig(hidden_size=32, intermediate_size=48, num_local_experts=8,
-                                     num_experts_per_tok=2)
+    cfg = transformers.MixtralConfig(
+        hidden_size=32, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2
+    )
     block = MixtralSparseMoeBlock(cfg).eval()
     with torch.no_grad():
         for p in block.parameters():
@@ -118,8 +125,9 @@ def test_grouped_moe_forward_matches_transformers_experts(gen, dtype):
                 continue
             h = flat[tokens[lo:hi]]
             gate, up = torch.nn.functional.linear(h, experts.gate_up_proj[e]).chunk(2, dim=-1)
-            rows[lo:hi] = torch.nn.functional.linear(experts.act_fn(gate) * up,
-                                                     experts.down_proj[e])
+            rows[lo:hi] = torch.nn.functional.linear(
+                experts.act_fn(gate) * up, experts.down_proj[e]
+            )
         got = ops.combine(rows, weights, inverse).view_as(x)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
@@ -141,20 +149,42 @@ def test_group_by_expert_bad_input(args, message):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (lambda: (torch.zeros(4), torch.zeros(2, 2), torch.zeros(4, dtype=torch.int32)),
-         "expert_outputs must be 2-D"),
-        (lambda: (torch.zeros(4, 3).double(), torch.zeros(2, 2), torch.zeros(4, dtype=torch.int32)),
-         "expert_outputs must be float32, bfloat16 or float16, got Double"),
-        (lambda: (torch.zeros(4, 3), torch.zeros(2, 2).half(), torch.zeros(4, dtype=torch.int32)),
-         "topk_weights must be float32, got Half"),
-        (lambda: (torch.zeros(4, 3), torch.zeros(2, 2), torch.zeros(5, dtype=torch.int32)),
-         "inverse must be 1-D \\[num_tokens \\* top_k = 4\\], got shape \\[5\\]"),
-        (lambda: (torch.zeros(4, 3), torch.zeros(2, 2), torch.zeros(4, dtype=torch.long)),
-         "inverse must be int32, got Long"),
-        (lambda: (torch.zeros(4, 3), torch.zeros(2, 2), torch.tensor([0, 1, 4, 2]).int()),
-         "inverse\\[2\\] = 4 is outside \\[-1, 4\\)"),
-        (lambda: (torch.zeros(4, 3), torch.zeros(2, 2), torch.tensor([0, -2, 1, 2]).int()),
-         "inverse\\[1\\] = -2 is outside"),
+        (
+            lambda: (torch.zeros(4), torch.zeros(2, 2), torch.zeros(4, dtype=torch.int32)),
+            "expert_outputs must be 2-D",
+        ),
+        (
+            lambda: (
+                torch.zeros(4, 3).double(),
+                torch.zeros(2, 2),
+                torch.zeros(4, dtype=torch.int32),
+            ),
+            "expert_outputs must be float32, bfloat16 or float16, got Double",
+        ),
+        (
+            lambda: (
+                torch.zeros(4, 3),
+                torch.zeros(2, 2).half(),
+                torch.zeros(4, dtype=torch.int32),
+            ),
+            "topk_weights must be float32, got Half",
+        ),
+        (
+            lambda: (torch.zeros(4, 3), torch.zeros(2, 2), torch.zeros(5, dtype=torch.int32)),
+            "inverse must be 1-D \\[num_tokens \\* top_k = 4\\], got shape \\[5\\]",
+        ),
+        (
+            lambda: (torch.zeros(4, 3), torch.zeros(2, 2), torch.zeros(4, dtype=torch.long)),
+            "inverse must be int32, got Long",
+        ),
+        (
+            lambda: (torch.zeros(4, 3), torch.zeros(2, 2), torch.tensor([0, 1, 4, 2]).int()),
+            "inverse\\[2\\] = 4 is outside \\[-1, 4\\)",
+        ),
+        (
+            lambda: (torch.zeros(4, 3), torch.zeros(2, 2), torch.tensor([0, -2, 1, 2]).int()),
+            "inverse\\[1\\] = -2 is outside",
+        ),
     ],
 )
 def test_combine_bad_input(args, message):
@@ -165,8 +195,11 @@ def test_combine_bad_input(args, message):
 @pytest.mark.cuda
 def test_combine_mixed_devices():
     with pytest.raises(RuntimeError, match="must be on one device"):
-        ops.combine(torch.zeros(4, 3, device="cuda"), torch.zeros(2, 2),
-                    torch.zeros(4, dtype=torch.int32, device="cuda"))
+        ops.combine(
+            torch.zeros(4, 3, device="cuda"),
+            torch.zeros(2, 2),
+            torch.zeros(4, dtype=torch.int32, device="cuda"),
+        )
 
 
 @pytest.mark.cuda

@@ -35,9 +35,10 @@ def _check(logits, k, key_rtol=0.0, **kwargs):
     ref_ids, ref_w = reference.topk_gating(logits.cpu(), k, **kwargs)
     keys = logits.cpu().float()
     if kwargs.get("correction_bias") is not None:
-        keys = reference._scores(keys, kwargs.get("scoring", "softmax")) + kwargs[
-            "correction_bias"
-        ].cpu().float()
+        keys = (
+            reference._scores(keys, kwargs.get("scoring", "softmax"))
+            + kwargs["correction_bias"].cpu().float()
+        )
     assert_same_routing(ids, weights, ref_ids, ref_w, keys, key_rtol=key_rtol)
     if logits.shape[0]:
         assert int(ids.min()) >= 0 and int(ids.max()) < logits.shape[1]
@@ -59,8 +60,16 @@ def test_sigmoid_bias_groups_sweep(device, gen, t, e, k):
     kept = max(1, groups // 2)
     if k > kept * (e // groups):
         kept = groups
-    _check(logits, k, key_rtol=1e-5, scoring="sigmoid", correction_bias=bias, n_group=groups,
-           topk_group=kept, routed_scaling_factor=2.5)
+    _check(
+        logits,
+        k,
+        key_rtol=1e-5,
+        scoring="sigmoid",
+        correction_bias=bias,
+        n_group=groups,
+        topk_group=kept,
+        routed_scaling_factor=2.5,
+    )
 
 
 @pytest.mark.parametrize("t,e,k", [(33, 64, 6), (4096, 256, 8), (1, 8, 4), (0, 64, 2)])
@@ -79,8 +88,9 @@ def test_reduced_precision_inputs_are_scored_in_fp32(device, gen, dtype):
     logits = _logits(257, 64, gen, dtype=dtype, device=device)
     _check(logits, 6, renormalize=True)
     bias = torch.randn(64, generator=gen).to(dtype).to(device)
-    _check(logits, 8, key_rtol=1e-5, scoring="sigmoid", correction_bias=bias, n_group=8,
-           topk_group=4)
+    _check(
+        logits, 8, key_rtol=1e-5, scoring="sigmoid", correction_bias=bias, n_group=8, topk_group=4
+    )
 
 
 def test_softmax_with_bias(device, gen):
@@ -94,9 +104,14 @@ def test_sigmoid_without_bias(device, gen):
 
 
 def test_ties_go_to_lowest_expert_id(device):
-    logits = torch.tensor([[1.0, 5.0, 5.0, 0.0, 5.0, 5.0, 2.0, 5.0],
-                           [0.0] * 8,
-                           [3.0, 3.0, 9.0, 3.0, 3.0, 3.0, 3.0, 3.0]], device=device)
+    logits = torch.tensor(
+        [
+            [1.0, 5.0, 5.0, 0.0, 5.0, 5.0, 2.0, 5.0],
+            [0.0] * 8,
+            [3.0, 3.0, 9.0, 3.0, 3.0, 3.0, 3.0, 3.0],
+        ],
+        device=device,
+    )
     ids, weights = ops.topk_gating(logits, 3)
     assert ids.tolist() == [[1, 2, 4], [0, 1, 2], [2, 0, 1]]
     torch.testing.assert_close(weights[0].cpu(), torch.full((3,), 1 / 3))
@@ -107,13 +122,17 @@ def test_ties_go_to_lowest_expert_id(device):
 
 def test_nan_and_inf_never_give_out_of_range_ids(device):
     nan, inf = float("nan"), float("inf")
-    logits = torch.tensor([[nan, 1.0, -inf, nan, 0.5, nan],
-                           [nan] * 6,
-                           [-inf] * 6,
-                           [inf, 0.0, 1.0, -inf, 2.0, 3.0]], device=device)
-    for kwargs in ({}, {"scoring": "sigmoid"}, {"softmax_after_topk": True},
-                   {"correction_bias": torch.zeros(6, device=device), "scoring": "sigmoid"},
-                   {"n_group": 3, "topk_group": 2}):
+    logits = torch.tensor(
+        [[nan, 1.0, -inf, nan, 0.5, nan], [nan] * 6, [-inf] * 6, [inf, 0.0, 1.0, -inf, 2.0, 3.0]],
+        device=device,
+    )
+    for kwargs in (
+        {},
+        {"scoring": "sigmoid"},
+        {"softmax_after_topk": True},
+        {"correction_bias": torch.zeros(6, device=device), "scoring": "sigmoid"},
+        {"n_group": 3, "topk_group": 2},
+    ):
         ids, weights = ops.topk_gating(logits, 4, **kwargs)
         if "n_group" not in kwargs:  # numbers first, then -inf, then NaN
             assert ids.tolist()[0][:3] == [1, 4, 2], kwargs
@@ -131,8 +150,15 @@ def test_group_scores_use_top_two_with_bias(device):
     # Group 0 holds the single best expert, group 1 the best pair: DeepSeek-V3 keeps group 1.
     logits = torch.zeros(1, 8, device=device)
     bias = torch.tensor([0.9, 0.0, 0.0, 0.0, 0.6, 0.6, 0.0, 0.0], device=device)
-    ids, weights = ops.topk_gating(logits, 2, scoring="sigmoid", correction_bias=bias,
-                                   n_group=2, topk_group=1, routed_scaling_factor=2.5)
+    ids, weights = ops.topk_gating(
+        logits,
+        2,
+        scoring="sigmoid",
+        correction_bias=bias,
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=2.5,
+    )
     assert ids.tolist() == [[4, 5]]
     torch.testing.assert_close(weights.cpu(), torch.tensor([[1.25, 1.25]]))
     # Without a bias the group key is the best score alone: group 0 wins.
@@ -200,8 +226,12 @@ def test_mismatched_devices():
 @pytest.mark.cuda
 def test_cuda_matches_cpu_exactly_on_ids(gen):
     logits = _logits(4096, 256, gen)
-    for kwargs in ({}, {"renormalize": False}, {"softmax_after_topk": True},
-                   {"n_group": 8, "topk_group": 4, "renormalize": False}):
+    for kwargs in (
+        {},
+        {"renormalize": False},
+        {"softmax_after_topk": True},
+        {"n_group": 8, "topk_group": 4, "renormalize": False},
+    ):
         cpu = ops.topk_gating(logits, 8, **kwargs)
         gpu = ops.topk_gating(logits.cuda(), 8, **kwargs)
         assert torch.equal(cpu[0], gpu[0].cpu()), kwargs
@@ -211,9 +241,11 @@ def test_cuda_matches_cpu_exactly_on_ids(gen):
 def test_opcheck(device, gen):
     logits = _logits(17, 16, gen, device=device)
     bias = torch.randn(16, generator=gen).to(device)
-    for args in ((logits, 2, "softmax", True, None, 1, 1, 1.0, False),
-                 (logits.bfloat16(), 4, "sigmoid", True, bias, 4, 2, 2.5, False),
-                 (logits, 3, "softmax", False, None, 1, 1, 1.0, True)):
+    for args in (
+        (logits, 2, "softmax", True, None, 1, 1, 1.0, False),
+        (logits.bfloat16(), 4, "sigmoid", True, bias, 4, 2, 2.5, False),
+        (logits, 3, "softmax", False, None, 1, 1, 1.0, True),
+    ):
         torch.library.opcheck(torch.ops.expertflow.topk_gating.default, args)
 
 

@@ -33,8 +33,9 @@ class Family:
 
 def _softmax_family(name, module, router, config_cls, experts_key, norm):
     def config(hidden, experts, top_k):
-        cfg = getattr(transformers, config_cls)(hidden_size=hidden, num_experts_per_tok=top_k,
-                                                **{experts_key: experts})
+        cfg = getattr(transformers, config_cls)(
+            hidden_size=hidden, num_experts_per_tok=top_k, **{experts_key: experts}
+        )
         if norm is not None:
             cfg.norm_topk_prob = norm
         return cfg
@@ -48,64 +49,96 @@ def _softmax_family(name, module, router, config_cls, experts_key, norm):
 def _deepseek_v2(norm_name: str):
     def config(hidden, experts, top_k):
         return transformers.DeepseekV2Config(
-            hidden_size=hidden, n_routed_experts=experts, num_experts_per_tok=top_k, n_group=4,
-            topk_group=2, topk_method="group_limited_greedy", routed_scaling_factor=16.0)
+            hidden_size=hidden,
+            n_routed_experts=experts,
+            num_experts_per_tok=top_k,
+            n_group=4,
+            topk_group=2,
+            topk_method="group_limited_greedy",
+            routed_scaling_factor=16.0,
+        )
 
     def kwargs(cfg, _router):
-        return {"renormalize": False, "n_group": cfg.n_group, "topk_group": cfg.topk_group,
-                "routed_scaling_factor": cfg.routed_scaling_factor}
+        return {
+            "renormalize": False,
+            "n_group": cfg.n_group,
+            "topk_group": cfg.topk_group,
+            "routed_scaling_factor": cfg.routed_scaling_factor,
+        }
 
-    return Family(norm_name, "deepseek_v2", "DeepseekV2TopkRouter", config, kwargs,
-                  ordered=False)
+    return Family(norm_name, "deepseek_v2", "DeepseekV2TopkRouter", config, kwargs, ordered=False)
 
 
 def _deepseek_v3_like(name, module, router, config_cls, norm):
     def config(hidden, experts, top_k):
         return getattr(transformers, config_cls)(
-            hidden_size=hidden, n_routed_experts=experts, num_experts_per_tok=top_k, n_group=4,
-            topk_group=2, norm_topk_prob=norm, routed_scaling_factor=2.5)
+            hidden_size=hidden,
+            n_routed_experts=experts,
+            num_experts_per_tok=top_k,
+            n_group=4,
+            topk_group=2,
+            norm_topk_prob=norm,
+            routed_scaling_factor=2.5,
+        )
 
     def kwargs(cfg, router):
-        return {"scoring": "sigmoid", "correction_bias": router.e_score_correction_bias,
-                "n_group": cfg.n_group, "topk_group": cfg.topk_group,
-                "renormalize": cfg.norm_topk_prob,
-                "routed_scaling_factor": cfg.routed_scaling_factor}
+        return {
+            "scoring": "sigmoid",
+            "correction_bias": router.e_score_correction_bias,
+            "n_group": cfg.n_group,
+            "topk_group": cfg.topk_group,
+            "renormalize": cfg.norm_topk_prob,
+            "routed_scaling_factor": cfg.routed_scaling_factor,
+        }
 
-    return Family(name, module, router, config, kwargs, ordered=False,
-                  bias_attr="e_score_correction_bias")
+    return Family(
+        name, module, router, config, kwargs, ordered=False, bias_attr="e_score_correction_bias"
+    )
 
 
 def _gpt_oss():
     def config(hidden, experts, top_k):
-        return transformers.GptOssConfig(hidden_size=hidden, num_local_experts=experts,
-                                         num_experts_per_tok=top_k)
+        return transformers.GptOssConfig(
+            hidden_size=hidden, num_local_experts=experts, num_experts_per_tok=top_k
+        )
 
-    return Family("gpt_oss", "gpt_oss", "GptOssTopKRouter", config,
-                  lambda cfg, router: {"softmax_after_topk": True})
+    return Family(
+        "gpt_oss",
+        "gpt_oss",
+        "GptOssTopKRouter",
+        config,
+        lambda cfg, router: {"softmax_after_topk": True},
+    )
 
 
 FAMILIES = [
-    _softmax_family("mixtral", "mixtral", "MixtralTopKRouter", "MixtralConfig",
-                    "num_local_experts", None),
-    _softmax_family("qwen2_moe", "qwen2_moe", "Qwen2MoeTopKRouter", "Qwen2MoeConfig",
-                    "num_experts", None),
-    _softmax_family("qwen3_moe", "qwen3_moe", "Qwen3MoeTopKRouter", "Qwen3MoeConfig",
-                    "num_experts", None),
+    _softmax_family(
+        "mixtral", "mixtral", "MixtralTopKRouter", "MixtralConfig", "num_local_experts", None
+    ),
+    _softmax_family(
+        "qwen2_moe", "qwen2_moe", "Qwen2MoeTopKRouter", "Qwen2MoeConfig", "num_experts", None
+    ),
+    _softmax_family(
+        "qwen3_moe", "qwen3_moe", "Qwen3MoeTopKRouter", "Qwen3MoeConfig", "num_experts", None
+    ),
     _softmax_family("olmoe", "olmoe", "OlmoeTopKRouter", "OlmoeConfig", "num_experts", False),
     _softmax_family("olmoe_norm", "olmoe", "OlmoeTopKRouter", "OlmoeConfig", "num_experts", True),
     _deepseek_v2("deepseek_v2"),
-    _deepseek_v3_like("deepseek_v3", "deepseek_v3", "DeepseekV3TopkRouter", "DeepseekV3Config",
-                      True),
-    _deepseek_v3_like("deepseek_v3_no_norm", "deepseek_v3", "DeepseekV3TopkRouter",
-                      "DeepseekV3Config", False),
+    _deepseek_v3_like(
+        "deepseek_v3", "deepseek_v3", "DeepseekV3TopkRouter", "DeepseekV3Config", True
+    ),
+    _deepseek_v3_like(
+        "deepseek_v3_no_norm", "deepseek_v3", "DeepseekV3TopkRouter", "DeepseekV3Config", False
+    ),
     _deepseek_v3_like("glm4_moe", "glm4_moe", "Glm4MoeTopkRouter", "Glm4MoeConfig", True),
     _gpt_oss(),
 ]
 
 
 def _router(family: Family, hidden: int, experts: int, top_k: int, gen: torch.Generator):
-    module = __import__(f"transformers.models.{family.module}.modeling_{family.module}",
-                        fromlist=[family.router])
+    module = __import__(
+        f"transformers.models.{family.module}.modeling_{family.module}", fromlist=[family.router]
+    )
     cfg = family.config(hidden, experts, top_k)
     router = getattr(module, family.router)(cfg)
     with torch.no_grad():
@@ -136,8 +169,15 @@ def test_matches_transformers_router(family, tokens, experts, top_k, gen):
     with torch.no_grad():
         logits, ref_weights, ref_ids = router(hidden_states)
     ids, weights = ops.topk_gating(logits, top_k, **family.kwargs(cfg, router))
-    assert_same_routing(ids, weights, ref_ids, ref_weights, _reference_keys(family, router, logits),
-                        key_rtol=1e-6, ordered=family.ordered)
+    assert_same_routing(
+        ids,
+        weights,
+        ref_ids,
+        ref_weights,
+        _reference_keys(family, router, logits),
+        key_rtol=1e-6,
+        ordered=family.ordered,
+    )
 
 
 @pytest.mark.parametrize("family", [FAMILIES[0], FAMILIES[6]], ids=lambda f: f.name)
@@ -149,6 +189,12 @@ def test_matches_transformers_router_bf16(family, gen):
         logits, ref_weights, ref_ids = router(hidden_states)
     ids, weights = ops.topk_gating(logits, 6, **family.kwargs(cfg, router))
     # The routers score in fp32 from the (bf16 or fp32) logits, as topk_gating does.
-    assert_same_routing(ids, weights, ref_ids, ref_weights.float(),
-                        _reference_keys(family, router, logits), key_rtol=1e-6,
-                        ordered=family.ordered)
+    assert_same_routing(
+        ids,
+        weights,
+        ref_ids,
+        ref_weights.float(),
+        _reference_keys(family, router, logits),
+        key_rtol=1e-6,
+        ordered=family.ordered,
+    )
