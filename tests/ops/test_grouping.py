@@ -232,3 +232,20 @@ def test_torch_compile_fullgraph(device, gen):
     _, want_counts, _, inverse = ops.group_by_expert(ids, 8)
     torch.testing.assert_close(out, ops.combine(rows * 2.0, weights, inverse))
     assert torch.equal(counts, want_counts)
+
+
+def test_non_contiguous_inputs(device, gen):
+    ids = _random_ids(40, 16, 4, gen, device)
+    strided_ids = ids.t().contiguous().t()
+    assert not strided_ids.is_contiguous()
+    for got, want in zip(
+        ops.group_by_expert(strided_ids, 16), ops.group_by_expert(ids, 16), strict=True
+    ):
+        assert torch.equal(got, want)
+    _, _, _, inverse = ops.group_by_expert(ids, 16)
+    rows = torch.randn(160, 80, generator=gen).to(device)[:, ::2]  # every other column
+    weights = torch.rand(4, 40, generator=gen).to(device).t()
+    assert not rows.is_contiguous() and not weights.is_contiguous()
+    got = ops.combine(rows, weights, inverse)
+    want = reference.combine(rows.cpu(), weights.cpu(), inverse.cpu())
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-6)

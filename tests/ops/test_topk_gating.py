@@ -260,3 +260,23 @@ def test_torch_compile_fullgraph(device, gen):
     ref_ids, ref_w = ops.topk_gating(x * 2.0, 2)
     assert torch.equal(ids, ref_ids)
     torch.testing.assert_close(weights, ref_w * 3.0)
+
+
+def test_single_expert_and_all_experts(device, gen):
+    ids, weights = ops.topk_gating(_logits(5, 1, gen, device=device), 1)
+    assert ids.cpu().tolist() == [[0]] * 5
+    torch.testing.assert_close(weights.cpu(), torch.ones(5, 1))
+    logits = _logits(7, 16, gen, device=device)
+    _check(logits, 16, n_group=4, topk_group=4, renormalize=False)
+    bias = torch.randn(16, generator=gen).to(device)
+    _check(
+        logits, 16, key_rtol=1e-5, scoring="sigmoid", correction_bias=bias, n_group=4, topk_group=4
+    )
+
+
+def test_bias_dtype_is_upcast(device, gen):
+    logits = _logits(64, 32, gen, device=device)
+    bias = torch.randn(32, generator=gen).to(device)
+    a = ops.topk_gating(logits, 4, scoring="sigmoid", correction_bias=bias.bfloat16())
+    b = ops.topk_gating(logits, 4, scoring="sigmoid", correction_bias=bias.bfloat16().float())
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
