@@ -1,0 +1,298 @@
+#include "cache_policy.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+
+namespace expertflow::core {
+
+std::string validate(const CacheOptions& o) {
+  if (o.num_layers < 1) return "num_layers must be >= 1, got " + std::to_string(o.num_layers);
+  if (o.num_experts < 1) return "num_experts must be >= 1, got " + std::to_string(o.num_experts);
+  if (o.top_k < 1 || o.top_k > o.num_experts) {
+    return "top_k must be in [1, num_experts=" + std::to_string(o.num_experts) + "], got " +
+           std::to_string(o.top_k);
+  }
+  const int64_t minimum = o.budget == BudgetMode::kPerLayer
+                              ? static_cast<int64_t>(o.num_layers) * o.top_k
+                              : static_cast<int64_t>(o.top_k);
+  if (o.num_slots < minimum) {
+    return "num_slots must be at least " + std::to_string(minimum) +
+           (o.budget == BudgetMode::kPerLayer ? " (num_layers * top_k, per-layer budget)"
+                                              : " (top_k, global budget)") +
+           " or a layer could never run, got " + std::to_string(o.num_slots);
+  }
+  return {};
+}
+
+CachePolicy::CachePolicy(const CacheOptions& options) : options_(options) {
+  const std::string problem = validate(options);
+  if (!problem.empty()) throw std::invalid_argument("CachePolicy: " + problem);
+  const bool per_layer = options.budget == BudgetMode::kPerLayer;
+  num_pools_ = per_layer ? options.num_layers : 1;
+  // Per layer, slots beyond a multiple of num_layers would belong to no layer: they stay unused.
+  slots_per_pool_ = per_layer ? options.num_slots / options.num_layers : options.num_slots;
+  const size_t keys = static_cast<size_t>(options.num_layers) * options.num_experts;
+  slots_.resize(static_cast<size_t>(num_pools_) * slots_per_pool_);
+  slot_of_.assign(keys, -1);
+  scores_.assign(keys, 0.0f);
+  next_use_.assign(keys, -1);
+  free_.resize(num_pools_);
+  evictable_.resize(num_pools_);
+  pinned_by_layer_.resize(options.num_layers);
+  acquire_tick_.assign(options.num_layers, -1);
+  prefetched_for_layer_.resize(options.num_layers);
+  for (int32_t p = 0; p < num_pools_; ++p) {
+    // A stack popped from the back: the lowest slot is handed out first.
+    for (int32_t s = (p + 1) * slots_per_pool_ - 1; s >= p * slots_per_pool_; --s) {
+      free_[p].push_back(s);
+    }
+  }
+}
+
+void CachePolicy::check_layer(int32_t layer, const char* what) const {
+  if (layer < 0 || layer >= options_.num_layers) {
+    throw std::out_of_range(std::string(what) + ": layer must be in [0, " +
+                            std::to_string(options_.num_layers) + "), got " +
+                            std::to_string(layer));
+  }
+}
+
+void CachePolicy::check_expert(int32_t expert, const char* what) const {
+  if (expert < 0 || expert >= options_.num_experts) {
+    throw std::out_of_range(std::string(what) + ": expert must be in [0, " +
+                            std::to_string(options_.num_experts) + "), got " +
+                            std::to_string(expert));
+  }
+}
+
+int32_t CachePolicy::pool_of(int32_t layer) const {
+  return options_.budget == BudgetMode::kPerLayer ? layer : 0;
+}
+
+int32_t CachePolicy::pool_size(int32_t layer) const {
+  check_layer(layer, "pool_size");
+  return slots_per_pool_;
+}
+
+CachePolicy::EvictKey CachePolicy::evict_key(int32_t slot) const {
+  const Slot& s = slots_[slot];
+  const size_t key = static_cast<size_t>(s.layer) * options_.num_experts + s.expert;
+  switch (options_.policy) {
+    case EvictionPolicy::kLru:
+      return {0, 0.0, s.last_use, slot};
+    case EvictionPolicy::kLfu:
+      return {0, static_cast<double>(s.uses), s.last_use, slot};
+    case EvictionPolicy::kExpertFlow:
+      return {s.contradicted ? 0 : 1, scores_[key], s.last_use, slot};
+    case EvictionPolicy::kBelady: {
+      const int64_t next = next_use_[key];
+      const double order = next < 0 ? -std::numeric_limits<double>::infinity()
+                                    : -static_cast<double>(next);  // farthest first
+      return {0, order, s.last_use, slot};
+    }
+  }
+  return {0, 0.0, s.last_use, slot};
+}
+
+bool CachePolicy::evictable(int32_t slot) const {
+  return slots_[slot].state == State::kResident && slots_[slot].pins == 0;
+}
+
+template <typename Change>
+void CachePolicy::update(int32_t slot, Change change) {
+  std::set<EvictKey>& pool = evictable_[pool_of(slots_[slot].layer)];
+  if (evictable(slot)) pool.erase(evict_key(slot));
+  change(slots_[slot]);
+  if (evictable(slot)) pool.insert(evict_key(slot));
+}
+
+void CachePolicy::evict(int32_t slot) {
+  Slot& s = slots_[slot];
+  evictable_[pool_of(s.layer)].erase(evict_key(slot));
+  if (s.prefetched_unused) ++stats_.wasted_prefetches;
+  ++stats_.evictions;
+  slot_of_[static_cast<size_t>(s.layer) * options_.num_experts + s.expert] = -1;
+  s = Slot{};
+}
+
+int32_t CachePolicy::take_slot(int32_t pool) {
+  if (!free_[pool].empty()) {
+    const int32_t slot = free_[pool].back();
+    free_[pool].pop_back();
+    return slot;
+  }
+  if (evictable_[pool].empty()) return -1;
+  const int32_t victim = std::get<3>(*evictable_[pool].begin());
+  evict(victim);
+  return victim;
+}
+
+void CachePolicy::set_scores(int32_t layer, const float* scores) {
+  check_layer(layer, "set_scores");
+  for (int32_t e = 0; e < options_.num_experts; ++e) {
+    // NaN would break the eviction order: it counts as "never needed".
+    const float score = std::isnan(scores[e]) ? -std::numeric_limits<float>::infinity() : scores[e];
+    const size_t key = static_cast<size_t>(layer) * options_.num_experts + e;
+    const int32_t slot = slot_of_[key];
+    if (slot < 0) {
+      scores_[key] = score;
+    } else {
+      update(slot, [&](Slot&) { scores_[key] = score; });
+    }
+  }
+}
+
+void CachePolicy::set_next_use(int32_t layer, int32_t expert, int64_t tick) {
+  check_layer(layer, "set_next_use");
+  check_expert(expert, "set_next_use");
+  const size_t key = static_cast<size_t>(layer) * options_.num_experts + expert;
+  const int32_t slot = slot_of_[key];
+  if (slot < 0) {
+    next_use_[key] = tick;
+  } else {
+    update(slot, [&](Slot&) { next_use_[key] = tick; });
+  }
+}
+
+std::optional<Load> CachePolicy::prefetch(int32_t layer, int32_t expert) {
+  check_layer(layer, "prefetch");
+  check_expert(expert, "prefetch");
+  const size_t key = static_cast<size_t>(layer) * options_.num_experts + expert;
+  if (slot_of_[key] >= 0) return std::nullopt;
+  const int32_t pool = pool_of(layer);
+  if (free_[pool].empty()) {
+    if (evictable_[pool].empty()) return std::nullopt;
+    if (options_.policy == EvictionPolicy::kExpertFlow) {
+      // Never trade a cached expert for one predicted no more likely to be needed.
+      const EvictKey& victim = *evictable_[pool].begin();
+      if (std::get<0>(victim) != 0 && !(std::get<1>(victim) < scores_[key])) return std::nullopt;
+    }
+  }
+  const int32_t slot = take_slot(pool);
+  Slot& s = slots_[slot];
+  s.layer = layer;
+  s.expert = expert;
+  s.state = State::kLoading;
+  s.last_use = tick_;
+  s.prefetched_unused = true;
+  slot_of_[key] = slot;
+  prefetched_for_layer_[layer].push_back(slot);
+  ++stats_.prefetches;
+  return Load{slot, layer, expert, false};
+}
+
+void CachePolicy::acquire(int32_t layer, const int32_t* experts, int32_t n, int32_t* slots,
+                          std::vector<Load>& loads) {
+  check_layer(layer, "acquire");
+  const int32_t pool = pool_of(layer);
+  // Check the whole request before changing anything: misses need free or evictable slots that
+  // are not themselves being requested.
+  int64_t misses = 0;
+  int64_t evictable_hits = 0;
+  for (int32_t i = 0; i < n; ++i) {
+    check_expert(experts[i], "acquire");
+    if (std::find(experts, experts + i, experts[i]) != experts + i) continue;
+    const int32_t slot = slot_of_[static_cast<size_t>(layer) * options_.num_experts + experts[i]];
+    if (slot < 0) {
+      ++misses;
+    } else if (evictable(slot)) {
+      ++evictable_hits;
+    }
+  }
+  const int64_t available =
+      static_cast<int64_t>(free_[pool].size()) + evictable_[pool].size() - evictable_hits;
+  if (misses > available) {
+    throw std::length_error(
+        "acquire: layer " + std::to_string(layer) + " needs " + std::to_string(misses) +
+        " more slots but only " + std::to_string(available) + " of its pool of " +
+        std::to_string(slots_per_pool_) + " can be freed (the rest are pinned or loading)");
+  }
+
+  acquire_tick_[layer] = ++tick_;
+  std::vector<int32_t>& pinned = pinned_by_layer_[layer];
+  // Pin the hits first, so that no miss evicts an expert requested alongside it.
+  for (int pass = 0; pass < 2; ++pass) {
+    for (int32_t i = 0; i < n; ++i) {
+      const int32_t* first = std::find(experts, experts + i, experts[i]);
+      const size_t key = static_cast<size_t>(layer) * options_.num_experts + experts[i];
+      const int32_t slot = slot_of_[key];
+      const bool hit_pass = pass == 0;
+      if (first != experts + i) continue;  // duplicate: filled in below
+      if ((slot >= 0) != hit_pass) continue;
+      if (hit_pass) {
+        ++stats_.hits;
+        if (slots_[slot].prefetched_unused) ++stats_.prefetch_hits;
+        update(slot, [&](Slot& s) {
+          ++s.pins;
+          s.last_use = tick_;
+          ++s.uses;
+          s.prefetched_unused = false;
+          s.contradicted = false;
+        });
+        slots[i] = slot;
+      } else {
+        ++stats_.misses;
+        const int32_t fresh = take_slot(pool);
+        Slot& s = slots_[fresh];
+        s.layer = layer;
+        s.expert = experts[i];
+        s.state = State::kLoading;
+        s.pins = 1;
+        s.last_use = tick_;
+        s.uses = 1;
+        slot_of_[key] = fresh;
+        loads.push_back(Load{fresh, layer, experts[i], true});
+        slots[i] = fresh;
+      }
+      pinned.push_back(slots[i]);
+    }
+  }
+  for (int32_t i = 0; i < n; ++i) {
+    slots[i] = slot_of_[static_cast<size_t>(layer) * options_.num_experts + experts[i]];
+  }
+}
+
+void CachePolicy::loaded(int32_t slot) {
+  if (slot < 0 || slot >= static_cast<int32_t>(slots_.size()) ||
+      slots_[slot].state != State::kLoading) {
+    throw std::out_of_range("loaded: slot " + std::to_string(slot) + " has no copy in flight");
+  }
+  update(slot, [](Slot& s) { s.state = State::kResident; });
+}
+
+void CachePolicy::release(int32_t layer) {
+  check_layer(layer, "release");
+  for (int32_t slot : pinned_by_layer_[layer]) update(slot, [](Slot& s) { --s.pins; });
+  pinned_by_layer_[layer].clear();
+  // Real-time correction: the router of this layer has spoken; prefetches made for this step
+  // (issued before its acquire; later ones are for the next step) that it did not use were
+  // mispredicted and become the first to go.
+  std::vector<int32_t>& pending = prefetched_for_layer_[layer];
+  size_t kept = 0;
+  for (int32_t slot : pending) {
+    const Slot& s = slots_[slot];
+    if (s.layer != layer || !s.prefetched_unused) continue;  // used, or evicted and reused
+    if (s.last_use >= acquire_tick_[layer]) {
+      pending[kept++] = slot;  // for a later step: judged at a later release
+      continue;
+    }
+    update(slot, [](Slot& x) { x.contradicted = true; });
+  }
+  pending.resize(kept);
+}
+
+int32_t CachePolicy::slot_of(int32_t layer, int32_t expert) const {
+  check_layer(layer, "slot_of");
+  check_expert(expert, "slot_of");
+  return slot_of_[static_cast<size_t>(layer) * options_.num_experts + expert];
+}
+
+bool CachePolicy::is_resident(int32_t slot) const {
+  return slots_.at(slot).state == State::kResident;
+}
+
+int32_t CachePolicy::pins(int32_t slot) const { return slots_.at(slot).pins; }
+
+}  // namespace expertflow::core

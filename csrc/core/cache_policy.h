@@ -1,0 +1,141 @@
+// Which expert lives in which GPU slot: the decision half of the expert cache, without any data.
+//
+// Entries are keyed by (layer, expert) and are absent, loading (a copy is in flight) or resident.
+// Eviction never takes a pinned (in use by the current layer) or loading entry. Among the rest the
+// policy decides; every decision is deterministic (ties go to the lowest slot). The runtime pairs
+// this with a transfer engine that performs the loads it returns. No torch, CUDA or Python here.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <set>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace expertflow::core {
+
+enum class EvictionPolicy {
+  kLru,         // least recently used
+  kLfu,         // least frequently used, then least recently used
+  kExpertFlow,  // contradicted prefetches first, then lowest predicted score, then LRU
+  kBelady,      // farthest next use (needs the future: replay only), then LRU
+};
+
+enum class BudgetMode {
+  kPerLayer,  // num_slots / num_layers slots reserved to each layer
+  kGlobal,    // one pool shared by all layers; slots follow demand
+};
+
+struct CacheOptions {
+  int32_t num_layers = 0;
+  int32_t num_experts = 0;  // routed experts per layer
+  int32_t num_slots = 0;    // in total, over all layers
+  int32_t top_k = 1;        // experts one token needs per layer: the least a pool must hold
+  BudgetMode budget = BudgetMode::kPerLayer;
+  EvictionPolicy policy = EvictionPolicy::kLru;
+};
+
+// Empty when the options are usable, else a message naming the field and the minimum.
+std::string validate(const CacheOptions& options);
+
+// A copy the runtime must perform: expert (layer, expert) into `slot`.
+struct Load {
+  int32_t slot;
+  int32_t layer;
+  int32_t expert;
+  bool urgent;  // a miss the current layer waits for (high-priority stream), else a prefetch
+};
+
+struct CacheStats {
+  int64_t hits = 0;               // requested and already resident or loading
+  int64_t misses = 0;             // requested and absent: an urgent load
+  int64_t prefetch_hits = 0;      // hits whose entry came in by prefetch and was not used before
+  int64_t prefetches = 0;         // prefetch loads issued
+  int64_t wasted_prefetches = 0;  // prefetched entries evicted without ever being used
+  int64_t evictions = 0;
+  int64_t loads() const { return misses + prefetches; }
+};
+
+class CachePolicy {
+ public:
+  // Throws std::invalid_argument (the validate() message) for unusable options.
+  explicit CachePolicy(const CacheOptions& options);
+
+  // Predicted demand of one layer's experts (higher = more likely needed soon).
+  // scores: [num_experts]. Used by kExpertFlow for eviction and prefetch decisions.
+  void set_scores(int32_t layer, const float* scores);
+
+  // Belady only: the tick (acquire count) at which (layer, expert) is next requested; a
+  // negative tick means never again.
+  void set_next_use(int32_t layer, int32_t expert, int64_t tick);
+
+  // Starts loading (layer, expert) ahead of need if it is absent and a slot can be had without
+  // evicting anything the policy values more (kExpertFlow: a higher or equal score).
+  std::optional<Load> prefetch(int32_t layer, int32_t expert);
+
+  // The experts one layer is about to run: writes each one's slot into slots [n] and appends an
+  // urgent load for every miss. All of them stay pinned until release(layer). Duplicates share
+  // one slot. Throws std::length_error if the layer's pool cannot hold them all at once.
+  void acquire(int32_t layer, const int32_t* experts, int32_t n, int32_t* slots,
+               std::vector<Load>& loads);
+
+  // The copy into `slot` has completed: loading -> resident.
+  void loaded(int32_t slot);
+
+  // The layer is done: unpins its experts. Under kExpertFlow, the layer's prefetched entries the
+  // router did not ask for are marked contradicted and go first.
+  void release(int32_t layer);
+
+  // Slot holding (layer, expert), or -1.
+  int32_t slot_of(int32_t layer, int32_t expert) const;
+  bool is_resident(int32_t slot) const;
+  int32_t pins(int32_t slot) const;
+  const CacheStats& stats() const { return stats_; }
+  const CacheOptions& options() const { return options_; }
+  int32_t pool_size(int32_t layer) const;
+
+ private:
+  enum class State : uint8_t { kFree, kLoading, kResident };
+  struct Slot {
+    int32_t layer = -1;
+    int32_t expert = -1;
+    State state = State::kFree;
+    int32_t pins = 0;
+    int64_t last_use = -1;
+    int64_t uses = 0;
+    bool prefetched_unused = false;  // came in by prefetch and has not been requested yet
+    bool contradicted = false;       // prefetched for a layer that then did not use it
+  };
+  // Eviction order within a pool: smallest first. (class, primary, secondary, slot).
+  using EvictKey = std::tuple<int64_t, double, int64_t, int32_t>;
+
+  int32_t pool_of(int32_t layer) const;
+  EvictKey evict_key(int32_t slot) const;
+  bool evictable(int32_t slot) const;
+  // Re-files `slot` in its pool's eviction set after `change` mutates it.
+  template <typename Change>
+  void update(int32_t slot, Change change);
+  // A free slot of the pool, or the policy's victim (evicted), or -1 if every slot is busy.
+  int32_t take_slot(int32_t pool);
+  void evict(int32_t slot);
+  void check_layer(int32_t layer, const char* what) const;
+  void check_expert(int32_t expert, const char* what) const;
+
+  CacheOptions options_;
+  int32_t num_pools_;
+  int32_t slots_per_pool_;
+  std::vector<Slot> slots_;
+  std::vector<int32_t> slot_of_;                       // [num_layers * num_experts]
+  std::vector<float> scores_;                          // [num_layers * num_experts]
+  std::vector<int64_t> next_use_;                      // [num_layers * num_experts]
+  std::vector<std::vector<int32_t>> free_;             // per pool, a stack of free slots
+  std::vector<std::set<EvictKey>> evictable_;          // per pool
+  std::vector<std::vector<int32_t>> pinned_by_layer_;  // slots acquire(layer) pinned
+  std::vector<int64_t> acquire_tick_;                  // [num_layers] tick of its last acquire
+  std::vector<std::vector<int32_t>> prefetched_for_layer_;  // slots prefetched, not yet judged
+  int64_t tick_ = 0;
+  CacheStats stats_;
+};
+
+}  // namespace expertflow::core
