@@ -126,13 +126,13 @@ class CachePolicy {
   int32_t num_pools_;
   int32_t slots_per_pool_;
   std::vector<Slot> slots_;
-  std::vector<int32_t> slot_of_;                       // [num_layers * num_experts]
-  std::vector<float> scores_;                          // [num_layers * num_experts]
-  std::vector<int64_t> next_use_;                      // [num_layers * num_experts]
-  std::vector<std::vector<int32_t>> free_;             // per pool, a stack of free slots
-  std::vector<std::set<EvictKey>> evictable_;          // per pool
-  std::vector<std::vector<int32_t>> pinned_by_layer_;  // slots acquire(layer) pinned
-  std::vector<int64_t> acquire_tick_;                  // [num_layers] tick of its last acquire
+  std::vector<int32_t> slot_of_;                            // [num_layers * num_experts]
+  std::vector<float> scores_;                               // [num_layers * num_experts]
+  std::vector<int64_t> next_use_;                           // [num_layers * num_experts]
+  std::vector<std::vector<int32_t>> free_;                  // per pool, a stack of free slots
+  std::vector<std::set<EvictKey>> evictable_;               // per pool
+  std::vector<std::vector<int32_t>> pinned_by_layer_;       // slots acquire(layer) pinned
+  std::vector<int64_t> acquire_tick_;                       // [num_layers] tick of its last acquire
   std::vector<std::vector<int32_t>> prefetched_for_layer_;  // slots prefetched, not yet judged
   int64_t tick_ = 0;
   CacheStats stats_;
