@@ -1,12 +1,112 @@
 // PYBIND11_MODULE(_C): stateful runtime classes and build facts. Tensor ops are not bound here;
 // they are TORCH_LIBRARY operators (registration.cpp), reached through torch.ops.expertflow.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#include "core/cache_policy.h"
 
 #ifndef EXPERTFLOW_TORCH_VERSION
 #error "EXPERTFLOW_TORCH_VERSION must be defined by the build"
 #endif
 
 namespace py = pybind11;
+using expertflow::core::BudgetMode;
+using expertflow::core::CacheOptions;
+using expertflow::core::CachePolicy;
+using expertflow::core::EvictionPolicy;
+using expertflow::core::Load;
+
+namespace {
+
+EvictionPolicy parse_policy(const std::string& name) {
+  if (name == "lru") return EvictionPolicy::kLru;
+  if (name == "lfu") return EvictionPolicy::kLfu;
+  if (name == "expertflow") return EvictionPolicy::kExpertFlow;
+  if (name == "belady") return EvictionPolicy::kBelady;
+  throw py::value_error("policy must be one of 'lru', 'lfu', 'expertflow', 'belady', got '" + name +
+                        "'");
+}
+
+BudgetMode parse_budget(const std::string& name) {
+  if (name == "per_layer") return BudgetMode::kPerLayer;
+  if (name == "global") return BudgetMode::kGlobal;
+  throw py::value_error("budget must be 'per_layer' or 'global', got '" + name + "'");
+}
+
+py::tuple load_tuple(const Load& l) { return py::make_tuple(l.slot, l.layer, l.expert, l.urgent); }
+
+void bind_cache_policy(py::module_& m) {
+  py::class_<CachePolicy>(m, "CachePolicy",
+                          "Which expert lives in which slot (csrc/core/cache_policy.h).")
+      .def(py::init([](int32_t num_layers, int32_t num_experts, int32_t num_slots, int32_t top_k,
+                       const std::string& budget, const std::string& policy) {
+             CacheOptions o;
+             o.num_layers = num_layers;
+             o.num_experts = num_experts;
+             o.num_slots = num_slots;
+             o.top_k = top_k;
+             o.budget = parse_budget(budget);
+             o.policy = parse_policy(policy);
+             return CachePolicy(o);
+           }),
+           py::arg("num_layers"), py::arg("num_experts"), py::arg("num_slots"), py::arg("top_k"),
+           py::arg("budget") = "per_layer", py::arg("policy") = "lru")
+      .def(
+          "set_scores",
+          [](CachePolicy& c, int32_t layer, const std::vector<float>& scores) {
+            if (static_cast<int32_t>(scores.size()) != c.options().num_experts) {
+              throw py::value_error("set_scores: scores must have num_experts=" +
+                                    std::to_string(c.options().num_experts) + " entries, got " +
+                                    std::to_string(scores.size()));
+            }
+            c.set_scores(layer, scores.data());
+          },
+          py::arg("layer"), py::arg("scores"))
+      .def("set_next_use", &CachePolicy::set_next_use, py::arg("layer"), py::arg("expert"),
+           py::arg("tick"))
+      .def(
+          "prefetch",
+          [](CachePolicy& c, int32_t layer, int32_t expert) -> py::object {
+            const auto load = c.prefetch(layer, expert);
+            return load ? py::object(load_tuple(*load)) : py::none();
+          },
+          py::arg("layer"), py::arg("expert"),
+          "Returns (slot, layer, expert, urgent) of the load to perform, or None.")
+      .def(
+          "acquire",
+          [](CachePolicy& c, int32_t layer, const std::vector<int32_t>& experts) {
+            std::vector<int32_t> slots(experts.size());
+            std::vector<Load> loads;
+            c.acquire(layer, experts.data(), static_cast<int32_t>(experts.size()), slots.data(),
+                      loads);
+            py::list out;
+            for (const Load& l : loads) out.append(load_tuple(l));
+            return py::make_tuple(slots, out);
+          },
+          py::arg("layer"), py::arg("experts"),
+          "Returns (slots, loads): each expert's slot and the urgent loads for the misses.")
+      .def("loaded", &CachePolicy::loaded, py::arg("slot"))
+      .def("release", &CachePolicy::release, py::arg("layer"))
+      .def("slot_of", &CachePolicy::slot_of, py::arg("layer"), py::arg("expert"))
+      .def("pool_size", &CachePolicy::pool_size, py::arg("layer"))
+      .def("stats", [](const CachePolicy& c) {
+        const auto& s = c.stats();
+        py::dict d;
+        d["hits"] = s.hits;
+        d["misses"] = s.misses;
+        d["prefetch_hits"] = s.prefetch_hits;
+        d["prefetches"] = s.prefetches;
+        d["wasted_prefetches"] = s.wasted_prefetches;
+        d["evictions"] = s.evictions;
+        d["loads"] = s.loads();
+        return d;
+      });
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "expertflow native extension";
@@ -20,4 +120,5 @@ PYBIND11_MODULE(_C, m) {
     info["cxx_standard"] = __cplusplus;
     return info;
   });
+  bind_cache_policy(m);
 }

@@ -1,0 +1,3 @@
+from expertflow.cli import main
+
+raise SystemExit(main())

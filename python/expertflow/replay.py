@@ -1,0 +1,228 @@
+"""Replays a routing trace through the native cache policy, with an optional timing model.
+
+Every step (see :mod:`expertflow.trace`) runs its layers in order: the layer's experts (the union
+over the step's tokens) are acquired from the cache, missing ones load at once, then the layer
+is released. With predictions and ``policy="expertflow"``, each step starts by scoring every
+layer's experts and prefetching the predicted ones in layer order. Belady is told each expert's
+next use from the trace itself (the optimum no real policy can reach).
+
+Timing model (with ``bandwidth_gbps`` and ``layer_compute_ms``): one host-to-device link of that
+bandwidth moves one expert at a time; prefetches queue on it in issue order, and an urgent load
+(a miss) goes ahead of every prefetch that has not started yet. A layer starts when the previous
+one has finished and all of its experts have arrived, and then computes for ``layer_compute_ms``.
+Stalled time is the time layers spend waiting for copies.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import numpy as np
+
+from expertflow.trace import Trace, TraceError
+
+__all__ = ["ReplayResult", "replay", "load_predictions"]
+
+POLICIES = ("lru", "lfu", "expertflow", "belady")
+
+
+@dataclasses.dataclass
+class ReplayResult:
+    policy: str
+    slots: int
+    budget: str
+    steps: int
+    tokens: int
+    hits: int
+    misses: int
+    prefetches: int
+    prefetch_hits: int
+    wasted_prefetches: int
+    bytes_moved: int
+    time_per_token_ms: float | None = None
+    stall_share: float | None = None
+
+    @property
+    def hit_ratio(self) -> float:
+        return self.hits / max(1, self.hits + self.misses)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"hit_ratio": self.hit_ratio}
+
+
+def load_predictions(path, trace: Trace) -> np.ndarray:
+    """Reads predicted routing probabilities: ``scores`` float ``[T, L, E]`` in an ``.npz``."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            scores = data["scores"]
+    except (OSError, KeyError, ValueError) as exc:
+        raise TraceError(f"{path}: needs a float array 'scores' [T, L, E] ({exc})") from exc
+    want = (trace.num_tokens, trace.num_layers, trace.num_experts)
+    if scores.shape != want or not np.issubdtype(scores.dtype, np.floating):
+        raise TraceError(
+            f"predictions: scores must be float {list(want)} to match the trace, "
+            f"got {scores.dtype} {list(scores.shape)}"
+        )
+    return scores
+
+
+class _Link:
+    """One copy link: queued prefetches in order, urgent copies ahead of unstarted ones."""
+
+    def __init__(self, seconds_per_copy: float):
+        self.seconds_per_copy = seconds_per_copy
+        self.busy_until = 0.0
+        self.queue: collections.deque[tuple[int, float]] = collections.deque()
+        self.done: dict[int, float] = {}  # slot -> arrival time of its latest copy
+
+    def _start_next(self) -> None:
+        slot, issued = self.queue.popleft()
+        self.busy_until = max(self.busy_until, issued) + self.seconds_per_copy
+        self.done[slot] = self.busy_until
+
+    def prefetch(self, slot: int, now: float) -> None:
+        self.done.pop(slot, None)
+        self.queue.append((slot, now))
+
+    def urgent(self, slot: int, now: float) -> None:
+        while self.queue and max(self.busy_until, self.queue[0][1]) < now:
+            self._start_next()  # prefetches already under way when the miss is found
+        self.busy_until = max(self.busy_until, now) + self.seconds_per_copy
+        self.done[slot] = self.busy_until
+
+    def arrival(self, slot: int) -> float:
+        while slot not in self.done and self.queue:
+            self._start_next()
+        return self.done.get(slot, 0.0)
+
+
+def _next_uses(trace: Trace, steps: list[np.ndarray]) -> list[list[dict[int, int]]]:
+    """For each step and layer: expert -> tick of its next use after this one (-1: never)."""
+    layers = trace.num_layers
+    upcoming: dict[tuple[int, int], int] = {}
+    result: list[list[dict[int, int]]] = [[] for _ in steps]
+    for s in range(len(steps) - 1, -1, -1):
+        per_layer = []
+        for layer in range(layers):
+            experts = _layer_experts(trace, steps[s], layer)
+            per_layer.append({e: upcoming.get((layer, e), -1) for e in experts})
+        for layer, experts in enumerate(per_layer):
+            for e in experts:
+                upcoming[(layer, e)] = s * layers + layer
+        result[s] = per_layer
+    return result
+
+
+def _layer_experts(trace: Trace, tokens: np.ndarray, layer: int) -> list[int]:
+    ids = trace.expert_ids[tokens, layer, :].ravel()
+    return sorted(set(ids[ids >= 0].tolist()))
+
+
+def _prefetch_plan(
+    cache, link: _Link | None, scores: np.ndarray, tokens: np.ndarray, top_k: int, now: float
+) -> None:
+    """Scores every layer (max over the step's tokens), then prefetches the predicted experts,
+    each token's top-k per layer, best first, in layer order."""
+    step_scores = scores[tokens].max(axis=0)  # [L, E]
+    for layer in range(step_scores.shape[0]):
+        cache.set_scores(layer, step_scores[layer].tolist())
+    for layer in range(step_scores.shape[0]):
+        wanted = np.argsort(-scores[tokens, layer, :], axis=-1, kind="stable")[:, :top_k]
+        for expert in sorted(set(wanted.ravel().tolist()), key=lambda e: -step_scores[layer, e]):
+            load = cache.prefetch(layer, expert)
+            if load is not None:
+                if link is not None:
+                    link.prefetch(load[0], now)
+                cache.loaded(load[0])  # the policy may reuse it; the link model has its timing
+
+
+def replay(
+    trace: Trace,
+    policy: str,
+    *,
+    slots_per_layer: int | None = None,
+    slots: int | None = None,
+    predictions: np.ndarray | None = None,
+    bandwidth_gbps: float | None = None,
+    layer_compute_ms: float | None = None,
+) -> ReplayResult:
+    """Replays ``trace`` through the native policy; see the module docstring.
+
+    Args:
+        trace: the routing trace.
+        policy: one of ``lru``, ``lfu``, ``expertflow``, ``belady``.
+        slots_per_layer: a per-layer budget (exactly one of this and ``slots``).
+        slots: one global pool of this many slots shared by all layers.
+        predictions: ``[T, L, E]`` predicted probabilities (used by ``expertflow``).
+        bandwidth_gbps: host-to-device copy bandwidth, GB/s (timing model, with the next).
+        layer_compute_ms: compute time of one layer step (timing model).
+    """
+    from expertflow import _C
+
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if (slots_per_layer is None) == (slots is None):
+        raise ValueError("give exactly one of slots_per_layer and slots")
+    if (bandwidth_gbps is None) != (layer_compute_ms is None):
+        raise ValueError("the timing model needs both bandwidth_gbps and layer_compute_ms")
+    if bandwidth_gbps is not None and (bandwidth_gbps <= 0 or layer_compute_ms < 0):
+        raise ValueError("bandwidth_gbps must be > 0 and layer_compute_ms >= 0")
+    budget = "per_layer" if slots_per_layer is not None else "global"
+    total = slots_per_layer * trace.num_layers if slots_per_layer is not None else slots
+    cache = _C.CachePolicy(
+        trace.num_layers, trace.num_experts, total, trace.top_k, budget=budget, policy=policy
+    )
+    steps = trace.steps()
+    next_uses = _next_uses(trace, steps) if policy == "belady" else None
+    expert_bytes = trace.meta["expert_bytes"]
+    link = None
+    if bandwidth_gbps is not None:
+        link = _Link(expert_bytes / (bandwidth_gbps * 1e9))
+        compute = layer_compute_ms / 1e3
+    now = stalled = 0.0
+
+    for s, tokens in enumerate(steps):
+        if predictions is not None and policy == "expertflow":
+            _prefetch_plan(cache, link, predictions, tokens, trace.top_k, now)
+        for layer in range(trace.num_layers):
+            experts = _layer_experts(trace, tokens, layer)
+            if not experts:
+                continue
+            try:
+                got, loads = cache.acquire(layer, experts)
+            except ValueError as exc:
+                raise ValueError(
+                    f"step {s} needs {len(experts)} experts at layer {layer} at once: {exc}"
+                ) from exc
+            for slot, *_ in loads:
+                if link is not None:
+                    link.urgent(slot, now)
+                cache.loaded(slot)
+            if link is not None:
+                ready = max([now] + [link.arrival(slot) for slot in got])
+                stalled += ready - now
+                now = ready + compute
+            if next_uses is not None:
+                for expert, tick in next_uses[s][layer].items():
+                    cache.set_next_use(layer, expert, tick)
+            cache.release(layer)
+
+    stats = cache.stats()
+    result = ReplayResult(
+        policy=policy,
+        slots=total,
+        budget=budget,
+        steps=len(steps),
+        tokens=trace.num_tokens,
+        hits=stats["hits"],
+        misses=stats["misses"],
+        prefetches=stats["prefetches"],
+        prefetch_hits=stats["prefetch_hits"],
+        wasted_prefetches=stats["wasted_prefetches"],
+        bytes_moved=stats["loads"] * expert_bytes,
+    )
+    if link is not None and trace.num_tokens:
+        result.time_per_token_ms = now / trace.num_tokens * 1e3
+        result.stall_share = stalled / now if now > 0 else 0.0
+    return result

@@ -1,0 +1,174 @@
+"""Routing traces: the ``.npz`` format every expertflow tool reads and writes.
+
+A trace records which experts a real model's routers chose, token by token:
+
+=================  ================  ==========================================================
+field              dtype, shape      meaning
+=================  ================  ==========================================================
+``expert_ids``     int ``[T, L, K]``  experts of token t at MoE layer l; -1 = not recorded
+``gate_probs``     float ``[T,L,K]``  optional: the router weights of those experts
+``token_ids``      int ``[T]``        optional: the token ids
+``sequence_ids``   int ``[T]``        optional: which sequence each token belongs to; the tokens
+                                      of one sequence appear in time order (default: one sequence)
+``meta``           JSON string        ``model`` (str), ``num_experts`` (int), ``top_k`` (int),
+                                      ``expert_bytes`` (int, bytes of one expert's weights),
+                                      optional ``prefill`` (list of T bools: prompt tokens)
+=================  ================  ==========================================================
+
+Steps: a sequence's prompt (its leading prefill tokens) is one step, then each generated token is
+one step. A batched trace (several sequences) runs step s of every sequence together, so one
+batched step needs the union of their experts at each layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Trace", "TraceError", "load_trace", "save_trace"]
+
+_REQUIRED_META = {"model": str, "num_experts": int, "top_k": int, "expert_bytes": int}
+
+
+class TraceError(ValueError):
+    """A trace file or array that does not follow the format; the message names the field."""
+
+
+def _check_int_array(name: str, value: np.ndarray, ndim: int) -> None:
+    if not isinstance(value, np.ndarray) or value.ndim != ndim:
+        shape = getattr(value, "shape", type(value).__name__)
+        raise TraceError(f"{name} must be a {ndim}-D integer array, got {shape}")
+    if not np.issubdtype(value.dtype, np.integer):
+        raise TraceError(f"{name} must hold integers, got dtype {value.dtype}")
+
+
+@dataclasses.dataclass
+class Trace:
+    """One routing trace; validated on construction (raises TraceError)."""
+
+    expert_ids: np.ndarray
+    meta: dict[str, Any]
+    gate_probs: np.ndarray | None = None
+    token_ids: np.ndarray | None = None
+    sequence_ids: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        _check_int_array("expert_ids", self.expert_ids, 3)
+        tokens, _, k = self.expert_ids.shape
+        for key, kind in _REQUIRED_META.items():
+            if key not in self.meta:
+                raise TraceError(f"meta.{key} is missing (required: {sorted(_REQUIRED_META)})")
+            if not isinstance(self.meta[key], kind) or isinstance(self.meta[key], bool):
+                raise TraceError(
+                    f"meta.{key} must be {kind.__name__}, got {type(self.meta[key]).__name__}"
+                )
+        experts = self.meta["num_experts"]
+        if experts < 1:
+            raise TraceError(f"meta.num_experts must be >= 1, got {experts}")
+        if self.meta["top_k"] != k:
+            raise TraceError(f"meta.top_k={self.meta['top_k']} but expert_ids has K={k}")
+        if self.meta["expert_bytes"] < 0:
+            raise TraceError(f"meta.expert_bytes must be >= 0, got {self.meta['expert_bytes']}")
+        if self.expert_ids.size and (
+            self.expert_ids.min() < -1 or self.expert_ids.max() >= experts
+        ):
+            raise TraceError(
+                f"expert_ids must be in [-1, num_experts={experts}), got values in "
+                f"[{self.expert_ids.min()}, {self.expert_ids.max()}]"
+            )
+        if self.gate_probs is not None:
+            if self.gate_probs.shape != self.expert_ids.shape:
+                raise TraceError(
+                    f"gate_probs must have expert_ids' shape {self.expert_ids.shape}, "
+                    f"got {self.gate_probs.shape}"
+                )
+            if not np.issubdtype(self.gate_probs.dtype, np.floating):
+                raise TraceError(f"gate_probs must be floating point, got {self.gate_probs.dtype}")
+        for name in ("token_ids", "sequence_ids"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_int_array(name, value, 1)
+                if value.shape[0] != tokens:
+                    raise TraceError(f"{name} must have T={tokens} entries, got {value.shape[0]}")
+        prefill = self.meta.get("prefill")
+        if prefill is not None and (not isinstance(prefill, list) or len(prefill) != tokens):
+            raise TraceError(f"meta.prefill must be a list of T={tokens} bools")
+
+    @property
+    def num_tokens(self) -> int:
+        return self.expert_ids.shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.expert_ids.shape[1]
+
+    @property
+    def num_experts(self) -> int:
+        return self.meta["num_experts"]
+
+    @property
+    def top_k(self) -> int:
+        return self.expert_ids.shape[2]
+
+    def steps(self) -> list[np.ndarray]:
+        """Token indices of each step, in order (see the module docstring)."""
+        sequences = (
+            self.sequence_ids
+            if self.sequence_ids is not None
+            else np.zeros(self.num_tokens, dtype=np.int64)
+        )
+        prefill = np.asarray(self.meta.get("prefill") or [False] * self.num_tokens, dtype=bool)
+        per_sequence: list[list[np.ndarray]] = []
+        for seq in dict.fromkeys(sequences.tolist()):  # first-appearance order
+            tokens = np.flatnonzero(sequences == seq)
+            prompt_len = 0
+            while prompt_len < len(tokens) and prefill[tokens[prompt_len]]:
+                prompt_len += 1
+            steps = [tokens[:prompt_len]] if prompt_len else []
+            steps += [tokens[i : i + 1] for i in range(prompt_len, len(tokens))]
+            per_sequence.append(steps)
+        longest = max((len(s) for s in per_sequence), default=0)
+        return [np.concatenate([s[i] for s in per_sequence if i < len(s)]) for i in range(longest)]
+
+
+def save_trace(trace: Trace, path: str | os.PathLike) -> None:
+    """Writes ``trace`` to ``path`` atomically: an interrupted write leaves no partial file."""
+    path = Path(path)
+    arrays = {"expert_ids": trace.expert_ids, "meta": np.array(json.dumps(trace.meta))}
+    for name in ("gate_probs", "token_ids", "sequence_ids"):
+        if getattr(trace, name) is not None:
+            arrays[name] = getattr(trace, name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_trace(path: str | os.PathLike) -> Trace:
+    """Reads and validates a trace file; raises TraceError naming what is wrong."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            fields = {name: data[name] for name in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise TraceError(f"{path}: not a readable .npz trace ({exc})") from exc
+    if "expert_ids" not in fields or "meta" not in fields:
+        raise TraceError(f"{path}: a trace needs 'expert_ids' and 'meta', found {sorted(fields)}")
+    try:
+        meta = json.loads(str(fields.pop("meta")))
+    except json.JSONDecodeError as exc:
+        raise TraceError(f"{path}: meta is not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise TraceError(f"{path}: meta must be a JSON object")
+    known = {"expert_ids", "gate_probs", "token_ids", "sequence_ids"}
+    return Trace(meta=meta, **{k: v for k, v in fields.items() if k in known})

@@ -1,0 +1,268 @@
+"""Replay through the native policy: against a plain-Python LRU, Belady's optimality, the
+policy's invariants under random operations, the timing model and the command line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from expertflow import _C
+from expertflow.cli import main
+from expertflow.replay import replay
+from expertflow.trace import Trace, save_trace
+
+
+@st.composite
+def traces(draw, max_tokens=40):
+    layers = draw(st.integers(1, 4))
+    experts = draw(st.integers(2, 12))
+    k = draw(st.integers(1, min(3, experts)))
+    tokens = draw(st.integers(1, max_tokens))
+    sequences = draw(st.integers(1, 3))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    popularity = rng.dirichlet(np.full(experts, 0.5))  # skewed, as real routers are
+    ids = np.stack(
+        [rng.choice(experts, size=k, replace=False, p=popularity) for _ in range(tokens * layers)]
+    ).reshape(tokens, layers, k)
+    meta = {"model": "random", "num_experts": experts, "top_k": k, "expert_bytes": 4096}
+    seq = rng.integers(0, sequences, size=tokens)
+    return Trace(expert_ids=ids.astype(np.int32), meta=meta, sequence_ids=seq)
+
+
+def python_lru_misses(trace: Trace, slots: int, per_layer: bool) -> int:
+    """LRU as documented: same-step entries share a tick, ties go to the lowest slot, free
+    slots are taken lowest first, the current layer's experts are never evicted."""
+    layers = trace.num_layers
+    pool_size = slots // layers if per_layer else slots
+    owner: dict[int, tuple[int, int]] = {}  # slot -> (layer, expert)
+    where: dict[tuple[int, int], int] = {}
+    last: dict[int, int] = {}
+    tick = misses = 0
+    for tokens in trace.steps():
+        for layer in range(layers):
+            ids = trace.expert_ids[tokens, layer].ravel()
+            experts = sorted(set(ids[ids >= 0].tolist()))
+            if not experts:
+                continue
+            tick += 1
+            pool = layer if per_layer else 0
+            pool_slots = range(pool * pool_size, (pool + 1) * pool_size)
+            wanted = {(layer, e) for e in experts}
+            for e in experts:
+                if (layer, e) in where:
+                    last[where[(layer, e)]] = tick
+            for e in experts:
+                if (layer, e) in where:
+                    continue
+                misses += 1
+                free = [s for s in pool_slots if s not in owner]
+                if free:
+                    slot = free[0]
+                else:
+                    slot = min(
+                        (s for s in pool_slots if owner[s] not in wanted),
+                        key=lambda s: (last[s], s),
+                    )
+                    del where[owner[slot]]
+                owner[slot] = (layer, e)
+                where[(layer, e)] = slot
+                last[slot] = tick
+    return misses
+
+
+def min_slots(trace: Trace) -> int:
+    """The largest union of one layer's experts in one step: the least a global pool needs."""
+    need = 1
+    for tokens in trace.steps():
+        for layer in range(trace.num_layers):
+            ids = trace.expert_ids[tokens, layer].ravel()
+            need = max(need, len(set(ids[ids >= 0].tolist())))
+    return need
+
+
+@settings(max_examples=60, deadline=None)
+@given(traces(), st.integers(0, 6), st.booleans())
+def test_lru_replay_equals_python_lru(trace, extra, per_layer):
+    need = min_slots(trace)
+    if per_layer:
+        result = replay(trace, "lru", slots_per_layer=need + extra)
+        want = python_lru_misses(trace, (need + extra) * trace.num_layers, True)
+    else:
+        result = replay(trace, "lru", slots=need + extra)
+        want = python_lru_misses(trace, need + extra, False)
+    assert result.misses == want
+
+
+@settings(max_examples=60, deadline=None)
+@given(traces(), st.integers(0, 8))
+def test_belady_never_misses_more(trace, extra):
+    slots = min_slots(trace) + extra
+    belady = replay(trace, "belady", slots=slots).misses
+    for policy in ("lru", "lfu", "expertflow"):
+        assert belady <= replay(trace, policy, slots=slots).misses, policy
+
+
+@settings(max_examples=40, deadline=None)
+@given(traces(max_tokens=25), st.integers(0, 3))
+def test_oracle_predictions_remove_every_miss(trace, extra):
+    """With the true routing as predictions and room for each step, every expert is prefetched
+    before its layer runs: no urgent loads at all."""
+    scores = np.zeros((trace.num_tokens, trace.num_layers, trace.num_experts), dtype=np.float32)
+    for t, layer, j in np.ndindex(trace.expert_ids.shape):
+        scores[t, layer, trace.expert_ids[t, layer, j]] = 1.0
+    result = replay(
+        trace, "expertflow", slots_per_layer=min_slots(trace) + extra, predictions=scores
+    )
+    assert result.misses == 0
+    assert result.hits == sum(
+        len(set(trace.expert_ids[tokens, layer].ravel().tolist()))
+        for tokens in trace.steps()
+        for layer in range(trace.num_layers)
+    )
+    assert result.bytes_moved == (result.prefetches + result.misses) * 4096
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.data())
+def test_policy_invariants_under_random_operations(data):
+    layers, experts = data.draw(st.integers(1, 3)), data.draw(st.integers(2, 10))
+    k = data.draw(st.integers(1, experts))
+    per_layer = data.draw(st.booleans())
+    pool = k + data.draw(st.integers(0, 4))
+    policy = data.draw(st.sampled_from(["lru", "lfu", "expertflow", "belady"]))
+    cache = _C.CachePolicy(
+        layers,
+        experts,
+        pool * layers if per_layer else pool,
+        k,
+        budget="per_layer" if per_layer else "global",
+        policy=policy,
+    )
+    pinned: dict[int, dict[int, int]] = {}  # layer -> expert -> slot, until release
+    loading: dict[tuple[int, int], int] = {}  # prefetched, copy not complete
+    for _ in range(data.draw(st.integers(1, 60))):
+        layer = data.draw(st.integers(0, layers - 1))
+        op = data.draw(st.sampled_from(["acquire", "release", "prefetch", "complete", "score"]))
+        if op == "acquire" and layer not in pinned:
+            wanted = data.draw(st.lists(st.integers(0, experts - 1), min_size=1, max_size=k))
+            try:
+                slots, loads = cache.acquire(layer, wanted)
+            except ValueError:
+                continue  # the pool is full of pinned or loading entries: refused, unchanged
+            assert len(set(slots)) == len(set(wanted))
+            for slot, _, expert, urgent in loads:
+                assert urgent and expert in wanted
+                cache.loaded(slot)
+            pinned[layer] = dict(zip(wanted, slots, strict=True))
+            for key in [key for key in loading if key[0] == layer and key[1] in wanted]:
+                cache.loaded(loading.pop(key))
+        elif op == "release" and layer in pinned:
+            cache.release(layer)
+            del pinned[layer]
+        elif op == "prefetch":
+            expert = data.draw(st.integers(0, experts - 1))
+            load = cache.prefetch(layer, expert)
+            if load is not None:
+                loading[(layer, expert)] = load[0]
+        elif op == "complete" and loading:
+            cache.loaded(loading.pop(next(iter(loading))))
+        elif op == "score":
+            cache.set_scores(
+                layer, data.draw(st.lists(st.floats(0, 1), min_size=experts, max_size=experts))
+            )
+        # Pinned and loading entries are never evicted; slots are never shared.
+        for lay, held in pinned.items():
+            for expert, slot in held.items():
+                assert cache.slot_of(lay, expert) == slot
+        for (lay, expert), slot in loading.items():
+            assert cache.slot_of(lay, expert) == slot
+        owners = [cache.slot_of(lay, e) for lay in range(layers) for e in range(experts)]
+        placed = [s for s in owners if s >= 0]
+        assert len(placed) == len(set(placed))
+        for lay in range(layers):
+            mine = [cache.slot_of(lay, e) for e in range(experts) if cache.slot_of(lay, e) >= 0]
+            if per_layer:
+                assert all(lay * pool <= s < (lay + 1) * pool for s in mine)
+        assert len(placed) <= (pool * layers if per_layer else pool)
+
+
+def test_timing_model_by_hand():
+    # One layer, one expert per token, 1 slot: every token misses and waits for its copy.
+    ids = np.array([[[0]], [[1]], [[0]]], dtype=np.int32)
+    trace = Trace(
+        expert_ids=ids, meta={"model": "m", "num_experts": 2, "top_k": 1, "expert_bytes": 10**9}
+    )
+    result = replay(trace, "lru", slots=1, bandwidth_gbps=10.0, layer_compute_ms=50.0)
+    # Each token: 100 ms copy (1 GB at 10 GB/s) + 50 ms compute.
+    assert result.misses == 3
+    assert result.time_per_token_ms == pytest.approx(150.0)
+    assert result.stall_share == pytest.approx(100 / 150)
+    # Two slots: the third token hits, costing compute only.
+    roomy = replay(trace, "lru", slots=2, bandwidth_gbps=10.0, layer_compute_ms=50.0)
+    assert roomy.time_per_token_ms == pytest.approx((150 + 150 + 50) / 3)
+
+
+def test_prefetch_overlaps_compute_in_the_timing_model():
+    # Two layers; oracle predictions prefetch layer 1's expert while layer 0 computes.
+    ids = np.array([[[0], [1]]], dtype=np.int32)
+    trace = Trace(
+        expert_ids=ids, meta={"model": "m", "num_experts": 2, "top_k": 1, "expert_bytes": 10**9}
+    )
+    scores = np.zeros((1, 2, 2), dtype=np.float32)
+    scores[0, 0, 0] = scores[0, 1, 1] = 1.0
+    lru = replay(trace, "lru", slots_per_layer=1, bandwidth_gbps=10.0, layer_compute_ms=100.0)
+    flow = replay(
+        trace,
+        "expertflow",
+        slots_per_layer=1,
+        predictions=scores,
+        bandwidth_gbps=10.0,
+        layer_compute_ms=100.0,
+    )
+    assert lru.time_per_token_ms == pytest.approx(400.0)  # copy, compute, copy, compute
+    assert flow.time_per_token_ms == pytest.approx(300.0)  # layer 1's copy hides under compute
+
+
+def test_command_line(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    ids = np.stack([rng.permutation(8)[:2] for _ in range(40)]).reshape(20, 2, 2).astype(np.int32)
+    save_trace(
+        Trace(
+            expert_ids=ids, meta={"model": "m", "num_experts": 8, "top_k": 2, "expert_bytes": 2**20}
+        ),
+        tmp_path / "t.npz",
+    )
+    argv = [
+        "replay",
+        "--trace",
+        str(tmp_path / "t.npz"),
+        "--policy",
+        "lru",
+        "--slots-per-layer",
+        "4",
+        "--bandwidth-gbps",
+        "25",
+        "--layer-compute-ms",
+        "0.1",
+    ]
+    assert main(argv + ["--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["hits"] + out["misses"] == 80 and 0 <= out["hit_ratio"] <= 1
+    assert out["bytes_moved"] == out["misses"] * 2**20 and out["stall_share"] > 0
+    assert main(argv) == 0
+    assert "hit ratio" in capsys.readouterr().out
+    assert (
+        main(
+            ["replay", "--trace", str(tmp_path / "missing.npz"), "--policy", "lru", "--slots", "4"]
+        )
+        == 2
+    )
+    assert "not a readable .npz trace" in capsys.readouterr().err
+    assert (
+        main(["replay", "--trace", str(tmp_path / "t.npz"), "--policy", "lru", "--slots", "1"]) == 2
+    )
+    assert "num_slots must be at least 2" in capsys.readouterr().err

@@ -1,0 +1,114 @@
+"""The trace format: round trip, atomic writes, and clear errors for every malformed field."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from expertflow.trace import Trace, TraceError, load_trace, save_trace
+
+
+def make_trace(tokens=6, layers=3, experts=8, k=2, seed=0, **extra) -> Trace:
+    rng = np.random.default_rng(seed)
+    ids = np.stack([rng.permutation(experts)[:k] for _ in range(tokens * layers)])
+    meta = {"model": "test", "num_experts": experts, "top_k": k, "expert_bytes": 1000}
+    meta.update(extra.pop("meta", {}))
+    return Trace(expert_ids=ids.reshape(tokens, layers, k).astype(np.int32), meta=meta, **extra)
+
+
+def test_round_trip(tmp_path):
+    trace = make_trace(
+        gate_probs=np.random.default_rng(1).random((6, 3, 2), dtype=np.float32),
+        token_ids=np.arange(6),
+        sequence_ids=np.array([0, 0, 1, 1, 0, 1]),
+        meta={"prefill": [True, False, True, False, False, False]},
+    )
+    path = tmp_path / "t.npz"
+    save_trace(trace, path)
+    back = load_trace(path)
+    assert np.array_equal(back.expert_ids, trace.expert_ids)
+    assert np.array_equal(back.gate_probs, trace.gate_probs)
+    assert np.array_equal(back.token_ids, trace.token_ids)
+    assert np.array_equal(back.sequence_ids, trace.sequence_ids)
+    assert back.meta == trace.meta
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_steps_batch_sequences_and_prefill():
+    trace = make_trace(
+        sequence_ids=np.array([0, 0, 1, 1, 0, 1]),
+        meta={"prefill": [True, True, True, False, False, False]},
+    )
+    steps = [s.tolist() for s in trace.steps()]
+    # seq 0: prompt {0, 1}, then 4; seq 1: prompt {2}, then 3, then 5.
+    assert steps == [[0, 1, 2], [4, 3], [5]]
+    assert [s.tolist() for s in make_trace(tokens=3).steps()] == [[0], [1], [2]]
+
+
+def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez_compressed", boom)
+    with pytest.raises(KeyboardInterrupt):
+        save_trace(make_trace(), tmp_path / "t.npz")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"expert_ids": np.zeros((2, 3), dtype=np.int32)}, "expert_ids must be a 3-D integer"),
+        ({"expert_ids": np.zeros((2, 3, 2), dtype=np.float32)}, "expert_ids must hold integers"),
+        ({"expert_ids": np.full((2, 3, 2), 8)}, r"expert_ids must be in \[-1, num_experts=8\)"),
+        ({"expert_ids": np.full((2, 3, 2), -2)}, r"expert_ids must be in \[-1"),
+        ({"meta": {"top_k": 3}}, "meta.top_k=3 but expert_ids has K=2"),
+        ({"meta": {"expert_bytes": "big"}}, "meta.expert_bytes must be int"),
+        ({"gate_probs": np.zeros((6, 3, 1))}, "gate_probs must have expert_ids' shape"),
+        ({"sequence_ids": np.zeros(5, dtype=int)}, "sequence_ids must have T=6 entries"),
+        ({"token_ids": np.zeros(6)}, "token_ids must hold integers"),
+        ({"meta": {"prefill": [True]}}, "meta.prefill must be a list of T=6 bools"),
+    ],
+)
+def test_malformed_fields_are_named(kwargs, message):
+    meta = {"model": "m", "num_experts": 8, "top_k": 2, "expert_bytes": 10}
+    meta.update(kwargs.pop("meta", {}))
+    fields = {"expert_ids": np.zeros((6, 3, 2), dtype=np.int32), "meta": meta} | kwargs
+    with pytest.raises(TraceError, match=message):
+        Trace(**fields)
+
+
+def test_missing_meta_field():
+    with pytest.raises(TraceError, match="meta.expert_bytes is missing"):
+        Trace(
+            expert_ids=np.zeros((1, 1, 1), dtype=np.int32),
+            meta={"model": "m", "num_experts": 2, "top_k": 1},
+        )
+
+
+def test_corrupt_and_incomplete_files_are_rejected(tmp_path):
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"PK\x03\x04 this is not a zip archive")
+    with pytest.raises(TraceError, match="not a readable .npz trace"):
+        load_trace(garbage)
+    truncated = tmp_path / "truncated.npz"
+    save_trace(make_trace(), truncated)
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    with pytest.raises(TraceError):
+        load_trace(truncated)
+    no_meta = tmp_path / "no_meta.npz"
+    np.savez(no_meta, expert_ids=np.zeros((1, 1, 1), dtype=np.int32))
+    with pytest.raises(TraceError, match="needs 'expert_ids' and 'meta'"):
+        load_trace(no_meta)
+    bad_json = tmp_path / "bad_json.npz"
+    np.savez(bad_json, expert_ids=np.zeros((1, 1, 1), dtype=np.int32), meta=np.array("{oops"))
+    with pytest.raises(TraceError, match="meta is not valid JSON"):
+        load_trace(bad_json)
+    pickled = tmp_path / "pickled.npz"
+    np.savez(
+        pickled,
+        expert_ids=np.zeros((1, 1, 1), dtype=np.int32),
+        meta=np.array([{"a": 1}], dtype=object),
+    )
+    with pytest.raises(TraceError):
+        load_trace(pickled)  # object arrays need pickle, which is never allowed
