@@ -2,11 +2,15 @@
 // they are TORCH_LIBRARY operators (registration.cpp), reached through torch.ops.expertflow.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>  // at::Tensor <-> torch.Tensor
 
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "core/cache_policy.h"
+#include "runtime/expert_cache.h"
+#include "runtime/host_store.h"
 
 #ifndef EXPERTFLOW_TORCH_VERSION
 #error "EXPERTFLOW_TORCH_VERSION must be defined by the build"
@@ -106,6 +110,62 @@ void bind_cache_policy(py::module_& m) {
       });
 }
 
+void bind_expert_cache(py::module_& m) {
+  using expertflow::runtime::ExpertCache;
+  using expertflow::runtime::HostExpertStore;
+  py::class_<ExpertCache>(m, "ExpertCache", "Native expert cache (csrc/runtime/expert_cache.h).")
+      .def(py::init([](const std::vector<std::vector<std::vector<at::Tensor>>>& experts,
+                       const std::string& device, int32_t num_slots, int32_t top_k,
+                       const std::string& budget, const std::string& policy) {
+             at::Device dev(device);
+             auto store = std::make_shared<const HostExpertStore>(experts, dev.is_cuda());
+             return std::make_unique<ExpertCache>(std::move(store), num_slots, top_k,
+                                                  parse_budget(budget), parse_policy(policy), dev);
+           }),
+           py::arg("experts"), py::arg("device"), py::arg("num_slots"), py::arg("top_k"),
+           py::arg("budget") = "per_layer", py::arg("policy") = "lru")
+      .def("plan", &ExpertCache::plan, py::arg("layer_scores"), py::arg("per_layer"))
+      .def(
+          "acquire",
+          [](ExpertCache& c, int32_t layer, const std::vector<int32_t>& experts) {
+            expertflow::runtime::AcquireResult r;
+            {
+              // May block while copies in flight land; Python objects are built after.
+              py::gil_scoped_release no_gil;
+              r = c.acquire(layer, experts);
+            }
+            return py::make_tuple(r.slots, r.ready_order);
+          },
+          py::arg("layer"), py::arg("experts"),
+          "Returns (slots, ready_order): each expert's slot, and request positions in the order "
+          "they become ready (arrived hits, hits in flight, misses).")
+      .def("wait", &ExpertCache::wait, py::arg("slot"), py::call_guard<py::gil_scoped_release>())
+      .def("views", &ExpertCache::views, py::arg("slot"), py::arg("layer"))
+      .def("release", &ExpertCache::release, py::arg("layer"))
+      .def("synchronize", &ExpertCache::synchronize, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("num_slots", &ExpertCache::num_slots)
+      .def_property_readonly("slot_bytes", &ExpertCache::slot_bytes)
+      .def_property_readonly("host_bytes",
+                             [](const ExpertCache& c) { return c.store().total_bytes(); })
+      .def_property_readonly("host_pinned", [](const ExpertCache& c) { return c.store().pinned(); })
+      .def("host_expert", [](const ExpertCache& c, int32_t layer,
+                             int32_t expert) { return c.store().expert_tensors(layer, expert); })
+      .def("stats", [](const ExpertCache& c) {
+        const auto& s = c.stats();
+        const auto counters = c.counters();
+        py::dict d;
+        d["hits"] = s.hits;
+        d["misses"] = s.misses;
+        d["prefetch_hits"] = s.prefetch_hits;
+        d["prefetches"] = s.prefetches;
+        d["wasted_prefetches"] = s.wasted_prefetches;
+        d["evictions"] = s.evictions;
+        d["bytes_copied"] = counters.bytes_copied;
+        d["wait_seconds"] = counters.wait_seconds;
+        return d;
+      });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -121,4 +181,5 @@ PYBIND11_MODULE(_C, m) {
     return info;
   });
   bind_cache_policy(m);
+  bind_expert_cache(m);
 }

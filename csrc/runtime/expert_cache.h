@@ -1,0 +1,66 @@
+// The expert cache: the core policy deciding which expert occupies which device slot, the host
+// store holding every expert, the slot pool, and the transfer engine moving bytes between them.
+// Thread-safe: every public method takes the cache's lock, except the blocking part of wait().
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "core/cache_policy.h"
+#include "runtime/host_store.h"
+#include "runtime/transfer_engine.h"
+
+namespace expertflow::runtime {
+
+struct AcquireResult {
+  std::vector<int32_t> slots;        // [n] slot of each requested expert
+  std::vector<int32_t> ready_order;  // [n] request positions: arrived first, then in flight,
+                                     // then the misses just issued
+};
+
+struct CacheCounters {
+  int64_t bytes_copied = 0;
+  double wait_seconds = 0.0;  // host time blocked in wait() (CPU engine; CUDA waits on device)
+};
+
+class ExpertCache {
+ public:
+  ExpertCache(std::shared_ptr<const HostExpertStore> store, int32_t num_slots, int32_t top_k,
+              core::BudgetMode budget, core::EvictionPolicy policy, const at::Device& device);
+
+  // layer_scores: float [num_layers, num_experts] predicted demand. Sets the policy's scores and
+  // prefetches, in layer order, each layer's best `per_layer` experts with a positive score.
+  void plan(const at::Tensor& layer_scores, int32_t per_layer);
+  AcquireResult acquire(int32_t layer, const std::vector<int32_t>& experts);
+  // Makes compute wait until `slot`'s bytes have arrived (see TransferEngine::wait).
+  void wait(int32_t slot);
+  // The expert in `slot` (acquired for `layer`) as device tensors viewing the slot: no copy.
+  std::vector<at::Tensor> views(int32_t slot, int32_t layer) const;
+  void release(int32_t layer);
+  void synchronize();
+
+  const core::CacheStats& stats() const { return policy_.stats(); }
+  CacheCounters counters() const;
+  int32_t num_slots() const { return static_cast<int32_t>(slots_.size(0)); }
+  int64_t slot_bytes() const { return slots_.size(1); }
+  const HostExpertStore& store() const { return *store_; }
+
+ private:
+  void reap_arrivals();  // loading entries whose copy arrived become resident (lock held)
+  void issue(const core::Load& load);
+
+  std::shared_ptr<const HostExpertStore> store_;
+  core::CachePolicy policy_;
+  at::Device device_;
+  at::Tensor slots_;  // uint8 [num_slots, slot_bytes] on device_: the whole slot pool
+  std::unique_ptr<TransferEngine> engine_;
+  std::vector<int32_t> in_flight_;                 // slots whose copy has not been seen to arrive
+  std::vector<std::vector<int32_t>> layer_slots_;  // slots acquire(layer) handed out
+  CacheCounters counters_;
+  mutable std::mutex mutex_;
+};
+
+}  // namespace expertflow::runtime

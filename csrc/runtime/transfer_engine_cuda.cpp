@@ -1,0 +1,104 @@
+// The CUDA transfer engine: host->device copies on a normal-priority prefetch stream and a
+// high-priority urgent stream, one "arrived" event and one "released" event per slot.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+
+#include <vector>
+
+#include "runtime/transfer_engine.h"
+
+namespace expertflow::runtime {
+namespace {
+
+class CudaTransferEngine final : public TransferEngine {
+ public:
+  CudaTransferEngine(const at::Device& device, int32_t num_slots)
+      : device_(device),
+        prefetch_(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device.index())),
+        urgent_(c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device.index())),
+        arrived_(num_slots),
+        released_(num_slots) {
+    const c10::cuda::CUDAGuard guard(device_);
+    for (int32_t s = 0; s < num_slots; ++s) {
+      C10_CUDA_CHECK(cudaEventCreateWithFlags(&arrived_[s], cudaEventDisableTiming));
+      C10_CUDA_CHECK(cudaEventCreateWithFlags(&released_[s], cudaEventDisableTiming));
+    }
+  }
+
+  ~CudaTransferEngine() override {
+    const c10::cuda::CUDAGuard guard(device_);
+    for (size_t s = 0; s < arrived_.size(); ++s) {
+      cudaEventDestroy(arrived_[s]);
+      cudaEventDestroy(released_[s]);
+    }
+  }
+
+  void copy(int32_t slot, const at::Tensor& src, const at::Tensor& dst, bool urgent) override {
+    check_slot(slot);
+    TORCH_CHECK(src.nbytes() == dst.nbytes(), "TransferEngine.copy: ", src.nbytes(),
+                " source bytes for a ", dst.nbytes(), "-byte destination");
+    const c10::cuda::CUDAGuard guard(device_);
+    const cudaStream_t stream = urgent ? urgent_.stream() : prefetch_.stream();
+    // Never overwrite bytes that compute may still be reading.
+    C10_CUDA_CHECK(cudaStreamWaitEvent(stream, released_[slot], 0));
+    C10_CUDA_CHECK(cudaMemcpyAsync(dst.data_ptr(), src.data_ptr(), src.nbytes(),
+                                   cudaMemcpyHostToDevice, stream));
+    C10_CUDA_CHECK(cudaEventRecord(arrived_[slot], stream));
+  }
+
+  bool arrived(int32_t slot) override {
+    check_slot(slot);
+    const c10::cuda::CUDAGuard guard(device_);
+    const cudaError_t status = cudaEventQuery(arrived_[slot]);
+    if (status == cudaErrorNotReady) {
+      (void)cudaGetLastError();  // not an error: clear it
+      return false;
+    }
+    C10_CUDA_CHECK(status);
+    return true;
+  }
+
+  double wait(int32_t slot) override {
+    check_slot(slot);
+    const c10::cuda::CUDAGuard guard(device_);
+    C10_CUDA_CHECK(cudaStreamWaitEvent(c10::cuda::getCurrentCUDAStream(device_.index()).stream(),
+                                       arrived_[slot], 0));
+    return 0.0;  // the GPU waits, not the host
+  }
+
+  void release(int32_t slot) override {
+    check_slot(slot);
+    const c10::cuda::CUDAGuard guard(device_);
+    C10_CUDA_CHECK(cudaEventRecord(released_[slot],
+                                   c10::cuda::getCurrentCUDAStream(device_.index()).stream()));
+  }
+
+  void synchronize() override {
+    const c10::cuda::CUDAGuard guard(device_);
+    C10_CUDA_CHECK(cudaStreamSynchronize(prefetch_.stream()));
+    C10_CUDA_CHECK(cudaStreamSynchronize(urgent_.stream()));
+  }
+
+ private:
+  void check_slot(int32_t slot) const {
+    TORCH_CHECK(slot >= 0 && slot < static_cast<int32_t>(arrived_.size()),
+                "TransferEngine: slot must be in [0, ", arrived_.size(), "), got ", slot);
+  }
+
+  at::Device device_;
+  c10::cuda::CUDAStream prefetch_;
+  c10::cuda::CUDAStream urgent_;
+  std::vector<cudaEvent_t> arrived_;
+  std::vector<cudaEvent_t> released_;
+};
+
+}  // namespace
+
+std::unique_ptr<TransferEngine> make_cuda_transfer_engine(const at::Device& device,
+                                                          int32_t num_slots) {
+  return std::make_unique<CudaTransferEngine>(device, num_slots);
+}
+
+}  // namespace expertflow::runtime
