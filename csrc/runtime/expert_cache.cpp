@@ -20,7 +20,7 @@ core::CacheOptions cache_options(const HostExpertStore& store, int32_t num_slots
   o.budget = budget;
   o.policy = policy;
   const std::string problem = core::validate(o);
-  TORCH_CHECK(problem.empty(), "ExpertCache: ", problem);
+  TORCH_CHECK_VALUE(problem.empty(), "ExpertCache: ", problem);
   return o;
 }
 

@@ -1,0 +1,138 @@
+"""``expertflow.ExpertCache``: routed experts in host memory, a budget of them in device slots.
+
+The native cache (``csrc/runtime``) packs every expert into one pinned host buffer, allocates the
+slots in one device allocation, decides with the core policy which expert occupies which slot,
+and copies on a prefetch stream and an urgent stream with one completion event per slot. This
+module is its thin, validated Python face.
+
+Typical use inside an MoE layer::
+
+    cache.plan(predicted_scores, per_layer=top_k)      # once per step, before layer 0
+    slots, order = cache.acquire(layer, expert_ids)    # the experts this layer's router chose
+    for i in order:                                    # arrived first, misses last
+        cache.wait(slots[i])
+        w1, w2 = cache.views(slots[i], layer)          # device tensors, no copy
+        ...
+    cache.release(layer)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["ExpertCache"]
+
+_BUDGETS = ("per_layer", "global")
+_POLICIES = ("lru", "lfu", "expertflow", "belady")
+
+
+class ExpertCache:
+    """A device-slot cache over a host store of experts.
+
+    Args:
+        experts: ``experts[layer][expert]`` is the list of that expert's tensors (for example
+            ``[gate_up_proj, down_proj]``); all experts of a layer must share shapes and dtypes.
+            Their bytes are copied into the store, so the caller may drop them afterwards.
+        device: ``"cpu"`` (a worker-thread copy engine with the same semantics) or a CUDA device.
+        slots: total number of device slots (each the size of the largest expert).
+        top_k: experts per token and layer: the least a pool must hold.
+        budget: ``"per_layer"`` (``slots // num_layers`` reserved per layer) or ``"global"``.
+        policy: ``"lru"``, ``"lfu"``, ``"expertflow"`` (prediction-aware) or ``"belady"``.
+    """
+
+    def __init__(
+        self,
+        experts: Sequence[Sequence[Sequence[torch.Tensor]]],
+        *,
+        device: str | torch.device = "cpu",
+        slots: int,
+        top_k: int,
+        budget: str = "per_layer",
+        policy: str = "expertflow",
+    ):
+        from expertflow import _C
+
+        if budget not in _BUDGETS:
+            raise ValueError(f"budget must be one of {_BUDGETS}, got {budget!r}")
+        if policy not in _POLICIES:
+            raise ValueError(f"policy must be one of {_POLICIES}, got {policy!r}")
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        nested = [[list(tensors) for tensors in layer] for layer in experts]
+        for li, layer in enumerate(nested):
+            for e, tensors in enumerate(layer):
+                for i, t in enumerate(tensors):
+                    if not isinstance(t, torch.Tensor):
+                        raise TypeError(
+                            f"experts[{li}][{e}][{i}] must be a torch.Tensor, "
+                            f"got {type(t).__name__}"
+                        )
+        self.device = device
+        self._native = _C.ExpertCache(
+            nested, str(device), int(slots), int(top_k), budget=budget, policy=policy
+        )
+
+    @property
+    def num_slots(self) -> int:
+        return self._native.num_slots
+
+    @property
+    def slot_bytes(self) -> int:
+        return self._native.slot_bytes
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of the host store (every expert of every layer)."""
+        return self._native.host_bytes
+
+    @property
+    def host_pinned(self) -> bool:
+        return self._native.host_pinned
+
+    def plan(self, layer_scores: torch.Tensor, per_layer: int) -> None:
+        """Prefetches predicted experts, layer by layer.
+
+        Args:
+            layer_scores: float ``[num_layers, num_experts]`` predicted demand (higher = more
+                likely needed soon); becomes the policy's eviction scores.
+            per_layer: how many of each layer's best positive-score experts to prefetch.
+        """
+        self._native.plan(layer_scores, per_layer)
+
+    def acquire(self, layer: int, experts: Sequence[int]) -> tuple[list[int], list[int]]:
+        """Pins the experts one layer needs, issuing urgent copies for the misses.
+
+        Returns:
+            ``(slots, order)``: the slot of each requested expert, and the request positions
+            in the order they become ready (arrived hits, hits in flight, then misses).
+        """
+        return self._native.acquire(int(layer), [int(e) for e in experts])
+
+    def wait(self, slot: int) -> None:
+        """Makes compute wait for the slot's bytes (CUDA: the current stream waits on its
+        event; CPU: blocks, without the GIL)."""
+        self._native.wait(slot)
+
+    def views(self, slot: int, layer: int) -> list[torch.Tensor]:
+        """The expert in ``slot`` as tensors viewing the slot memory (no copy)."""
+        return self._native.views(slot, layer)
+
+    def release(self, layer: int) -> None:
+        """Unpins the layer's experts; later copies into their slots wait for compute's uses."""
+        self._native.release(layer)
+
+    def synchronize(self) -> None:
+        """Blocks until every issued copy has arrived."""
+        self._native.synchronize()
+
+    def host_expert(self, layer: int, expert: int) -> list[torch.Tensor]:
+        """The expert's tensors in the host store (views, the source of truth)."""
+        return self._native.host_expert(layer, expert)
+
+    def stats(self) -> dict:
+        """hits, misses, prefetch_hits, prefetches, wasted_prefetches, evictions, bytes_copied,
+        wait_seconds (host time blocked in wait)."""
+        return self._native.stats()

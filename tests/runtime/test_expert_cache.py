@@ -1,0 +1,165 @@
+"""The native expert cache end to end with real tensors: bytes, ordering, pinning, threads."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from expertflow import ExpertCache
+
+
+def make_experts(layers=3, experts=6, gen=None):
+    """Two tensors per expert, of two dtypes, layer 1 larger (slots fit the largest)."""
+    gen = gen or torch.Generator().manual_seed(0)
+    out = []
+    for layer in range(layers):
+        hidden = 8 if layer != 1 else 24
+        out.append(
+            [
+                [
+                    torch.randn(hidden, 4, generator=gen),
+                    torch.randn(7, generator=gen).to(torch.bfloat16),
+                ]
+                for _ in range(experts)
+            ]
+        )
+    return out
+
+
+def assert_holds(cache, slot, layer, expected):
+    cache.wait(slot)
+    got = cache.views(slot, layer)
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected, strict=True):
+        assert g.dtype == e.dtype and g.shape == e.shape
+        assert torch.equal(g.cpu().view(torch.uint8), e.view(torch.uint8))  # same bytes
+
+
+def test_store_layout_and_budget(device):
+    experts = make_experts()
+    cache = ExpertCache(experts, device=device, slots=6, top_k=2, budget="per_layer")
+    assert cache.num_slots == 6
+    assert cache.slot_bytes % 256 == 0 and cache.slot_bytes >= 24 * 4 * 4
+    assert cache.host_pinned == (device == "cuda")
+    for layer in range(3):
+        for e in range(6):
+            for h, t in zip(cache.host_expert(layer, e), experts[layer][e], strict=True):
+                assert torch.equal(h, t)
+                assert h.data_ptr() % 256 == 0
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "expertflow", "belady"])
+@pytest.mark.parametrize("budget", ["per_layer", "global"])
+def test_random_steps_every_slot_holds_the_requested_bytes(device, policy, budget):
+    experts = make_experts()
+    host_before = [[[t.clone() for t in e] for e in layer] for layer in experts]
+    cache = ExpertCache(experts, device=device, slots=6, top_k=2, budget=budget, policy=policy)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(40):
+        if policy == "expertflow" and step % 3 == 0:
+            cache.plan(torch.rand(3, 6, generator=gen), per_layer=2)
+        for layer in range(3):
+            wanted = torch.randperm(6, generator=gen)[:2].tolist()
+            slots, order = cache.acquire(layer, wanted)
+            assert sorted(order) == [0, 1] and len(set(slots)) == 2
+            for i in order:
+                assert_holds(cache, slots[i], layer, experts[layer][wanted[i]])
+            cache.release(layer)
+    stats = cache.stats()
+    assert stats["hits"] + stats["misses"] == 40 * 3 * 2
+    assert stats["bytes_copied"] > 0
+    # Eviction never copies back: the host store is unchanged.
+    for layer in range(3):
+        for e in range(6):
+            for h, before in zip(cache.host_expert(layer, e), host_before[layer][e], strict=True):
+                assert torch.equal(h, before)
+
+
+def test_hits_come_first_in_ready_order(device):
+    cache = ExpertCache(
+        make_experts(), device=device, slots=3, top_k=2, budget="global", policy="lru"
+    )
+    slots, _ = cache.acquire(0, [4])
+    cache.wait(slots[0])
+    cache.release(0)
+    cache.synchronize()
+    slots, order = cache.acquire(0, [1, 4])  # 1 misses, 4 is resident
+    assert order == [1, 0]
+    cache.release(0)
+
+
+def test_prefetched_experts_are_hits(device):
+    experts = make_experts()
+    cache = ExpertCache(experts, device=device, slots=6, top_k=2, policy="expertflow")
+    scores = torch.zeros(3, 6)
+    scores[2, 3] = scores[2, 5] = 1.0
+    cache.plan(scores, per_layer=2)
+    slots, order = cache.acquire(2, [5, 3])
+    for i in order:
+        assert_holds(cache, slots[i], 2, experts[2][[5, 3][i]])
+    cache.release(2)
+    stats = cache.stats()
+    assert stats["misses"] == 0 and stats["prefetch_hits"] == 2 and stats["prefetches"] == 2
+
+
+def test_pinned_experts_survive_other_layers(device):
+    experts = make_experts()
+    cache = ExpertCache(experts, device=device, slots=2, top_k=2, budget="global")
+    slots, _ = cache.acquire(0, [0, 1])  # fills the pool, pinned
+    with pytest.raises(ValueError, match="can be freed"):
+        cache.acquire(1, [2])
+    for s, e in zip(slots, [0, 1], strict=True):
+        assert_holds(cache, s, 0, experts[0][e])
+    cache.release(0)
+    cache.acquire(1, [2])
+    cache.release(1)
+
+
+def test_threads_share_one_cache(device):
+    experts = make_experts(layers=4)
+    cache = ExpertCache(experts, device=device, slots=8, top_k=2, budget="per_layer")
+    errors = []
+
+    def worker(layer):
+        gen = torch.Generator().manual_seed(layer)
+        try:
+            for _ in range(50):
+                wanted = torch.randperm(6, generator=gen)[:2].tolist()
+                slots, order = cache.acquire(layer, wanted)
+                for i in order:
+                    assert_holds(cache, slots[i], layer, experts[layer][wanted[i]])
+                cache.release(layer)
+        except Exception as exc:  # reported below, with the thread's layer
+            errors.append((layer, exc))
+
+    threads = [threading.Thread(target=worker, args=(layer,)) for layer in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_bad_input():
+    experts = make_experts()
+    with pytest.raises(ValueError, match="num_slots must be at least 6"):
+        ExpertCache(experts, slots=5, top_k=2)
+    with pytest.raises(ValueError, match="budget must be one of"):
+        ExpertCache(experts, slots=6, top_k=2, budget="some")
+    with pytest.raises(TypeError, match=r"experts\[0\]\[1\]\[0\] must be a torch.Tensor"):
+        ExpertCache([[[torch.zeros(2)], ["x"]]], slots=1, top_k=1)
+    ragged = make_experts()
+    ragged[2][4][0] = torch.zeros(3, 3)
+    with pytest.raises(RuntimeError, match="layer 2 expert 4 tensor 0"):
+        ExpertCache(ragged, slots=6, top_k=2)
+    cache = ExpertCache(experts, slots=6, top_k=2)
+    with pytest.raises(IndexError, match=r"expert must be in \[0, 6\), got 6"):
+        cache.acquire(0, [6])
+    with pytest.raises(IndexError, match=r"layer must be in \[0, 3\), got 3"):
+        cache.acquire(3, [0])
+    with pytest.raises(IndexError, match="slot must be in"):
+        cache.wait(99)
+    with pytest.raises(RuntimeError, match=r"layer_scores must be \[num_layers=3, num_experts=6\]"):
+        cache.plan(torch.zeros(3, 5), per_layer=1)
