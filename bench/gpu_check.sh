@@ -28,9 +28,14 @@ for dtype in float32 bfloat16; do
     >"$out/bench_gating_$dtype.txt" 2>&1 || echo "bench_gating $dtype FAILED"
 done
 
+"$py" bench/bench_transfer.py --out "$out" >"$out/bench_transfer.txt" 2>&1 \
+  || echo "bench_transfer FAILED"
+
 echo "== summary =="
 grep -E "passed|failed" "$out/pytest_cuda.log" | tail -1
 for dtype in float32 bfloat16; do
   echo "-- gating on cuda, $dtype (T=4096 rows)"
   grep -E "router|4096|min speed-up|copy_bandwidth" "$out/bench_gating_$dtype.txt" | cut -c1-160
 done
+echo "-- transfer engine"
+tail -12 "$out/bench_transfer.txt"
