@@ -35,6 +35,7 @@ CachePolicy::CachePolicy(const CacheOptions& options) : options_(options) {
   slots_per_pool_ = per_layer ? options.num_slots / options.num_layers : options.num_slots;
   const size_t keys = static_cast<size_t>(options.num_layers) * options.num_experts;
   slots_.resize(static_cast<size_t>(num_pools_) * slots_per_pool_);
+  parked_.resize(slots_.size());
   slot_of_.assign(keys, -1);
   scores_.assign(keys, 0.0f);
   next_use_.assign(keys, -1);
@@ -102,15 +103,28 @@ bool CachePolicy::evictable(int32_t slot) const {
 
 template <typename Change>
 void CachePolicy::update(int32_t slot, Change change) {
+  // Set nodes are recycled (extract/insert of node handles, one parked per slot while the entry
+  // is pinned or loading): re-filing an entry never allocates.
   std::set<EvictKey>& pool = evictable_[pool_of(slots_[slot].layer)];
-  if (evictable(slot)) pool.erase(evict_key(slot));
+  std::set<EvictKey>::node_type node;
+  if (evictable(slot)) node = pool.extract(evict_key(slot));
   change(slots_[slot]);
-  if (evictable(slot)) pool.insert(evict_key(slot));
+  if (!evictable(slot)) {
+    if (!node.empty()) parked_[slot] = std::move(node);
+    return;
+  }
+  if (node.empty()) node = std::move(parked_[slot]);
+  if (node.empty()) {
+    pool.insert(evict_key(slot));
+  } else {
+    node.value() = evict_key(slot);
+    pool.insert(std::move(node));
+  }
 }
 
 void CachePolicy::evict(int32_t slot) {
   Slot& s = slots_[slot];
-  evictable_[pool_of(s.layer)].erase(evict_key(slot));
+  parked_[slot] = evictable_[pool_of(s.layer)].extract(evict_key(slot));
   if (s.prefetched_unused) ++stats_.wasted_prefetches;
   ++stats_.evictions;
   slot_of_[static_cast<size_t>(s.layer) * options_.num_experts + s.expert] = -1;

@@ -131,6 +131,7 @@ class CachePolicy {
   std::vector<int64_t> next_use_;                           // [num_layers * num_experts]
   std::vector<std::vector<int32_t>> free_;                  // per pool, a stack of free slots
   std::vector<std::set<EvictKey>> evictable_;               // per pool
+  std::vector<std::set<EvictKey>::node_type> parked_;       // per slot: a set node to reuse
   std::vector<std::vector<int32_t>> pinned_by_layer_;       // slots acquire(layer) pinned
   std::vector<int64_t> acquire_tick_;                       // [num_layers] tick of its last acquire
   std::vector<std::vector<int32_t>> prefetched_for_layer_;  // slots prefetched, not yet judged
