@@ -21,6 +21,6 @@ LD_PRELOAD="$preload" ASAN_OPTIONS=detect_leaks=0 PYTHONPATH="$stage" "$py" -c \
   "import expertflow, sys; f = expertflow.__file__; print('testing', f); sys.exit(not f.startswith('$stage'))" \
   || { echo "expertflow is not imported from $stage (editable install in this venv?)"; exit 1; }
 LD_PRELOAD="$preload" ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-  PYTHONPATH="$stage" "$py" -m pytest tests/ops tests/test_build.py -q -p no:cacheprovider \
+  PYTHONPATH="$stage" "$py" -m pytest tests/ops tests/runtime tests/test_build.py -q -p no:cacheprovider \
   -k "not compile and not cuda" \
   --override-ini="addopts=" -W ignore "$@"
