@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from expertflow import _C
 from expertflow.cli import main
-from expertflow.replay import replay
-from expertflow.trace import Trace, save_trace
+from expertflow.replay import load_predictions, replay
+from expertflow.trace import Trace, TraceError, save_trace
 
 
 @st.composite
@@ -266,3 +266,22 @@ def test_command_line(tmp_path, capsys):
         main(["replay", "--trace", str(tmp_path / "t.npz"), "--policy", "lru", "--slots", "1"]) == 2
     )
     assert "num_slots must be at least 2" in capsys.readouterr().err
+
+
+def test_unrecorded_entries_and_mismatched_predictions(tmp_path):
+    ids = np.array([[[0, -1]], [[-1, -1]], [[1, 0]]], dtype=np.int32)  # -1 = not recorded
+    trace = Trace(
+        expert_ids=ids, meta={"model": "m", "num_experts": 2, "top_k": 2, "expert_bytes": 8}
+    )
+    result = replay(trace, "lru", slots=2)
+    assert result.hits + result.misses == 3 and result.misses == 2
+    np.savez(tmp_path / "p.npz", scores=np.zeros((3, 1, 3), dtype=np.float32))
+    with pytest.raises(TraceError, match=r"scores must be float \[3, 1, 2\]"):
+        load_predictions(tmp_path / "p.npz", trace)
+    np.savez(tmp_path / "q.npz", other=np.zeros(1))
+    with pytest.raises(TraceError, match="needs a float array 'scores'"):
+        load_predictions(tmp_path / "q.npz", trace)
+    with pytest.raises(ValueError, match="exactly one of slots_per_layer and slots"):
+        replay(trace, "lru")
+    with pytest.raises(ValueError, match="needs both bandwidth_gbps and layer_compute_ms"):
+        replay(trace, "lru", slots=2, bandwidth_gbps=1.0)
