@@ -1,0 +1,237 @@
+"""``expertflow.offload()``: a transformers MoE model whose routed experts live in host memory.
+
+Every experts module of transformers' shared experts interface (classes decorated with
+``use_experts_implementation``: 3-D ``gate_up_proj``/``up_proj`` and ``down_proj`` parameters and
+the ``is_transposed``/``has_bias``/``has_gate``/``has_post_expert_norm`` flags) is replaced by an
+:class:`OffloadedExperts` module. The model's own routers still decide; the experts run once per
+step over their grouped tokens, on device slots of one :class:`~expertflow.ExpertCache`, and the
+outputs are combined with the routing weights. Detection is by structure, so a new family using
+the same interface needs no code here.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from expertflow import ops
+from expertflow.cache import ExpertCache
+
+__all__ = ["OffloadedExperts", "offload", "restore", "find_experts_modules"]
+
+_FLAGS = ("is_transposed", "has_bias", "has_gate")
+
+
+def _is_experts_module(module: nn.Module) -> bool:
+    return all(hasattr(module, f) for f in _FLAGS) and isinstance(
+        getattr(module, "down_proj", None), nn.Parameter
+    )
+
+
+def find_experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The experts modules of ``model`` in layer order, as (qualified name, module)."""
+    return [(name, m) for name, m in model.named_modules() if _is_experts_module(m)]
+
+
+def _expert_tensors(module: nn.Module, expert: int) -> list[torch.Tensor]:
+    up = module.gate_up_proj if module.has_gate else module.up_proj
+    tensors = [up[expert]]
+    if module.has_bias:
+        tensors.append(
+            (module.gate_up_proj_bias if module.has_gate else module.up_proj_bias)[expert]
+        )
+    tensors.append(module.down_proj[expert])
+    if module.has_bias:
+        tensors.append(module.down_proj_bias[expert])
+    return [t.detach() for t in tensors]
+
+
+def _parse_bytes(value: int | str) -> int:
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]i?B|B)?\s*", value, flags=re.IGNORECASE)
+    if not match:
+        raise ValueError(f"gpu_memory must be bytes or like '24GiB', got {value!r}")
+    units = {
+        "b": 1,
+        "kb": 1e3,
+        "mb": 1e6,
+        "gb": 1e9,
+        "tb": 1e12,
+        "kib": 2**10,
+        "mib": 2**20,
+        "gib": 2**30,
+        "tib": 2**40,
+    }
+    return int(float(match.group(1)) * units[(match.group(2) or "B").lower()])
+
+
+class OffloadedExperts(nn.Module):
+    """Drop-in for a transformers experts module: ``forward(hidden_states, top_k_index,
+    top_k_weights) -> [tokens, hidden]`` with the experts' weights in an ExpertCache."""
+
+    def __init__(self, original: nn.Module, cache: ExpertCache, layer: int, pool_size: int):
+        super().__init__()
+        self.cache = cache
+        self.layer = layer
+        self.pool_size = pool_size  # experts that fit in the layer's slots at once
+        self.num_experts = original.num_experts
+        for flag in (*_FLAGS, "has_post_expert_norm"):
+            setattr(self, flag, bool(getattr(original, flag, False)))
+        self.act_fn = original.act_fn
+        if self.has_post_expert_norm:
+            self.post_expert_norm = original.post_expert_norm
+        self._gate = type(original)._apply_gate  # the family's own gating (e.g. GPT-OSS clamps)
+        # Its attributes (alpha, limit, ...) are read by _apply_gate. Held in a tuple so that it
+        # is not registered as a submodule: model.to(device) must not move its host experts.
+        self._gate_owner = (original,)
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        out = x @ weight if self.is_transposed else x @ weight.t()
+        return out + bias if bias is not None else out
+
+    def _run_expert(self, x: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
+        if self.has_bias:
+            up, up_bias, down, down_bias = tensors
+        else:
+            (up, down), up_bias, down_bias = tensors, None, None
+        h = self._linear(x, up, up_bias)
+        h = self._gate(self._gate_owner[0], h) if self.has_gate else self.act_fn(h)
+        h = self._linear(h, down, down_bias)
+        return self.post_expert_norm(h) if self.has_post_expert_norm else h
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        num_tokens, top_k = top_k_index.shape
+        order, counts, offsets, inverse = ops.group_by_expert(top_k_index, self.num_experts)
+        tokens = (order // top_k).long()
+        bounds = offsets.tolist()
+        experts = [e for e in range(self.num_experts) if bounds[e + 1] > bounds[e]]
+        rows = hidden_states.new_empty((order.numel(), hidden_states.shape[-1]))
+        # A prompt can need more experts than the layer's slots: run them in pool-sized groups.
+        for start in range(0, len(experts), self.pool_size):
+            group = experts[start : start + self.pool_size]
+            slots, ready = self.cache.acquire(self.layer, group)
+            try:
+                for i in ready:  # experts already on the device first
+                    e, slot = group[i], slots[i]
+                    lo, hi = bounds[e], bounds[e + 1]
+                    self.cache.wait(slot)
+                    tensors = self.cache.views(slot, self.layer)
+                    rows[lo:hi] = self._run_expert(hidden_states[tokens[lo:hi]], tensors)
+            finally:
+                self.cache.release(self.layer)
+        out = ops.combine(rows, top_k_weights.float(), inverse)
+        return out.to(hidden_states.dtype)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, num_experts={self.num_experts}, pool_size={self.pool_size}"
+
+
+def offload(
+    model: nn.Module,
+    *,
+    device: str | torch.device = "cuda",
+    slots: int | None = None,
+    gpu_memory: int | str | None = None,
+    policy: str = "expertflow",
+    budget: str = "per_layer",
+) -> nn.Module:
+    """Moves ``model``'s routed experts into host memory behind one expert cache.
+
+    Non-expert weights (attention, norms, embeddings, routers, shared experts) go to ``device``.
+
+    Args:
+        model: a transformers model (or any module) using the shared experts interface.
+        device: where the model runs.
+        slots: total device slots for experts (exclusive with ``gpu_memory``).
+        gpu_memory: a total budget ("24GiB" or bytes); slots are what remains after the
+            resident weights, divided by the slot size.
+        policy: cache policy, ``"expertflow"``, ``"lru"``, ``"lfu"`` or ``"belady"``.
+        budget: ``"per_layer"`` or ``"global"`` slot pools.
+
+    Returns:
+        The same model, modified in place. ``restore(model)`` undoes it.
+    """
+    found = find_experts_modules(model)
+    if not found:
+        raise ValueError(
+            f"offload: {type(model).__name__} has no MoE experts module (looked for modules with "
+            f"a 3-D down_proj parameter and the flags {', '.join(_FLAGS)}, as transformers' "
+            "use_experts_implementation classes have)"
+        )
+    if (slots is None) == (gpu_memory is None):
+        raise ValueError("offload: give exactly one of slots and gpu_memory")
+    config = getattr(model, "config", None)
+    top_k = int(getattr(config, "num_experts_per_tok", 1) or 1)
+    device = torch.device(device)
+    experts = [[_expert_tensors(m, e) for e in range(m.num_experts)] for _, m in found]
+    if gpu_memory is not None:
+        expert_ids = {id(p) for _, m in found for p in m.parameters(recurse=False)}
+        resident = sum(
+            p.numel() * p.element_size() for p in model.parameters() if id(p) not in expert_ids
+        )
+        slot_bytes = max(
+            sum((t.numel() * t.element_size() + 255) // 256 * 256 for t in tensors[0])
+            for tensors in experts
+        )
+        slots = (_parse_bytes(gpu_memory) - resident) // slot_bytes
+        minimum = top_k * (len(found) if budget == "per_layer" else 1)
+        if slots < minimum:
+            need = resident + minimum * slot_bytes
+            raise ValueError(
+                f"offload: gpu_memory={gpu_memory!r} is below the minimum of {need} bytes "
+                f"({resident} resident + {minimum} slots x {slot_bytes} bytes)"
+            )
+    cache = ExpertCache(
+        experts, device=device, slots=int(slots), top_k=top_k, budget=budget, policy=policy
+    )
+    del experts
+    pool_size = cache.num_slots // len(found) if budget == "per_layer" else cache.num_slots
+    originals = []
+    for layer, (name, module) in enumerate(found):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        replacement = OffloadedExperts(module, cache, layer, pool_size)
+        # The original keeps host views of the store (no second copy) for restore().
+        _point_at_store(module, cache, layer)
+        setattr(parent, child, replacement)
+        originals.append((parent_name, child, module))
+    model.to(device)
+    model._expertflow = {"cache": cache, "originals": originals}
+    return model
+
+
+def _point_at_store(module: nn.Module, cache: ExpertCache, layer: int) -> None:
+    """Replaces the module's expert parameters by strided views of the host store, so that no
+    second copy of the experts stays alive and restore() has them back."""
+    first = cache.host_expert(layer, 0)
+    stride_bytes = 0
+    if module.num_experts > 1:
+        stride_bytes = cache.host_expert(layer, 1)[0].data_ptr() - first[0].data_ptr()
+    names = ["gate_up_proj" if module.has_gate else "up_proj"]
+    if module.has_bias:
+        names.append(names[0] + "_bias")
+    names.append("down_proj")
+    if module.has_bias:
+        names.append("down_proj_bias")
+    for name, base in zip(names, first, strict=True):
+        view = base.as_strided(
+            (module.num_experts, *base.shape),
+            (stride_bytes // base.element_size(), *base.stride()),
+            base.storage_offset(),
+        )
+        setattr(module, name, nn.Parameter(view, requires_grad=False))
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Undoes :func:`offload`: puts the original experts modules back (on the host)."""
+    state = getattr(model, "_expertflow", None)
+    if state is None:
+        raise ValueError("restore: this model was not offloaded by expertflow.offload()")
+    for parent_name, child, module in state["originals"]:
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, module)
+    del model._expertflow
+    return model
