@@ -80,7 +80,7 @@ class OffloadedExperts(nn.Module):
         self.num_experts = original.num_experts
         for flag in (*_FLAGS, "has_post_expert_norm"):
             setattr(self, flag, bool(getattr(original, flag, False)))
-        self.act_fn = original.act_fn
+        self.act_fn = getattr(original, "act_fn", None)  # gated families may gate without one
         if self.has_post_expert_norm:
             self.post_expert_norm = original.post_expert_norm
         self._gate = type(original)._apply_gate  # the family's own gating (e.g. GPT-OSS clamps)

@@ -1,0 +1,188 @@
+"""offload() on tiny random configs of transformers' MoE families: same logits, same tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import expertflow
+
+transformers = pytest.importorskip("transformers")
+
+COMMON = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=96,
+    max_position_embeddings=64,
+)
+
+# family -> (config class, model class, config overrides)
+FAMILIES = {
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(intermediate_size=48, num_local_experts=8, num_experts_per_tok=2),
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=40,
+            intermediate_size=48,
+            num_experts=8,
+            num_experts_per_tok=2,
+            decoder_sparse_step=1,
+        ),
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(
+            moe_intermediate_size=24,
+            intermediate_size=48,
+            num_experts=8,
+            num_experts_per_tok=2,
+            head_dim=8,
+        ),
+    ),
+    "olmoe": (
+        "OlmoeConfig",
+        "OlmoeForCausalLM",
+        dict(intermediate_size=24, num_experts=8, num_experts_per_tok=2),
+    ),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(
+            intermediate_size=48,
+            moe_intermediate_size=24,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            first_k_dense_replace=0,
+            q_lora_rank=16,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            n_shared_experts=1,
+            num_key_value_heads=4,
+        ),
+    ),
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        dict(
+            intermediate_size=48,
+            moe_intermediate_size=24,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            first_k_dense_replace=0,
+            topk_method="group_limited_greedy",
+            q_lora_rank=16,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            n_shared_experts=1,
+            num_key_value_heads=4,
+        ),
+    ),
+    "phimoe": (
+        "PhimoeConfig",
+        "PhimoeForCausalLM",
+        dict(intermediate_size=48, num_local_experts=8, num_experts_per_tok=2),
+    ),
+    "granitemoe": (
+        "GraniteMoeConfig",
+        "GraniteMoeForCausalLM",
+        dict(intermediate_size=24, num_local_experts=8, num_experts_per_tok=2),
+    ),
+    "gpt_oss": (
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        dict(
+            intermediate_size=32,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            head_dim=8,
+            layer_types=["full_attention", "full_attention"],
+        ),
+    ),
+}
+
+
+def build(family: str, seed: int = 0):
+    config_cls, model_cls, overrides = FAMILIES[family]
+    config = getattr(transformers, config_cls)(**{**COMMON, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():  # random weights everywhere (some inits leave experts or biases zero)
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model
+
+
+def batch():
+    ids = torch.randint(1, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding on the second sequence
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("policy", ["lru", "expertflow"])
+@pytest.mark.parametrize("tight", [False, True])
+def test_offloaded_model_matches(family, policy, tight):
+    model = build(family)
+    ids, mask = batch()
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        want_tokens = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0
+        )
+    k = model.config.num_experts_per_tok
+    layers = len(expertflow.offload.__globals__["find_experts_modules"](model))
+    slots = layers * k if tight else layers * 8  # tightest legal: evictions every layer
+    expertflow.offload(model, device="cpu", slots=slots, policy=policy)
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask).logits
+        got_tokens = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0
+        )
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got_tokens, want_tokens)
+    stats = model._expertflow["cache"].stats()
+    assert stats["misses"] > 0
+    if tight:
+        assert stats["evictions"] > 0
+    expertflow.restore(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, want)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="has no MoE experts module"):
+        expertflow.offload(torch.nn.Linear(3, 3), device="cpu", slots=4)
+    model = build("mixtral")
+    with pytest.raises(ValueError, match="exactly one of slots and gpu_memory"):
+        expertflow.offload(model, device="cpu")
+    with pytest.raises(ValueError, match="is below the minimum of"):
+        expertflow.offload(model, device="cpu", gpu_memory="10KiB")
+    with pytest.raises(ValueError, match="num_slots must be at least 4"):
+        expertflow.offload(model, device="cpu", slots=3)
+    with pytest.raises(ValueError, match="was not offloaded"):
+        expertflow.restore(model)
+
+
+def test_gpu_memory_budget_gives_slots():
+    model = build("mixtral")
+    expertflow.offload(model, device="cpu", gpu_memory="1GiB")
+    cache = model._expertflow["cache"]
+    assert cache.num_slots >= 16  # everything fits: 2 layers x 8 experts
