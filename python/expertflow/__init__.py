@@ -12,8 +12,16 @@ _C = load_extension()
 
 from expertflow import ops  # noqa: E402  (registers fake kernels for the ops _C defines)
 from expertflow.cache import ExpertCache  # noqa: E402
-from expertflow.offload import offload, restore  # noqa: E402
+from expertflow.offload import memory_report, offload, restore  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["ExpertCache", "__version__", "build_info", "offload", "ops", "restore"]
+__all__ = [
+    "ExpertCache",
+    "__version__",
+    "build_info",
+    "memory_report",
+    "offload",
+    "ops",
+    "restore",
+]

@@ -92,6 +92,12 @@ class ExpertCache:
     def host_pinned(self) -> bool:
         return self._native.host_pinned
 
+    def __repr__(self) -> str:
+        return (
+            f"ExpertCache(device={self.device}, slots={self.num_slots}, "
+            f"slot_bytes={self.slot_bytes}, host_bytes={self.host_bytes})"
+        )
+
     def plan(self, layer_scores: torch.Tensor, per_layer: int) -> None:
         """Prefetches predicted experts, layer by layer.
 

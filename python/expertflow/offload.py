@@ -19,7 +19,7 @@ from torch import nn
 from expertflow import ops
 from expertflow.cache import ExpertCache
 
-__all__ = ["OffloadedExperts", "offload", "restore", "find_experts_modules"]
+__all__ = ["OffloadedExperts", "find_experts_modules", "memory_report", "offload", "restore"]
 
 _FLAGS = ("is_transposed", "has_bias", "has_gate")
 
@@ -33,6 +33,22 @@ def _is_experts_module(module: nn.Module) -> bool:
 def find_experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The experts modules of ``model`` in layer order, as (qualified name, module)."""
     return [(name, m) for name, m in model.named_modules() if _is_experts_module(m)]
+
+
+def _check_layout(name: str, module: nn.Module) -> None:
+    """Refuses experts modules whose tensors are not the interface's 3-D per-expert stacks."""
+    up = "gate_up_proj" if module.has_gate else "up_proj"
+    wanted = [up, "down_proj"] + ([f"{up}_bias", "down_proj_bias"] if module.has_bias else [])
+    experts = getattr(module, "num_experts", None)
+    for attr in wanted:
+        t = getattr(module, attr, None)
+        dims = 2 if attr.endswith("_bias") else 3
+        if not isinstance(t, torch.Tensor) or t.dim() != dims or t.shape[0] != experts:
+            raise ValueError(
+                f"offload: unsupported expert layout in {name} ({type(module).__name__}): "
+                f"expected {attr} as a {dims}-D tensor with num_experts={experts} rows, got "
+                f"{None if not isinstance(t, torch.Tensor) else list(t.shape)}"
+            )
 
 
 def _expert_tensors(module: nn.Module, expert: int) -> list[torch.Tensor]:
@@ -154,6 +170,8 @@ def offload(
     Returns:
         The same model, modified in place. ``restore(model)`` undoes it.
     """
+    if hasattr(model, "_expertflow"):
+        raise ValueError("offload: this model is already offloaded; call restore(model) first")
     found = find_experts_modules(model)
     if not found:
         raise ValueError(
@@ -163,6 +181,8 @@ def offload(
         )
     if (slots is None) == (gpu_memory is None):
         raise ValueError("offload: give exactly one of slots and gpu_memory")
+    for name, module in found:
+        _check_layout(name, module)
     config = getattr(model, "config", None)
     top_k = int(getattr(config, "num_experts_per_tok", 1) or 1)
     device = torch.device(device)
@@ -235,3 +255,50 @@ def restore(model: nn.Module) -> nn.Module:
         setattr(parent, child, module)
     del model._expertflow
     return model
+
+
+def _device_totals(device: torch.device) -> dict | None:
+    """Used and total memory of the GPU from NVML, where nvidia-ml-py and a GPU exist."""
+    if device.type != "cuda":
+        return None
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        info = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        return {"device_used_bytes": int(info.used), "device_total_bytes": int(info.total)}
+    except pynvml.NVMLError:
+        return None
+
+
+def memory_report(model: nn.Module) -> dict:
+    """Where an offloaded model's bytes are, and what the whole model would need on the device.
+
+    Returns:
+        ``resident_bytes`` (non-expert weights, on the device), ``slot_bytes`` (the expert slots),
+        ``host_bytes`` (every expert, in the host store), ``device_bytes`` (resident + slots),
+        ``full_model_bytes`` (resident + every expert), ``saving_percent`` (of device memory
+        against the whole model on the device) and, on a GPU with nvidia-ml-py installed,
+        ``device_used_bytes`` and ``device_total_bytes``.
+    """
+    state = getattr(model, "_expertflow", None)
+    if state is None:
+        raise ValueError("memory_report: this model was not offloaded by expertflow.offload()")
+    cache = state["cache"]
+    resident = sum(p.numel() * p.element_size() for p in model.parameters())
+    resident += sum(b.numel() * b.element_size() for b in model.buffers())
+    slots = cache.num_slots * cache.slot_bytes
+    full = resident + cache.host_bytes
+    report = {
+        "resident_bytes": resident,
+        "slot_bytes": slots,
+        "host_bytes": cache.host_bytes,
+        "device_bytes": resident + slots,
+        "full_model_bytes": full,
+        "saving_percent": 100.0 * (1 - (resident + slots) / full) if full else 0.0,
+    }
+    report.update(_device_totals(cache.device) or {})
+    return report

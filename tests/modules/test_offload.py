@@ -186,3 +186,38 @@ def test_gpu_memory_budget_gives_slots():
     expertflow.offload(model, device="cpu", gpu_memory="1GiB")
     cache = model._expertflow["cache"]
     assert cache.num_slots >= 16  # everything fits: 2 layers x 8 experts
+
+
+def test_offload_twice_and_unsupported_layout():
+    model = build("mixtral")
+    expertflow.offload(model, device="cpu", slots=8)
+    with pytest.raises(ValueError, match="already offloaded"):
+        expertflow.offload(model, device="cpu", slots=8)
+    other = build("mixtral")
+    experts = other.model.layers[1].mlp.experts
+    experts.down_proj = torch.nn.Parameter(experts.down_proj[:, :, :5].reshape(8, -1))
+    with pytest.raises(
+        ValueError,
+        match=r"unsupported expert layout in model.layers.1.mlp.experts "
+        r"\(MixtralExperts\): expected down_proj as a 3-D",
+    ):
+        expertflow.offload(other, device="cpu", slots=8)
+
+
+def test_memory_report():
+    model = build("mixtral")
+    expert_bytes = sum(
+        p.numel() * p.element_size()
+        for _, m in expertflow.offload.__globals__["find_experts_modules"](model)
+        for p in (m.gate_up_proj, m.down_proj)
+    )
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    expertflow.offload(model, device="cpu", slots=4)
+    report = expertflow.memory_report(model)
+    assert report["resident_bytes"] >= total - expert_bytes  # buffers count too
+    assert report["host_bytes"] >= expert_bytes  # plus 256-byte alignment
+    assert report["slot_bytes"] == 4 * model._expertflow["cache"].slot_bytes
+    assert report["device_bytes"] == report["resident_bytes"] + report["slot_bytes"]
+    assert 0 < report["saving_percent"] < 100
+    with pytest.raises(ValueError, match="was not offloaded"):
+        expertflow.memory_report(build("mixtral"))
