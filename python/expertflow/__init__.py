@@ -11,13 +11,14 @@ from expertflow._extension import build_info, load_extension
 _C = load_extension()
 
 from expertflow import ops  # noqa: E402  (registers fake kernels for the ops _C defines)
+from expertflow._offload import OffloadedExperts, memory_report, offload, restore  # noqa: E402
 from expertflow.cache import ExpertCache  # noqa: E402
-from expertflow.offload import memory_report, offload, restore  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ExpertCache",
+    "OffloadedExperts",
     "__version__",
     "build_info",
     "memory_report",

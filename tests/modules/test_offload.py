@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import expertflow
+from expertflow._offload import find_experts_modules
 
 transformers = pytest.importorskip("transformers")
 
@@ -148,7 +149,7 @@ def test_offloaded_model_matches(family, policy, tight):
             input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0
         )
     k = model.config.num_experts_per_tok
-    layers = len(expertflow.offload.__globals__["find_experts_modules"](model))
+    layers = len(find_experts_modules(model))
     slots = layers * k if tight else layers * 8  # tightest legal: evictions every layer
     expertflow.offload(model, device="cpu", slots=slots, policy=policy)
     with torch.no_grad():
@@ -208,7 +209,7 @@ def test_memory_report():
     model = build("mixtral")
     expert_bytes = sum(
         p.numel() * p.element_size()
-        for _, m in expertflow.offload.__globals__["find_experts_modules"](model)
+        for _, m in find_experts_modules(model)
         for p in (m.gate_up_proj, m.down_proj)
     )
     total = sum(p.numel() * p.element_size() for p in model.parameters())
