@@ -222,3 +222,20 @@ def test_memory_report():
     assert 0 < report["saving_percent"] < 100
     with pytest.raises(ValueError, match="was not offloaded"):
         expertflow.memory_report(build("mixtral"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_bf16_on_cuda_matches_the_model_fully_on_the_gpu(family):
+    model = build(family).to(torch.bfloat16)
+    ids, mask = batch()
+    reference = build(family).to(torch.bfloat16).to("cuda")
+    with torch.no_grad():
+        want = reference(input_ids=ids.cuda(), attention_mask=mask.cuda()).logits.float()
+    layers = len(find_experts_modules(model))
+    expertflow.offload(model, device="cuda", slots=layers * model.config.num_experts_per_tok)
+    with torch.no_grad():
+        got = model(input_ids=ids.cuda(), attention_mask=mask.cuda()).logits.float()
+    # bf16: combine sums in fp32 where the eager experts sum in bf16.
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    assert model._expertflow["cache"].host_pinned
