@@ -40,6 +40,18 @@ BudgetMode parse_budget(const std::string& name) {
   throw py::value_error("budget must be 'per_layer' or 'global', got '" + name + "'");
 }
 
+py::dict stats_dict(const expertflow::core::CacheStats& s) {
+  py::dict d;
+  d["hits"] = s.hits;
+  d["misses"] = s.misses;
+  d["prefetch_hits"] = s.prefetch_hits;
+  d["prefetches"] = s.prefetches;
+  d["wasted_prefetches"] = s.wasted_prefetches;
+  d["evictions"] = s.evictions;
+  d["loads"] = s.loads();
+  return d;
+}
+
 py::tuple load_tuple(const Load& l) { return py::make_tuple(l.slot, l.layer, l.expert, l.urgent); }
 
 void bind_cache_policy(py::module_& m) {
@@ -96,18 +108,7 @@ void bind_cache_policy(py::module_& m) {
       .def("release", &CachePolicy::release, py::arg("layer"))
       .def("slot_of", &CachePolicy::slot_of, py::arg("layer"), py::arg("expert"))
       .def("pool_size", &CachePolicy::pool_size, py::arg("layer"))
-      .def("stats", [](const CachePolicy& c) {
-        const auto& s = c.stats();
-        py::dict d;
-        d["hits"] = s.hits;
-        d["misses"] = s.misses;
-        d["prefetch_hits"] = s.prefetch_hits;
-        d["prefetches"] = s.prefetches;
-        d["wasted_prefetches"] = s.wasted_prefetches;
-        d["evictions"] = s.evictions;
-        d["loads"] = s.loads();
-        return d;
-      });
+      .def("stats", [](const CachePolicy& c) { return stats_dict(c.stats()); });
 }
 
 void bind_expert_cache(py::module_& m) {
@@ -151,15 +152,8 @@ void bind_expert_cache(py::module_& m) {
       .def("host_expert", [](const ExpertCache& c, int32_t layer,
                              int32_t expert) { return c.store().expert_tensors(layer, expert); })
       .def("stats", [](const ExpertCache& c) {
-        const auto& s = c.stats();
         const auto counters = c.counters();
-        py::dict d;
-        d["hits"] = s.hits;
-        d["misses"] = s.misses;
-        d["prefetch_hits"] = s.prefetch_hits;
-        d["prefetches"] = s.prefetches;
-        d["wasted_prefetches"] = s.wasted_prefetches;
-        d["evictions"] = s.evictions;
+        py::dict d = stats_dict(c.stats());
         d["bytes_copied"] = counters.bytes_copied;
         d["wait_seconds"] = counters.wait_seconds;
         return d;
