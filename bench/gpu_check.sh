@@ -30,6 +30,8 @@ done
 
 "$py" bench/bench_transfer.py --out "$out" >"$out/bench_transfer.txt" 2>&1 \
   || echo "bench_transfer FAILED"
+"$py" bench/bench_offload.py --device cuda --layers 8 --hidden 1024 --intermediate 2816 \
+  --out "$out" >"$out/bench_offload.txt" 2>&1 || echo "bench_offload FAILED"
 
 echo "== summary =="
 grep -E "passed|failed" "$out/pytest_cuda.log" | tail -1
@@ -39,3 +41,5 @@ for dtype in float32 bfloat16; do
 done
 echo "-- transfer engine"
 tail -12 "$out/bench_transfer.txt"
+echo "-- offloaded decode"
+grep -vE "^\[transformers\]" "$out/bench_offload.txt" | tail -7
