@@ -7,11 +7,13 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from expertflow import _C
-from expertflow.cli import main
+pytest.importorskip("hypothesis", reason="property tests need hypothesis (requirements/dev.txt)")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from expertflow import _C  # noqa: E402
+from expertflow.cli import main  # noqa: E402
 from expertflow.replay import load_predictions, replay
 from expertflow.trace import Trace, TraceError, save_trace
 
