@@ -22,6 +22,9 @@ struct TopKList {
   float* vals;
   int32_t* ids;
   int32_t filled = 0;
+  // A lower bound on the k-th best of everything that will be offered (NaN-free offers only):
+  // while the list fills, only values >= floor are inserted. -inf = unknown.
+  float floor = -std::numeric_limits<float>::infinity();
 
   // Full comparator: NaN-aware.
   void insert(float v, int32_t id) {
@@ -60,7 +63,7 @@ struct TopKList {
   // blocks of 8 are screened with one vector compare, and for small k most are skipped.
   void offer_range_nan_free(const float* values, int32_t begin, int32_t end) {
     constexpr float kInf = std::numeric_limits<float>::infinity();
-    const float floor = filled == 0 ? kth_block_max(values, begin, end) : -kInf;
+    if (filled == 0 && floor == -kInf) floor = kth_block_max(values, begin, end);
     int32_t e = begin;
     if (floor == -kInf) {
       for (; e < end && filled < k; ++e) insert_nan_free(values[e], e);
@@ -133,9 +136,11 @@ const float* compute_keys(const RouterSpec& spec, const float* logits, const flo
 }
 
 // Group-limited routing: fills ws.range_starts with the first expert of each eligible group
-// (ascending) and returns how many; without groups one range covers every expert.
+// (ascending) and returns how many; without groups one range covers every expert. `floor`
+// receives a lower bound on the k-th best eligible key when the groups' best keys give one.
 int32_t eligible_groups(const RouterSpec& spec, const float* keys, bool nan_free,
-                        RoutingWorkspace& ws) {
+                        RoutingWorkspace& ws, float& floor) {
+  floor = -std::numeric_limits<float>::infinity();
   if (spec.num_groups <= 1) {
     ws.range_starts[0] = 0;
     return 1;
@@ -145,9 +150,25 @@ int32_t eligible_groups(const RouterSpec& spec, const float* keys, bool nan_free
   float best[2];
   int32_t best_ids[2];
   for (int32_t g = 0; g < spec.num_groups; ++g) {
-    TopKList top{best_of, best, best_ids};
-    top.offer(keys, g * group_size, (g + 1) * group_size, nan_free);
+    if (nan_free) {
+      // A group's key needs only the values of its two best, not their order or ids.
+      best[0] = best[1] = -std::numeric_limits<float>::infinity();
+      for (int32_t e = g * group_size; e < (g + 1) * group_size; ++e) {
+        const float v = keys[e];
+        if (v > best[0]) {
+          best[1] = best[0];
+          best[0] = v;
+        } else if (v > best[1]) {
+          best[1] = v;
+        }
+      }
+    } else {
+      TopKList top{best_of, best, best_ids};
+      top.offer(keys, g * group_size, (g + 1) * group_size, nan_free);
+    }
     ws.group_keys[g] = best_of == 2 ? best[0] + best[1] : best[0];
+    ws.group_best[2 * g] = best[0];
+    ws.group_best[2 * g + 1] = best_of == 2 ? best[1] : best[0];
   }
   TopKList groups{spec.topk_groups, ws.top_values.data(), ws.group_ids.data()};
   groups.offer(ws.group_keys.data(), 0, spec.num_groups,
@@ -155,6 +176,18 @@ int32_t eligible_groups(const RouterSpec& spec, const float* keys, bool nan_free
   // Ascending group order keeps expert ids increasing across ranges (the tie-break needs it).
   std::sort(ws.group_ids.begin(), ws.group_ids.end());
   for (int32_t i = 0; i < spec.topk_groups; ++i) ws.range_starts[i] = ws.group_ids[i] * group_size;
+  // The kept groups' best keys are distinct eligible experts: the k-th best of them bounds the
+  // k-th best eligible key from below.
+  if (nan_free && spec.topk_groups * best_of >= spec.top_k) {
+    std::vector<float>& known = ws.floor_scratch;
+    known.clear();
+    for (int32_t g : ws.group_ids) {
+      for (int32_t j = 0; j < best_of; ++j) known.push_back(ws.group_best[2 * g + j]);
+    }
+    std::nth_element(known.begin(), known.begin() + (spec.top_k - 1), known.end(),
+                     std::greater<float>());
+    floor = known[spec.top_k - 1];
+  }
   return spec.topk_groups;
 }
 
@@ -238,6 +271,7 @@ RoutingWorkspace::RoutingWorkspace(const RouterSpec& spec)
     : keys(spec.num_experts),
       scores(spec.num_experts),
       group_keys(spec.num_groups),
+      group_best(2 * spec.num_groups),
       group_ids(spec.topk_groups),
       range_starts(std::max(spec.topk_groups, 1)),
       top_values(std::max(spec.top_k, spec.topk_groups)) {}
@@ -253,9 +287,11 @@ void route_token(const RouterSpec& spec, const float* logits, const float* bias,
   const RowFacts facts = scan_row(logits, spec.num_experts);
   const float* keys = compute_keys(spec, logits, bias, facts, ws);
   const bool nan_free = keys == logits ? !facts.has_nan : !scan_row(keys, spec.num_experts).has_nan;
-  const int32_t num_ranges = eligible_groups(spec, keys, nan_free, ws);
+  float floor;
+  const int32_t num_ranges = eligible_groups(spec, keys, nan_free, ws, floor);
   const int32_t range_size = spec.num_experts / spec.num_groups;
   TopKList top{spec.top_k, ws.top_values.data(), ids};
+  top.floor = floor;
   for (int32_t r = 0; r < num_ranges; ++r) {
     top.offer(keys, ws.range_starts[r], ws.range_starts[r] + range_size, nan_free);
   }

@@ -41,6 +41,8 @@ struct RoutingWorkspace {
   std::vector<float> keys;            // [E] selection key of each expert
   std::vector<float> scores;          // [E] unbiased scores (bias path only)
   std::vector<float> group_keys;      // [G]
+  std::vector<float> group_best;      // [2G] each group's two best keys
+  std::vector<float> floor_scratch;   // [<= 2 * topk_groups]
   std::vector<int32_t> group_ids;     // [topk_groups]
   std::vector<int32_t> range_starts;  // [topk_groups] first expert of each eligible group
   std::vector<float> top_values;      // [max(k, topk_groups)] keys of the list being selected
