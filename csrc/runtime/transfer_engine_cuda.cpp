@@ -29,6 +29,10 @@ class CudaTransferEngine final : public TransferEngine {
 
   ~CudaTransferEngine() override {
     const c10::cuda::CUDAGuard guard(device_);
+    // Copies still in flight read the host store and write the slots: let them finish before
+    // their memory can be freed. Errors cannot propagate from a destructor; ignore them.
+    (void)cudaStreamSynchronize(prefetch_.stream());
+    (void)cudaStreamSynchronize(urgent_.stream());
     for (size_t s = 0; s < arrived_.size(); ++s) {
       cudaEventDestroy(arrived_[s]);
       cudaEventDestroy(released_[s]);
