@@ -1,4 +1,4 @@
-"""The ``expertflow`` command line: ``expertflow replay ...`` (more subcommands later)."""
+"""The ``expertflow`` command line: ``demo``, ``trace``, ``routing-stats`` and ``replay``."""
 
 from __future__ import annotations
 
@@ -46,9 +46,136 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model(spec: str, device: str):
+    """``(model, tokenizer)`` for ``demo`` or a local checkpoint folder; no network access."""
+    import torch
+
+    if spec == "demo":
+        from expertflow.demo_model import load_demo_model
+
+        model, tokenizer = load_demo_model()
+    else:
+        from pathlib import Path
+
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(spec)
+        if not (path / "config.json").is_file():
+            raise ValueError(f"--model: {spec} is neither 'demo' nor a folder with a config.json")
+        if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
+            raise ValueError(
+                f"--model: {spec} has no weights (*.safetensors or pytorch_model*.bin)"
+            )
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=torch.float32, local_files_only=True
+        ).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    return model.to(device), tokenizer
+
+
+def _text_prompts(tokenizer, files, skip_fraction, prompt_tokens, max_sequences):
+    """Consecutive ``prompt_tokens``-long windows of each file (from ``skip_fraction`` of its
+    length on), at most ``max_sequences`` per file, labelled with the file's stem."""
+    from pathlib import Path
+
+    prompts, sources = [], []
+    for name in files:
+        path = Path(name)
+        if not path.is_file():
+            raise ValueError(f"--text: {name} is not a file")
+        text = path.read_text(encoding="utf-8", errors="replace")
+        text = text[int(len(text) * skip_fraction) :]
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        windows = [ids[i : i + prompt_tokens] for i in range(0, len(ids), prompt_tokens)]
+        windows = [w for w in windows if len(w) == prompt_tokens][:max_sequences]
+        if not windows:
+            raise ValueError(f"--text: {name} has fewer than {prompt_tokens} tokens to trace")
+        prompts += windows
+        sources += [path.stem] * len(windows)
+    return prompts, sources
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from expertflow.recording import record_routing
+    from expertflow.trace import save_trace
+
+    if not 0 <= args.skip_fraction < 1:
+        raise ValueError(f"--skip-fraction must be in [0, 1), got {args.skip_fraction}")
+    for name in ("prompt_tokens", "max_sequences", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    model, tokenizer = _load_model(args.model, args.device)
+    prompts, sources = _text_prompts(
+        tokenizer, args.text, args.skip_fraction, args.prompt_tokens, args.max_sequences
+    )
+    bar = tqdm(total=len(prompts), unit="seq", desc="tracing", file=sys.stderr)
+
+    def progress(done, total):
+        bar.update(done - bar.n)
+
+    try:
+        trace = record_routing(
+            model,
+            prompts,
+            generate=args.generate,
+            batch_size=args.batch_size,
+            pad_token_id=tokenizer.pad_token_id or 0,
+            sources=sources,
+            progress=progress,
+        )
+    finally:
+        bar.close()
+    if args.model == "demo":
+        trace.meta["model"] = "expertflow-demo-moe"
+    save_trace(trace, args.out)
+    print(
+        f"wrote {args.out}: {trace.num_tokens} tokens ({sum(trace.meta['prefill'])} prompt), "
+        f"{len(prompts)} sequences, {trace.num_layers} layers x {trace.num_experts} experts"
+    )
+    return 0
+
+
+def _routing_stats(args: argparse.Namespace) -> int:
+    from expertflow.routing_stats import format_routing_stats, routing_stats
+
+    stats = routing_stats(load_trace(args.trace))
+    print(json.dumps(stats, indent=1) if args.json else format_routing_stats(stats))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from expertflow.demo import DEFAULT_PROMPT, format_demo, run_demo
+
+    result = run_demo(
+        DEFAULT_PROMPT if args.prompt is None else args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        slots=args.slots,
+        gpu_memory=args.gpu_memory,
+        policies=tuple(args.policies.split(",")),
+        budget=args.budget,
+        device=args.device,
+    )
+    print(json.dumps(result, indent=1) if args.json else format_demo(result))
+    return 0 if all(r.get("same_tokens", True) for r in result["rows"]) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="expertflow", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    dp = sub.add_parser("demo", help="the bundled model, offloaded, against the alternatives")
+    dp.add_argument("--prompt", default=None, help="text to continue")
+    dp.add_argument("--max-new-tokens", type=int, default=48)
+    budget_group = dp.add_mutually_exclusive_group()
+    budget_group.add_argument("--slots", type=int, help="expert slots (default: a quarter)")
+    budget_group.add_argument("--gpu-memory", help="total device budget, e.g. 20MiB")
+    dp.add_argument("--policies", default="lru,expertflow", help="comma-separated policies")
+    dp.add_argument("--budget", default="per_layer", choices=["per_layer", "global"])
+    dp.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    dp.add_argument("--json", action="store_true")
+    dp.set_defaults(run=_demo)
+
     rp = sub.add_parser("replay", help="replay a routing trace through a cache policy")
     rp.add_argument("--trace", required=True, help="trace .npz (see expertflow.trace)")
     rp.add_argument("--policy", required=True, choices=["lru", "lfu", "expertflow", "belady"])
@@ -60,6 +187,28 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--layer-compute-ms", type=float, help="timing model: compute per layer")
     rp.add_argument("--json", action="store_true", help="print the result as JSON")
     rp.set_defaults(run=_replay)
+
+    tp = sub.add_parser("trace", help="record a model's routing on text files into a trace")
+    tp.add_argument("--model", default="demo", help="'demo' (bundled) or a checkpoint folder")
+    tp.add_argument("--text", nargs="+", required=True, help="text files; one label each")
+    tp.add_argument("--out", required=True, help="trace .npz to write (atomically)")
+    tp.add_argument("--generate", type=int, default=0, help="greedy tokens after each prompt")
+    tp.add_argument("--batch-size", type=int, default=8)
+    tp.add_argument("--prompt-tokens", type=int, default=128, help="tokens per prompt")
+    tp.add_argument("--max-sequences", type=int, default=32, help="prompts per text file")
+    tp.add_argument(
+        "--skip-fraction",
+        type=float,
+        default=0.0,
+        help="start reading each file at this fraction (0.9: a corpus file's held-out 10%%)",
+    )
+    tp.add_argument("--device", default="cpu")
+    tp.set_defaults(run=_trace)
+
+    sp = sub.add_parser("routing-stats", help="usage, specialisation, reuse and affinity")
+    sp.add_argument("--trace", required=True)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(run=_routing_stats)
     return parser
 
 

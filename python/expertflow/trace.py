@@ -12,7 +12,10 @@ field              dtype, shape      meaning
                                       of one sequence appear in time order (default: one sequence)
 ``meta``           JSON string        ``model`` (str), ``num_experts`` (int), ``top_k`` (int),
                                       ``expert_bytes`` (int, bytes of one expert's weights),
-                                      optional ``prefill`` (list of T bools: prompt tokens)
+                                      optional ``prefill`` (list of T bools: prompt tokens),
+                                      ``sequence_sources`` (a label per sequence id, e.g. the
+                                      corpus domain), ``family`` (transformers model_type) and
+                                      ``generate`` (greedy tokens per prompt when recorded)
 =================  ================  ==========================================================
 
 Steps: a sequence's prompt (its leading prefill tokens) is one step, then each generated token is

@@ -1,0 +1,202 @@
+"""Recording the routing of a real model into a :class:`~expertflow.trace.Trace`.
+
+The recorder hooks the same modules :func:`expertflow.offload` replaces (transformers' experts
+modules, or the :class:`~expertflow.OffloadedExperts` standing in for them): each receives
+``(hidden_states, top_k_index, top_k_weights)`` from its family's router, so one hook serves
+every supported family, offloaded or not.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from expertflow._offload import OffloadedExperts, _expert_tensors, find_experts_modules
+from expertflow.trace import Trace
+
+__all__ = ["RoutingRecorder", "record_routing", "routed_modules"]
+
+
+def routed_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules that receive the routers' choices, in layer order: transformers experts
+    modules, or OffloadedExperts where the model was offloaded."""
+    offloaded = [m for m in model.modules() if isinstance(m, OffloadedExperts)]
+    return offloaded or [m for _, m in find_experts_modules(model)]
+
+
+def _expert_bytes(module: nn.Module) -> int:
+    if isinstance(module, OffloadedExperts):
+        tensors = module.cache.host_expert(module.layer, 0)
+    else:
+        tensors = _expert_tensors(module, 0)
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class RoutingRecorder:
+    """Context manager recording, for every forward call of the model, each MoE layer's
+    ``top_k_index`` and ``top_k_weights`` (moved to the host).
+
+    ``calls()`` returns one ``(expert_ids [rows, L, K], gate_probs [rows, L, K])`` per forward.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.modules = routed_modules(model)
+        if not self.modules:
+            raise ValueError(
+                f"recording: {type(model).__name__} has no MoE experts module that expertflow "
+                "supports (transformers' use_experts_implementation experts, or OffloadedExperts)"
+            )
+        self._records: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.modules]
+        self._handles = []
+
+    def _hook(self, layer: int) -> Callable:
+        def hook(module, args, kwargs):
+            index = kwargs["top_k_index"] if "top_k_index" in kwargs else args[1]
+            weights = kwargs["top_k_weights"] if "top_k_weights" in kwargs else args[2]
+            self._records[layer].append((index.detach().cpu(), weights.detach().float().cpu()))
+
+        return hook
+
+    def __enter__(self) -> RoutingRecorder:
+        for layer, module in enumerate(self.modules):
+            self._handles.append(
+                module.register_forward_pre_hook(self._hook(layer), with_kwargs=True)
+            )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def clear(self) -> None:
+        for records in self._records:
+            records.clear()
+
+    def calls(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        counts = {len(r) for r in self._records}
+        if len(counts) != 1:
+            raise RuntimeError(f"recording: layers saw different numbers of calls {counts}")
+        out = []
+        for per_layer in zip(*self._records, strict=True):
+            ids = torch.stack([index for index, _ in per_layer], dim=1).numpy()
+            probs = torch.stack([w for _, w in per_layer], dim=1).numpy()
+            out.append((ids, probs))
+        return out
+
+
+def _model_meta(model: nn.Module, modules: list[nn.Module]) -> dict:
+    config = getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", "") or type(model).__name__
+    return {
+        "model": str(name),
+        "family": getattr(config, "model_type", type(model).__name__),
+        "num_experts": int(modules[0].num_experts),
+        "expert_bytes": int(_expert_bytes(modules[0])),
+    }
+
+
+@torch.no_grad()
+def record_routing(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    generate: int = 0,
+    batch_size: int = 8,
+    pad_token_id: int = 0,
+    eos_token_id: int | None = None,
+    sources: Sequence[str] | None = None,
+    progress: Callable | None = None,
+) -> Trace:
+    """Runs ``prompts`` (lists of token ids) through ``model`` and records their routing.
+
+    Prompts run ``batch_size`` at a time, left-padded (padding is not recorded). With
+    ``generate=N`` each prompt is continued greedily by N tokens with ``model.generate``; the
+    trace then holds the prompt tokens (``meta.prefill`` true) and every generated token the
+    model processed (the N-1 fed back; the last one is never an input). A sequence stops being
+    recorded after it produced ``eos_token_id``.
+
+    Args:
+        sources: optional label per prompt (e.g. its corpus domain), kept in
+            ``meta.sequence_sources``.
+        progress: optional ``progress(done, total)`` called after every batch.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if generate < 0:
+        raise ValueError(f"generate must be >= 0, got {generate}")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token id lists")
+    if sources is not None and len(sources) != len(prompts):
+        raise ValueError(f"sources must have one label per prompt ({len(prompts)})")
+    device = next(model.parameters()).device
+    ids_rows, prob_rows, token_rows, seq_rows, prefill = [], [], [], [], []
+    recorder = RoutingRecorder(model)
+    with recorder:
+        for start in range(0, len(prompts), batch_size):
+            batch = [list(map(int, p)) for p in prompts[start : start + batch_size]]
+            width = max(len(p) for p in batch)
+            input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for b, p in enumerate(batch):
+                input_ids[b, width - len(p) :] = torch.tensor(p)
+                mask[b, width - len(p) :] = 1
+            recorder.clear()
+            if generate:
+                out = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=mask.to(device),
+                    max_new_tokens=generate,
+                    min_new_tokens=generate if eos_token_id is None else 0,
+                    do_sample=False,
+                    pad_token_id=pad_token_id,
+                    eos_token_id=eos_token_id,
+                ).cpu()
+            else:
+                model(input_ids=input_ids.to(device), attention_mask=mask.to(device))
+                out = input_ids
+            calls = recorder.calls()
+            decode_calls = out.shape[1] - width - 1 if generate else 0
+            if len(calls) != 1 + decode_calls:
+                raise RuntimeError(
+                    f"recording: expected {1 + decode_calls} forward calls for this batch, saw "
+                    f"{len(calls)} (does the model generate in an unusual way?)"
+                )
+            prompt_ids, prompt_probs = calls[0]
+            k = prompt_ids.shape[-1]
+            prompt_ids = prompt_ids.reshape(len(batch), width, -1, k)
+            prompt_probs = prompt_probs.reshape(len(batch), width, -1, k)
+            for b, p in enumerate(batch):
+                seq = start + b
+                ids_rows.append(prompt_ids[b, width - len(p) :])
+                prob_rows.append(prompt_probs[b, width - len(p) :])
+                token_rows.append(np.asarray(p))
+                seq_rows.append(np.full(len(p), seq))
+                prefill += [True] * len(p)
+                generated = out[b, width:].tolist()
+                for j in range(1, decode_calls + 1):
+                    if eos_token_id is not None and eos_token_id in generated[: j - 1]:
+                        break
+                    ids_rows.append(calls[j][0][b : b + 1])
+                    prob_rows.append(calls[j][1][b : b + 1])
+                    token_rows.append(np.asarray([generated[j - 1]]))
+                    seq_rows.append(np.asarray([seq]))
+                    prefill.append(False)
+            if progress is not None:
+                progress(min(start + batch_size, len(prompts)), len(prompts))
+    meta = _model_meta(model, recorder.modules)
+    meta.update(top_k=int(ids_rows[0].shape[-1]), prefill=prefill, generate=generate)
+    if sources is not None:
+        meta["sequence_sources"] = [str(s) for s in sources]
+    json.dumps(meta)  # fails here, not at save time, if a label is not serialisable
+    return Trace(
+        expert_ids=np.concatenate(ids_rows).astype(np.int16),
+        gate_probs=np.concatenate(prob_rows).astype(np.float16),
+        token_ids=np.concatenate(token_rows).astype(np.int32),
+        sequence_ids=np.concatenate(seq_rows).astype(np.int32),
+        meta=meta,
+    )

@@ -1,0 +1,255 @@
+"""Train the bundled demo MoE model on the five-domain corpus.
+
+    python -m expertflow.train_demo_model --corpus ../shared/data/corpus --out DIR
+
+Trains a byte-level BPE tokenizer (``tokenizers``) and a small ``MixtralForCausalLM`` (shape in
+:func:`expertflow.demo_model.demo_model_config`, router load-balancing loss on) on the first 90%
+of every corpus file; prints the loss curve and the held-out perplexity per domain, and writes
+``config.json``, ``model.safetensors`` (bf16), the tokenizer files and ``training.json`` (the
+curves, timings and perplexities) to ``--out``. Deterministic for a given seed and thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from expertflow.demo_model import demo_model_config, domain_texts
+
+EOS = "<|endoftext|>"
+
+
+def train_tokenizer(texts: dict[str, str], vocab_size: int):
+    """A byte-level BPE tokenizer (GPT-2 style: every byte is a symbol, so any text encodes)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(
+        (line for text in texts.values() for line in text.splitlines(True)), trainer=trainer
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, pad_token=EOS, model_max_length=1024
+    )
+
+
+def encode_domains(tokenizer, texts: dict[str, str]) -> dict[str, torch.Tensor]:
+    out = {}
+    for domain, text in texts.items():
+        # Encoded in line batches: one call on megabytes of text is slow in the fast tokenizer.
+        lines = text.splitlines(True)
+        chunks = ["".join(lines[i : i + 2000]) for i in range(0, len(lines), 2000)]
+        encoded = tokenizer.backend_tokenizer.encode_batch(chunks)
+        ids = [i for enc in encoded for i in enc.ids]
+        out[domain] = torch.tensor(ids, dtype=torch.long)
+    return out
+
+
+def sample_batch(streams, batch_size, seq_len, gen) -> torch.Tensor:
+    """``batch_size`` windows of ``seq_len + 1`` tokens, each from a uniformly drawn domain, so
+    every domain gets the same share of training whatever its size."""
+    domains = list(streams)
+    rows = []
+    for _ in range(batch_size):
+        ids = streams[domains[int(torch.randint(len(domains), (1,), generator=gen))]]
+        start = int(torch.randint(len(ids) - seq_len - 1, (1,), generator=gen))
+        rows.append(ids[start : start + seq_len + 1])
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def held_out_perplexity(model, streams, seq_len, max_windows) -> dict[str, float]:
+    """Per-domain perplexity over up to ``max_windows`` consecutive non-overlapping windows."""
+    model.eval()
+    result = {}
+    for domain, ids in streams.items():
+        n = min(max_windows, (len(ids) - 1) // seq_len)
+        windows = ids[: n * seq_len + 1]
+        inputs = windows[:-1].view(n, seq_len)
+        labels = windows[1:].view(n, seq_len)
+        total = 0.0
+        for i in range(0, n, 16):
+            logits = model(input_ids=inputs[i : i + 16]).logits
+            total += torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1).float(), labels[i : i + 16].flatten(), reduction="sum"
+            ).item()
+        result[domain] = math.exp(total / (n * seq_len))
+    model.train()
+    return result
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(args: argparse.Namespace) -> dict:
+    from transformers import MixtralForCausalLM
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    train_texts = domain_texts(args.corpus, "train")
+    held_texts = domain_texts(args.corpus, "held_out")
+    tokenizer = train_tokenizer(train_texts, args.vocab_size)
+    tokenizer.save_pretrained(str(out))
+    train_ids = encode_domains(tokenizer, train_texts)
+    held_ids = encode_domains(tokenizer, held_texts)
+    print(
+        "tokens (train / held-out): "
+        + ", ".join(f"{d} {len(train_ids[d])}/{len(held_ids[d])}" for d in train_ids),
+        flush=True,
+    )
+
+    config = demo_model_config(len(tokenizer))
+    config.output_router_logits = True
+    config._experts_implementation = args.experts_implementation
+    model = MixtralForCausalLM(config)
+    model.train()
+    params = sum(p.numel() for p in model.parameters())
+    print(
+        f"model: {params / 1e6:.2f}M parameters, {config.num_hidden_layers} layers x "
+        f"{config.num_local_experts} experts (top-{config.num_experts_per_tok})",
+        flush=True,
+    )
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optim = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+    )
+    gen = torch.Generator().manual_seed(args.seed)
+    curve, evals = [], []
+    train_started = time.perf_counter()
+    running = running_aux = 0.0
+    for step in range(args.steps):
+        for group in optim.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        batch = sample_batch(train_ids, args.batch_size, args.seq_len, gen)
+        outputs = model(input_ids=batch[:, :-1], output_router_logits=True)
+        lm_loss = torch.nn.functional.cross_entropy(
+            outputs.logits.flatten(0, 1), batch[:, 1:].flatten()
+        )
+        loss = lm_loss + config.router_aux_loss_coef * outputs.aux_loss
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optim.step()
+        running += lm_loss.item()
+        running_aux += outputs.aux_loss.item()
+        if (step + 1) % args.log_every == 0:
+            elapsed = time.perf_counter() - train_started
+            entry = {
+                "step": step + 1,
+                "loss": running / args.log_every,
+                "aux_loss": running_aux / args.log_every,
+                "seconds": round(elapsed, 1),
+            }
+            curve.append(entry)
+            running = running_aux = 0.0
+            tok_s = (step + 1) * args.batch_size * args.seq_len / elapsed
+            print(
+                f"step {step + 1:5d}  loss {entry['loss']:.3f}  aux {entry['aux_loss']:.3f}  "
+                f"{tok_s:.0f} tok/s  {elapsed / 60:.1f} min",
+                flush=True,
+            )
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            ppl = held_out_perplexity(model, held_ids, args.seq_len, args.eval_windows)
+            evals.append({"step": step + 1, "perplexity": ppl})
+            print(
+                f"held-out perplexity at step {step + 1}: "
+                + ", ".join(f"{d} {p:.1f}" for d, p in ppl.items()),
+                flush=True,
+            )
+
+    model.config.output_router_logits = False
+    model.config._experts_implementation = None
+    model.to(torch.bfloat16).save_pretrained(str(out))
+    report = {
+        "seed": args.seed,
+        "threads": args.threads,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "lr": args.lr,
+        "parameters": params,
+        "train_tokens": {d: len(t) for d, t in train_ids.items()},
+        "held_out_tokens": {d: len(t) for d, t in held_ids.items()},
+        "tokens_seen": args.steps * args.batch_size * args.seq_len,
+        "train_minutes": round((time.perf_counter() - train_started) / 60, 1),
+        "total_minutes": round((time.perf_counter() - started) / 60, 1),
+        "loss_curve": curve,
+        "evals": evals,
+        "held_out_perplexity": evals[-1]["perplexity"] if evals else None,
+    }
+    (out / "training.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {out} in {report['total_minutes']} min", flush=True)
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m expertflow.train_demo_model", description=__doc__.splitlines()[0]
+    )
+    p.add_argument("--corpus", required=True, help="directory of *.txt files, one per domain")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=1000)
+    p.add_argument("--eval-windows", type=int, default=64, help="held-out windows per domain")
+    p.add_argument(
+        "--experts-implementation",
+        default="grouped_mm",
+        choices=["eager", "grouped_mm", "batched_mm"],
+        help="transformers' experts kernel used for training",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in (
+        "steps",
+        "batch_size",
+        "seq_len",
+        "vocab_size",
+        "threads",
+        "log_every",
+        "eval_every",
+        "eval_windows",
+    ):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+    train(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
