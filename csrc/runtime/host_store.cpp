@@ -69,7 +69,11 @@ HostExpertStore::HostExpertStore(const std::vector<std::vector<std::vector<at::T
   for (int32_t l = 0; l < num_layers(); ++l) {
     for (int32_t e = 0; e < num_experts_; ++e) {
       const std::vector<at::Tensor> dst = expert_tensors(l, e);
-      for (size_t i = 0; i < dst.size(); ++i) dst[i].copy_(experts[l][e][i]);
+      for (size_t i = 0; i < dst.size(); ++i) {
+        // A meta tensor gives the layout only: the caller fills the bytes through the views
+        // (expertflow.from_pretrained streams a checkpoint in without a second host copy).
+        if (!experts[l][e][i].is_meta()) dst[i].copy_(experts[l][e][i]);
+      }
     }
   }
 }

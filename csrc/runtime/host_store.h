@@ -30,7 +30,8 @@ struct LayerLayout {
 class HostExpertStore {
  public:
   // experts[layer][expert] = that expert's tensors (e.g. gate_up_proj, down_proj). Their bytes
-  // are copied into the store; the store keeps no reference to the inputs.
+  // are copied into the store; the store keeps no reference to the inputs. Meta tensors give
+  // only the layout: those bytes stay uninitialised until written through expert_tensors().
   HostExpertStore(const std::vector<std::vector<std::vector<at::Tensor>>>& experts, bool pinned);
 
   int32_t num_layers() const { return static_cast<int32_t>(layouts_.size()); }

@@ -12,6 +12,7 @@ _C = load_extension()
 
 from expertflow import ops  # noqa: E402  (registers fake kernels for the ops _C defines)
 from expertflow._offload import OffloadedExperts, memory_report, offload, restore  # noqa: E402
+from expertflow._pretrained import from_pretrained  # noqa: E402
 from expertflow.cache import ExpertCache  # noqa: E402
 
 __version__ = "0.1.0"
@@ -21,6 +22,7 @@ __all__ = [
     "OffloadedExperts",
     "__version__",
     "build_info",
+    "from_pretrained",
     "memory_report",
     "offload",
     "ops",

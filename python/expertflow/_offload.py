@@ -37,10 +37,8 @@ def find_experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def _check_layout(name: str, module: nn.Module) -> None:
     """Refuses experts modules whose tensors are not the interface's 3-D per-expert stacks."""
-    up = "gate_up_proj" if module.has_gate else "up_proj"
-    wanted = [up, "down_proj"] + ([f"{up}_bias", "down_proj_bias"] if module.has_bias else [])
     experts = getattr(module, "num_experts", None)
-    for attr in wanted:
+    for attr in expert_param_names(module):
         t = getattr(module, attr, None)
         dims = 2 if attr.endswith("_bias") else 3
         if not isinstance(t, torch.Tensor) or t.dim() != dims or t.shape[0] != experts:
@@ -51,17 +49,15 @@ def _check_layout(name: str, module: nn.Module) -> None:
             )
 
 
+def expert_param_names(module: nn.Module) -> list[str]:
+    """The experts module's per-expert stacks, in the order the host store keeps them."""
+    up = "gate_up_proj" if module.has_gate else "up_proj"
+    names = [up] + ([f"{up}_bias"] if module.has_bias else []) + ["down_proj"]
+    return names + (["down_proj_bias"] if module.has_bias else [])
+
+
 def _expert_tensors(module: nn.Module, expert: int) -> list[torch.Tensor]:
-    up = module.gate_up_proj if module.has_gate else module.up_proj
-    tensors = [up[expert]]
-    if module.has_bias:
-        tensors.append(
-            (module.gate_up_proj_bias if module.has_gate else module.up_proj_bias)[expert]
-        )
-    tensors.append(module.down_proj[expert])
-    if module.has_bias:
-        tensors.append(module.down_proj_bias[expert])
-    return [t.detach() for t in tensors]
+    return [getattr(module, name)[expert].detach() for name in expert_param_names(module)]
 
 
 def _parse_bytes(value: int | str) -> int:
@@ -170,6 +166,14 @@ def offload(
     Returns:
         The same model, modified in place. ``restore(model)`` undoes it.
     """
+    found = _offloadable_modules(model)
+    experts = [[_expert_tensors(m, e) for e in range(m.num_experts)] for _, m in found]
+    cache = _build_cache(model, found, experts, device, slots, gpu_memory, budget, policy)
+    del experts
+    return _install(model, found, cache, budget)
+
+
+def _offloadable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     if hasattr(model, "_expertflow"):
         raise ValueError("offload: this model is already offloaded; call restore(model) first")
     found = find_experts_modules(model)
@@ -179,14 +183,18 @@ def offload(
             f"a 3-D down_proj parameter and the flags {', '.join(_FLAGS)}, as transformers' "
             "use_experts_implementation classes have)"
         )
-    if (slots is None) == (gpu_memory is None):
-        raise ValueError("offload: give exactly one of slots and gpu_memory")
     for name, module in found:
         _check_layout(name, module)
+    return found
+
+
+def _build_cache(model, found, experts, device, slots, gpu_memory, budget, policy) -> ExpertCache:
+    """The cache over ``experts``, with slots given directly or derived from ``gpu_memory``
+    (what remains after the resident, non-expert weights)."""
+    if (slots is None) == (gpu_memory is None):
+        raise ValueError("offload: give exactly one of slots and gpu_memory")
     config = getattr(model, "config", None)
     top_k = int(getattr(config, "num_experts_per_tok", 1) or 1)
-    device = torch.device(device)
-    experts = [[_expert_tensors(m, e) for e in range(m.num_experts)] for _, m in found]
     if gpu_memory is not None:
         expert_ids = {id(p) for _, m in found for p in m.parameters(recurse=False)}
         resident = sum(
@@ -204,10 +212,19 @@ def offload(
                 f"offload: gpu_memory={gpu_memory!r} is below the minimum of {need} bytes "
                 f"({resident} resident + {minimum} slots x {slot_bytes} bytes)"
             )
-    cache = ExpertCache(
-        experts, device=device, slots=int(slots), top_k=top_k, budget=budget, policy=policy
+    return ExpertCache(
+        experts,
+        device=torch.device(device),
+        slots=int(slots),
+        top_k=top_k,
+        budget=budget,
+        policy=policy,
     )
-    del experts
+
+
+def _install(model: nn.Module, found, cache: ExpertCache, budget: str) -> nn.Module:
+    """Swaps every experts module for an OffloadedExperts over ``cache``; moves the rest of the
+    model to the cache's device."""
     pool_size = cache.num_slots // len(found) if budget == "per_layer" else cache.num_slots
     originals = []
     for layer, (name, module) in enumerate(found):
@@ -218,7 +235,7 @@ def offload(
         _point_at_store(module, cache, layer)
         setattr(parent, child, replacement)
         originals.append((parent_name, child, module))
-    model.to(device)
+    model.to(cache.device)
     model._expertflow = {"cache": cache, "originals": originals}
     return model
 
@@ -230,13 +247,7 @@ def _point_at_store(module: nn.Module, cache: ExpertCache, layer: int) -> None:
     stride_bytes = 0
     if module.num_experts > 1:
         stride_bytes = cache.host_expert(layer, 1)[0].data_ptr() - first[0].data_ptr()
-    names = ["gate_up_proj" if module.has_gate else "up_proj"]
-    if module.has_bias:
-        names.append(names[0] + "_bias")
-    names.append("down_proj")
-    if module.has_bias:
-        names.append("down_proj_bias")
-    for name, base in zip(names, first, strict=True):
+    for name, base in zip(expert_param_names(module), first, strict=True):
         view = base.as_strided(
             (module.num_experts, *base.shape),
             (stride_bytes // base.element_size(), *base.stride()),

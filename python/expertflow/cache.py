@@ -35,6 +35,8 @@ class ExpertCache:
         experts: ``experts[layer][expert]`` is the list of that expert's tensors (for example
             ``[gate_up_proj, down_proj]``); all experts of a layer must share shapes and dtypes.
             Their bytes are copied into the store, so the caller may drop them afterwards.
+            Meta tensors give only the layout; their bytes are then written by the caller
+            through :meth:`host_expert` before the expert is first acquired.
         device: ``"cpu"`` (a worker-thread copy engine with the same semantics) or a CUDA device.
         slots: total number of device slots (each the size of the largest expert).
         top_k: experts per token and layer: the least a pool must hold.
