@@ -152,9 +152,18 @@ def test_peak_host_memory_stays_near_the_expert_bytes(tmp_path):
     r = results["streamed"]
     # On the CPU the "device" is the host too, so the resident weights count here as well.
     bound = 1.2 * r["experts"] + shard + r["resident"]
+    mib = {
+        k: v / 2**20
+        for k, v in (
+            ("peak", r["peak"]),
+            ("bound", bound),
+            ("experts", r["experts"]),
+            ("naive", results["naive"]["peak"]),
+        )
+    }
     print(
-        f"peak {r['peak'] / 2**20:.1f} MiB, bound {bound / 2**20:.1f} MiB, experts "
-        f"{r['experts'] / 2**20:.1f} MiB, naive load + offload {results['naive']['peak'] / 2**20:.1f} MiB"
+        "peak {peak:.1f} MiB, bound {bound:.1f} MiB, experts {experts:.1f} MiB, "
+        "naive load + offload {naive:.1f} MiB".format(**mib)
     )
     assert r["experts"] > 90 * 2**20
     assert r["peak"] <= bound
