@@ -1,4 +1,5 @@
-"""The ``expertflow`` command line: ``demo``, ``trace``, ``routing-stats`` and ``replay``."""
+"""The ``expertflow`` command line: ``demo``, ``trace``, ``routing-stats``, ``replay``,
+``train-predictor`` and ``eval-predictor``."""
 
 from __future__ import annotations
 
@@ -161,6 +162,61 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if all(r.get("same_tokens", True) for r in result["rows"]) else 1
 
 
+def _load_traces(paths, exclude_source=None, only_source=None):
+    traces = [load_trace(p) for p in paths]
+    if exclude_source:
+        traces = [t.select_sources(lambda s: s != exclude_source) for t in traces]
+    if only_source:
+        traces = [t.select_sources(lambda s: s == only_source) for t in traces]
+    traces = [t for t in traces if t.num_tokens]
+    if not traces:
+        raise ValueError("--traces: no tokens left to use (check the source filters)")
+    return traces
+
+
+def _train_predictor(args: argparse.Namespace) -> int:
+    from expertflow.predictor import HistoryPredictor, PathPredictor
+
+    traces = _load_traces(args.traces, exclude_source=args.exclude_source)
+    first = traces[0]
+    shape = (first.num_layers, first.num_experts, first.top_k)
+    if args.kind == "history":
+        predictor = HistoryPredictor(*shape).fit(traces)
+    else:
+        vocab = args.vocab_size or max(
+            t.meta.get("vocab_size") or int(t.token_ids.max()) + 1
+            for t in traces
+            if t.token_ids is not None
+        )
+        predictor = PathPredictor(
+            *shape, vocab_size=vocab, d_model=args.d_model, depth=args.depth, context=args.context
+        )
+        predictor.fit(traces, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+    predictor.save(args.out)
+    tokens = sum(t.num_tokens for t in traces)
+    print(f"wrote {args.kind} predictor to {args.out} (trained on {tokens} tokens)")
+    return 0
+
+
+def _eval_predictor(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from expertflow.predictor import HistoryPredictor, load_predictor
+    from expertflow.predictor_eval import evaluate_predictor, format_evaluation
+
+    (trace,) = _load_traces([args.traces], only_source=args.only_source)
+    if args.predictor == "history":
+        predictor = HistoryPredictor(trace.num_layers, trace.num_experts, trace.top_k)
+    else:
+        predictor = load_predictor(args.predictor)
+    result = evaluate_predictor(predictor, trace)
+    scores = result.pop("scores")
+    if args.write_scores:
+        np.savez_compressed(args.write_scores, scores=scores)
+    print(json.dumps(result, indent=1) if args.json else format_evaluation(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="expertflow", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -204,6 +260,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tp.add_argument("--device", default="cpu")
     tp.set_defaults(run=_trace)
+
+    tr = sub.add_parser("train-predictor", help="train a routing predictor on traces")
+    tr.add_argument("--traces", nargs="+", required=True)
+    tr.add_argument("--out", required=True, help="predictor folder to write")
+    tr.add_argument("--kind", default="path", choices=["path", "history"])
+    tr.add_argument("--exclude-source", help="leave this source (domain) out of training")
+    tr.add_argument("--epochs", type=int, default=4)
+    tr.add_argument("--batch-size", type=int, default=32)
+    tr.add_argument("--lr", type=float, default=2e-3)
+    tr.add_argument("--context", type=int, default=64, help="token ids the path predictor sees")
+    tr.add_argument("--d-model", type=int, default=96)
+    tr.add_argument("--depth", type=int, default=2)
+    tr.add_argument("--vocab-size", type=int, help="default: the traces' meta.vocab_size")
+    tr.set_defaults(run=_train_predictor)
+
+    ev = sub.add_parser("eval-predictor", help="recall/precision of a predictor on a trace")
+    ev.add_argument("--predictor", required=True, help="predictor folder, or 'history' (online)")
+    ev.add_argument("--traces", required=True, help="trace to evaluate on")
+    ev.add_argument("--only-source", help="evaluate on this source (domain) only")
+    ev.add_argument("--write-scores", help="also write the scores .npz (for replay)")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(run=_eval_predictor)
 
     sp = sub.add_parser("routing-stats", help="usage, specialisation, reuse and affinity")
     sp.add_argument("--trace", required=True)

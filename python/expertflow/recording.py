@@ -97,6 +97,7 @@ def _model_meta(model: nn.Module, modules: list[nn.Module]) -> dict:
         "family": getattr(config, "model_type", type(model).__name__),
         "num_experts": int(modules[0].num_experts),
         "expert_bytes": int(_expert_bytes(modules[0])),
+        "vocab_size": int(getattr(config, "vocab_size", 0) or 0),
     }
 
 

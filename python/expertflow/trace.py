@@ -120,6 +120,31 @@ class Trace:
     def top_k(self) -> int:
         return self.expert_ids.shape[2]
 
+    def select_sources(self, keep) -> Trace:
+        """The sub-trace of the sequences whose ``meta.sequence_sources`` label satisfies
+        ``keep(label)`` (sequence ids and labels renumbered)."""
+        sources = self.meta.get("sequence_sources")
+        if sources is None or self.sequence_ids is None:
+            raise TraceError("select_sources needs sequence_ids and meta.sequence_sources")
+        kept = [s for s, label in enumerate(sources) if keep(label)]
+        rows = np.flatnonzero(np.isin(self.sequence_ids, kept))
+        renumber = np.full(len(sources), -1, dtype=np.int64)
+        renumber[kept] = np.arange(len(kept))
+        meta = dict(self.meta, sequence_sources=[sources[s] for s in kept])
+        if self.meta.get("prefill") is not None:
+            meta["prefill"] = [self.meta["prefill"][r] for r in rows.tolist()]
+
+        def pick(a):
+            return None if a is None else a[rows]
+
+        return Trace(
+            expert_ids=self.expert_ids[rows],
+            meta=meta,
+            gate_probs=pick(self.gate_probs),
+            token_ids=pick(self.token_ids),
+            sequence_ids=renumber[self.sequence_ids[rows]].astype(self.sequence_ids.dtype),
+        )
+
     def steps(self) -> list[np.ndarray]:
         """Token indices of each step, in order (see the module docstring)."""
         sequences = (

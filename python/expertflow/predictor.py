@@ -1,0 +1,410 @@
+"""Routing predictors: before a token's layers run, a score for every (layer, expert).
+
+All predictors share one interface. For a sequence, ``predict(token_ids)`` scores the routing of
+the *last* id in ``token_ids`` (the token about to be processed: at decode time it has just been
+sampled, so its id is known) from the ids so far; ``observe(routing)`` then tells the predictor
+what the routers really chose for it, so online predictors can learn. ``reset()`` starts a new
+sequence. ``predict_trace`` runs this protocol over a whole trace (each token predicted only
+from earlier routing and ids up to its own) and is what evaluation and replay use.
+
+* :class:`HistoryPredictor` needs no training: it mixes what the same token id chose before
+  (learned online, or warm-started from traces), what the previous token chose (temporal
+  reuse), and each layer's expert frequencies.
+* :class:`PathPredictor` is ExpertFlow's routing path predictor: a small transformer over the
+  token ids that predicts every layer's experts at once, trained with binary cross-entropy on
+  multi-hot routing from traces. It is a causal (decoder-only) stack rather than the paper's
+  T5 encoder-decoder: each token's path is predicted from the ids up to it, which is exactly
+  what is known at decode time, and a single stack needs half the parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from expertflow.trace import Trace
+
+__all__ = [
+    "HistoryPredictor",
+    "PathPredictor",
+    "Predictor",
+    "load_predictor",
+    "multi_hot",
+    "topk_recall_precision",
+]
+
+
+def multi_hot(expert_ids: np.ndarray, num_experts: int) -> np.ndarray:
+    """``[..., K]`` expert ids (-1 = none) -> ``[..., E]`` float32 0/1."""
+    out = np.zeros((*expert_ids.shape[:-1], num_experts + 1), dtype=np.float32)
+    np.put_along_axis(out, np.where(expert_ids < 0, num_experts, expert_ids), 1.0, axis=-1)
+    return out[..., :num_experts]
+
+
+class Predictor:
+    """Base class: shapes, the sequence protocol, and saving."""
+
+    kind = "base"
+
+    def __init__(self, num_layers: int, num_experts: int, top_k: int):
+        for name, value in (
+            ("num_layers", num_layers),
+            ("num_experts", num_experts),
+            ("top_k", top_k),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
+
+    def check_trace(self, trace: Trace) -> None:
+        """Refuses a trace of another model (layers/experts mismatch), naming both shapes."""
+        mine = (self.num_layers, self.num_experts)
+        theirs = (trace.num_layers, trace.num_experts)
+        if mine != theirs:
+            raise ValueError(
+                f"predictor is for {mine[0]} layers x {mine[1]} experts, the trace has "
+                f"{theirs[0]} layers x {theirs[1]} experts"
+            )
+
+    def reset(self) -> None:
+        """Starts a new sequence."""
+
+    def predict(self, token_ids) -> np.ndarray:
+        raise NotImplementedError
+
+    def observe(self, routing: np.ndarray) -> None:
+        """The routers' real choice ``[L, K]`` for the token just predicted."""
+
+    def predict_trace(self, trace: Trace) -> np.ndarray:
+        """``[T, L, E]`` scores, each token predicted before its own routing is observed."""
+        self.check_trace(trace)
+        if trace.token_ids is None:
+            raise ValueError(f"{type(self).__name__} needs a trace with token_ids")
+        scores = np.zeros((trace.num_tokens, self.num_layers, self.num_experts), np.float32)
+        for rows in _sequences(trace):
+            self.reset()
+            ids = trace.token_ids[rows].tolist()
+            for i, row in enumerate(rows):
+                scores[row] = self.predict(ids[: i + 1])
+                self.observe(trace.expert_ids[row])
+        return scores
+
+    def _meta(self) -> dict:
+        return {
+            "kind": self.kind,
+            "num_layers": self.num_layers,
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+        }
+
+
+def _sequences(trace: Trace) -> list[np.ndarray]:
+    """Token rows of each sequence, in time order."""
+    if trace.sequence_ids is None:
+        return [np.arange(trace.num_tokens)]
+    order = dict.fromkeys(trace.sequence_ids.tolist())
+    return [np.flatnonzero(trace.sequence_ids == s) for s in order]
+
+
+class HistoryPredictor(Predictor):
+    """Score = ``w_token`` x (what this token id chose before, an average over its past
+    occurrences) + ``w_previous`` x (the previous token's choice) + ``w_frequency`` x (each
+    layer's expert frequencies). Learns online as it observes; ``fit`` warm-starts it."""
+
+    kind = "history"
+
+    def __init__(
+        self, num_layers, num_experts, top_k, *, w_token=1.0, w_previous=0.6, w_frequency=0.2
+    ):
+        super().__init__(num_layers, num_experts, top_k)
+        self.weights = (w_token, w_previous, w_frequency)
+        self._token_sum: dict[int, np.ndarray] = {}
+        self._token_count: dict[int, int] = {}
+        self._frequency = np.zeros((num_layers, num_experts), np.float64)
+        self._previous = np.zeros((num_layers, num_experts), np.float32)
+        self._last_token: int | None = None
+
+    def reset(self) -> None:
+        self._previous = np.zeros_like(self._previous)
+        self._last_token = None
+
+    def fit(self, traces: list[Trace]) -> HistoryPredictor:
+        """Adds the routing of every token of ``traces`` to the tables."""
+        for trace in traces:
+            self.check_trace(trace)
+            if trace.token_ids is None:
+                raise ValueError("HistoryPredictor.fit needs traces with token_ids")
+            hot = multi_hot(trace.expert_ids, self.num_experts)
+            self._frequency += hot.sum(axis=0)
+            for token in np.unique(trace.token_ids):
+                rows = hot[trace.token_ids == token]
+                t = int(token)
+                self._token_sum[t] = self._token_sum.get(t, 0) + rows.sum(axis=0)
+                self._token_count[t] = self._token_count.get(t, 0) + len(rows)
+        return self
+
+    def predict(self, token_ids) -> np.ndarray:
+        w_token, w_previous, w_frequency = self.weights
+        token = int(token_ids[-1])
+        self._last_token = token
+        total = self._frequency.sum(axis=1, keepdims=True)
+        score = w_frequency * (self._frequency / np.maximum(total, 1)) * self.top_k
+        score = score + w_previous * self._previous
+        if token in self._token_sum:
+            score = score + w_token * self._token_sum[token] / self._token_count[token]
+        return score.astype(np.float32)
+
+    def observe(self, routing: np.ndarray) -> None:
+        hot = multi_hot(np.asarray(routing), self.num_experts)
+        self._previous = hot
+        self._frequency += hot
+        if self._last_token is not None:
+            t = self._last_token
+            self._token_sum[t] = self._token_sum.get(t, 0) + hot
+            self._token_count[t] = self._token_count.get(t, 0) + 1
+
+    def save(self, out: str | Path) -> None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        tokens = np.asarray(sorted(self._token_sum), dtype=np.int64)
+        np.savez_compressed(
+            out / "history.npz",
+            tokens=tokens,
+            sums=np.stack([self._token_sum[int(t)] for t in tokens])
+            if len(tokens)
+            else np.zeros((0, self.num_layers, self.num_experts), np.float32),
+            counts=np.asarray([self._token_count[int(t)] for t in tokens], dtype=np.int64),
+            frequency=self._frequency,
+        )
+        meta = self._meta() | {"weights": list(self.weights)}
+        (out / "predictor.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+    @classmethod
+    def _load(cls, path: Path, meta: dict) -> HistoryPredictor:
+        w = meta["weights"]
+        p = cls(
+            meta["num_layers"],
+            meta["num_experts"],
+            meta["top_k"],
+            w_token=w[0],
+            w_previous=w[1],
+            w_frequency=w[2],
+        )
+        with np.load(path / "history.npz") as data:
+            for t, s, c in zip(data["tokens"], data["sums"], data["counts"], strict=True):
+                p._token_sum[int(t)] = s.astype(np.float32)
+                p._token_count[int(t)] = int(c)
+            p._frequency = data["frequency"].astype(np.float64)
+        return p
+
+
+class _PathNet(nn.Module):
+    """Token + position embeddings, a causal transformer stack, one logit per (layer, expert)."""
+
+    def __init__(self, vocab_size, num_layers, num_experts, d_model, depth, heads, context):
+        super().__init__()
+        self.context = context
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.position = nn.Embedding(context, d_model)
+        layer = nn.TransformerEncoderLayer(
+            d_model, heads, 4 * d_model, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.stack = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, num_layers * num_experts)
+        self.out_shape = (num_layers, num_experts)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """``ids [B, T]`` (T <= context) -> logits ``[B, T, L, E]``."""
+        t = ids.shape[1]
+        x = self.embed(ids) + self.position(torch.arange(t, device=ids.device))
+        mask = nn.Transformer.generate_square_subsequent_mask(t, device=ids.device)
+        x = self.stack(x, mask=mask, is_causal=True)
+        return self.head(self.norm(x)).view(*ids.shape, *self.out_shape)
+
+
+class PathPredictor(Predictor):
+    """ExpertFlow's routing path predictor (see the module docstring). Sees the last
+    ``context`` ids of the sequence."""
+
+    kind = "path"
+
+    def __init__(
+        self,
+        num_layers,
+        num_experts,
+        top_k,
+        *,
+        vocab_size,
+        d_model=96,
+        depth=2,
+        heads=4,
+        context=64,
+        seed=0,
+    ):
+        super().__init__(num_layers, num_experts, top_k)
+        torch.manual_seed(seed)
+        self.hparams = dict(
+            vocab_size=vocab_size, d_model=d_model, depth=depth, heads=heads, context=context
+        )
+        self.net = _PathNet(vocab_size, num_layers, num_experts, d_model, depth, heads, context)
+        self.net.eval()
+        self.history: list[dict] = []
+
+    def _check_vocab(self, trace: Trace) -> None:
+        if trace.token_ids is None:
+            raise ValueError(
+                "the path predictor reads token ids: this trace has no token_ids (record it "
+                "with `expertflow trace`; the history predictor works without)"
+            )
+        if trace.num_tokens and int(trace.token_ids.max()) >= self.hparams["vocab_size"]:
+            raise ValueError(
+                f"trace token ids reach {int(trace.token_ids.max())}, the predictor's "
+                f"vocab_size is {self.hparams['vocab_size']} (trained for another tokenizer?)"
+            )
+
+    @property
+    def context(self) -> int:
+        return self.hparams["context"]
+
+    def _windows(self, traces):
+        """Training windows ``(ids [N, C], targets [N, C, L, E], valid [N, C])``: every
+        sequence cut into consecutive windows of ``context`` tokens."""
+        ids, targets, valid = [], [], []
+        c = self.context
+        for trace in traces:
+            self.check_trace(trace)
+            self._check_vocab(trace)
+            hot = multi_hot(trace.expert_ids, self.num_experts)
+            for rows in _sequences(trace):
+                for start in range(0, len(rows), c):
+                    r = rows[start : start + c]
+                    pad = c - len(r)
+                    ids.append(np.pad(trace.token_ids[r], (0, pad)))
+                    targets.append(np.pad(hot[r], ((0, pad), (0, 0), (0, 0))))
+                    valid.append(np.arange(c) < len(r))
+        return (
+            torch.from_numpy(np.stack(ids).astype(np.int64)),
+            torch.from_numpy(np.stack(targets)),
+            torch.from_numpy(np.stack(valid)),
+        )
+
+    def fit(self, traces, *, epochs=3, batch_size=32, lr=2e-3, log=print) -> PathPredictor:
+        ids, targets, valid = self._windows(traces)
+        gen = torch.Generator().manual_seed(0)
+        optim = torch.optim.AdamW(self.net.parameters(), lr=lr, weight_decay=0.01)
+        steps = epochs * math.ceil(len(ids) / batch_size)
+        sched = torch.optim.lr_scheduler.OneCycleLR(optim, lr, total_steps=steps, pct_start=0.1)
+        self.net.train()
+        started = time.perf_counter()
+        for epoch in range(epochs):
+            order = torch.randperm(len(ids), generator=gen)
+            total = count = 0.0
+            for i in range(0, len(ids), batch_size):
+                b = order[i : i + batch_size]
+                logits = self.net(ids[b])
+                loss = nn.functional.binary_cross_entropy_with_logits(
+                    logits, targets[b], reduction="none"
+                ).mean(dim=(2, 3))
+                loss = (loss * valid[b]).sum() / valid[b].sum()
+                optim.zero_grad(set_to_none=True)
+                loss.backward()
+                optim.step()
+                sched.step()
+                total += loss.item() * len(b)
+                count += len(b)
+            entry = {
+                "epoch": epoch + 1,
+                "loss": total / count,
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+            self.history.append(entry)
+            if log is not None:
+                log(
+                    f"epoch {epoch + 1}/{epochs}  bce {entry['loss']:.4f}  {entry['seconds']:.0f} s"
+                )
+        self.net.eval()
+        return self
+
+    @torch.no_grad()
+    def predict(self, token_ids) -> np.ndarray:
+        ids = torch.as_tensor(list(token_ids)[-self.context :], dtype=torch.long)[None]
+        return torch.sigmoid(self.net(ids)[0, -1]).numpy()
+
+    @torch.no_grad()
+    def predict_trace(self, trace: Trace) -> np.ndarray:
+        """Batched: within a window every position sees only the ids up to it (causal), and a
+        sequence longer than the context is scored in windows overlapping by half, so every
+        token sees at least ``context / 2`` ids before it."""
+        self.check_trace(trace)
+        self._check_vocab(trace)
+        scores = np.zeros((trace.num_tokens, self.num_layers, self.num_experts), np.float32)
+        c, half = self.context, self.context // 2
+        for rows in _sequences(trace):
+            ids = torch.from_numpy(trace.token_ids[rows].astype(np.int64))
+            done = 0
+            start = 0
+            while done < len(rows):
+                window = ids[start : start + c]
+                probs = torch.sigmoid(self.net(window[None])[0]).numpy()
+                take = slice(done - start, len(window))
+                scores[rows[done : start + len(window)]] = probs[take]
+                done = start + len(window)
+                start = max(0, done - half)
+        return scores
+
+    def save(self, out: str | Path) -> None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(self.net.state_dict(), out / "path_predictor.pt")
+        meta = self._meta() | {"hparams": self.hparams, "history": self.history}
+        (out / "predictor.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+    @classmethod
+    def _load(cls, path: Path, meta: dict) -> PathPredictor:
+        p = cls(meta["num_layers"], meta["num_experts"], meta["top_k"], **meta["hparams"])
+        state = torch.load(path / "path_predictor.pt", map_location="cpu", weights_only=True)
+        p.net.load_state_dict(state)
+        p.history = meta.get("history", [])
+        return p
+
+
+def load_predictor(path: str | Path) -> Predictor:
+    path = Path(path)
+    meta_file = path / "predictor.json"
+    if not meta_file.is_file():
+        raise ValueError(f"predictor: {path} has no predictor.json")
+    meta = json.loads(meta_file.read_text())
+    kinds = {"history": HistoryPredictor, "path": PathPredictor}
+    if meta.get("kind") not in kinds:
+        raise ValueError(f"predictor: unknown kind {meta.get('kind')!r} in {meta_file}")
+    return kinds[meta["kind"]]._load(path, meta)
+
+
+def topk_recall_precision(
+    scores: np.ndarray, expert_ids: np.ndarray, groups: list[np.ndarray], count: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer: recall and precision of the predicted set against the needed set, where for
+    every group of token rows (one token, or the tokens of a batch step) the needed set is the
+    union of their routed experts and the predicted set the union of each token's ``count``
+    best-scored experts. Returns two ``[L]`` arrays."""
+    layers, experts = scores.shape[1], scores.shape[2]
+    top = np.argsort(-scores, axis=-1, kind="stable")[..., :count]
+    predicted = multi_hot(top, experts).astype(bool)  # [T, L, E]
+    needed = multi_hot(expert_ids, experts).astype(bool)
+    hit = np.zeros(layers)
+    need = np.zeros(layers)
+    pred = np.zeros(layers)
+    for rows in groups:
+        p = predicted[rows].any(axis=0)
+        n = needed[rows].any(axis=0)
+        hit += (p & n).sum(axis=-1)
+        need += n.sum(axis=-1)
+        pred += p.sum(axis=-1)
+    return hit / np.maximum(need, 1), hit / np.maximum(pred, 1)
