@@ -149,6 +149,7 @@ def offload(
     gpu_memory: int | str | None = None,
     policy: str = "expertflow",
     budget: str = "per_layer",
+    predictor=None,
 ) -> nn.Module:
     """Moves ``model``'s routed experts into host memory behind one expert cache.
 
@@ -162,6 +163,9 @@ def offload(
             resident weights, divided by the slot size.
         policy: cache policy, ``"expertflow"``, ``"lru"``, ``"lfu"`` or ``"belady"``.
         budget: ``"per_layer"`` or ``"global"`` slot pools.
+        predictor: an :class:`expertflow.predictor.Predictor` (or the folder of a saved one):
+            each decode step it scores every layer's experts before layer 0 runs and the
+            cache prefetches the predicted ones (:mod:`expertflow.prefetch`).
 
     Returns:
         The same model, modified in place. ``restore(model)`` undoes it.
@@ -170,7 +174,7 @@ def offload(
     experts = [[_expert_tensors(m, e) for e in range(m.num_experts)] for _, m in found]
     cache = _build_cache(model, found, experts, device, slots, gpu_memory, budget, policy)
     del experts
-    return _install(model, found, cache, budget)
+    return _install(model, found, cache, budget, predictor)
 
 
 def _offloadable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -222,7 +226,7 @@ def _build_cache(model, found, experts, device, slots, gpu_memory, budget, polic
     )
 
 
-def _install(model: nn.Module, found, cache: ExpertCache, budget: str) -> nn.Module:
+def _install(model: nn.Module, found, cache: ExpertCache, budget: str, predictor=None):
     """Swaps every experts module for an OffloadedExperts over ``cache``; moves the rest of the
     model to the cache's device."""
     pool_size = cache.num_slots // len(found) if budget == "per_layer" else cache.num_slots
@@ -236,7 +240,22 @@ def _install(model: nn.Module, found, cache: ExpertCache, budget: str) -> nn.Mod
         setattr(parent, child, replacement)
         originals.append((parent_name, child, module))
     model.to(cache.device)
-    model._expertflow = {"cache": cache, "originals": originals}
+    model._expertflow = {"cache": cache, "originals": originals, "prefetcher": None}
+    if predictor is not None:
+        from expertflow.predictor import Predictor, load_predictor
+        from expertflow.prefetch import PredictivePrefetcher
+
+        if not isinstance(predictor, Predictor):
+            predictor = load_predictor(predictor)
+        modules = [getattr(model.get_submodule(p) if p else model, c) for p, c, _ in originals]
+        top_k = int(getattr(getattr(model, "config", None), "num_experts_per_tok", 1) or 1)
+        try:
+            model._expertflow["prefetcher"] = PredictivePrefetcher(
+                model, cache, predictor, modules, top_k, pool_size
+            )
+        except ValueError:
+            restore(model)
+            raise
     return model
 
 
@@ -261,6 +280,8 @@ def restore(model: nn.Module) -> nn.Module:
     state = getattr(model, "_expertflow", None)
     if state is None:
         raise ValueError("restore: this model was not offloaded by expertflow.offload()")
+    if state.get("prefetcher") is not None:
+        state["prefetcher"].remove()
     for parent_name, child, module in state["originals"]:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, module)

@@ -228,6 +228,7 @@ def from_pretrained(
     dtype: torch.dtype | None = None,
     policy: str = "expertflow",
     budget: str = "per_layer",
+    predictor=None,
 ) -> nn.Module:
     """Loads a local transformers checkpoint (``config.json`` + safetensors, sharded or not)
     as an offloaded model: like ``offload(AutoModelForCausalLM.from_pretrained(path))`` but
@@ -235,7 +236,8 @@ def from_pretrained(
 
     Args:
         path: the checkpoint folder (as written by ``save_pretrained``).
-        device, slots, gpu_memory, policy, budget: as for :func:`expertflow.offload`.
+        device, slots, gpu_memory, policy, budget, predictor: as for
+            :func:`expertflow.offload`.
         dtype: the weights' dtype on the device and in the host store (default: the
             checkpoint's ``dtype`` in its config, else float32).
     """
@@ -282,7 +284,7 @@ def from_pretrained(
                 shard.close()
     model.tie_weights()
     _check_complete(model, found, filled, path)
-    return _install(model, found, cache, budget)
+    return _install(model, found, cache, budget, predictor)
 
 
 def _fill_expert_piece(cache, shard: _Shard, key, layer, part, piece, filled) -> None:

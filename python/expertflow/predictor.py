@@ -72,14 +72,31 @@ class Predictor:
                 f"{theirs[0]} layers x {theirs[1]} experts"
             )
 
+    def predict_step(self, histories, previous: np.ndarray | None) -> np.ndarray:
+        """One decode step of a batch: ``histories[b]`` are row b's token ids so far (its last
+        id is the token about to run), ``previous`` ``[B, L, K]`` the routing of each row's
+        preceding token (None at a sequence's first token). Returns ``[B, L, E]`` scores."""
+        raise NotImplementedError
+
+    def learn(self, token_ids, routing: np.ndarray) -> None:
+        """Online learning: ``routing [B, L, K]`` is what the routers chose for ``token_ids``."""
+
     def reset(self) -> None:
-        """Starts a new sequence."""
+        """Starts a new (single) sequence for :meth:`predict` / :meth:`observe`."""
+        self._previous = None
+        self._last = None
 
     def predict(self, token_ids) -> np.ndarray:
-        raise NotImplementedError
+        """``[L, E]`` scores for the last of ``token_ids``, in a single-sequence session."""
+        self._last = int(token_ids[-1])
+        previous = None if getattr(self, "_previous", None) is None else self._previous[None]
+        return self.predict_step([list(token_ids)], previous)[0]
 
     def observe(self, routing: np.ndarray) -> None:
         """The routers' real choice ``[L, K]`` for the token just predicted."""
+        routing = np.asarray(routing)
+        self.learn([self._last], routing[None])
+        self._previous = routing
 
     def predict_trace(self, trace: Trace) -> np.ndarray:
         """``[T, L, E]`` scores, each token predicted before its own routing is observed."""
@@ -127,12 +144,7 @@ class HistoryPredictor(Predictor):
         self._token_sum: dict[int, np.ndarray] = {}
         self._token_count: dict[int, int] = {}
         self._frequency = np.zeros((num_layers, num_experts), np.float64)
-        self._previous = np.zeros((num_layers, num_experts), np.float32)
-        self._last_token: int | None = None
-
-    def reset(self) -> None:
-        self._previous = np.zeros_like(self._previous)
-        self._last_token = None
+        self.reset()
 
     def fit(self, traces: list[Trace]) -> HistoryPredictor:
         """Adds the routing of every token of ``traces`` to the tables."""
@@ -149,24 +161,27 @@ class HistoryPredictor(Predictor):
                 self._token_count[t] = self._token_count.get(t, 0) + len(rows)
         return self
 
-    def predict(self, token_ids) -> np.ndarray:
+    def predict_step(self, histories, previous) -> np.ndarray:
         w_token, w_previous, w_frequency = self.weights
-        token = int(token_ids[-1])
-        self._last_token = token
         total = self._frequency.sum(axis=1, keepdims=True)
-        score = w_frequency * (self._frequency / np.maximum(total, 1)) * self.top_k
-        score = score + w_previous * self._previous
-        if token in self._token_sum:
-            score = score + w_token * self._token_sum[token] / self._token_count[token]
-        return score.astype(np.float32)
+        base = w_frequency * (self._frequency / np.maximum(total, 1)) * self.top_k
+        scores = np.repeat(base[None].astype(np.float32), len(histories), axis=0)
+        if previous is not None:
+            scores += w_previous * multi_hot(np.asarray(previous), self.num_experts)
+        for b, ids in enumerate(histories):
+            token = int(ids[-1])
+            if token in self._token_sum:
+                scores[b] += w_token * self._token_sum[token] / self._token_count[token]
+        return scores
 
-    def observe(self, routing: np.ndarray) -> None:
+    def learn(self, token_ids, routing) -> None:
         hot = multi_hot(np.asarray(routing), self.num_experts)
-        self._previous = hot
-        self._frequency += hot
-        if self._last_token is not None:
-            t = self._last_token
-            self._token_sum[t] = self._token_sum.get(t, 0) + hot
+        self._frequency += hot.sum(axis=0)
+        for token, h in zip(token_ids, hot, strict=True):
+            if token is None:
+                continue
+            t = int(token)
+            self._token_sum[t] = self._token_sum.get(t, 0) + h
             self._token_count[t] = self._token_count.get(t, 0) + 1
 
     def save(self, out: str | Path) -> None:
@@ -333,9 +348,18 @@ class PathPredictor(Predictor):
         return self
 
     @torch.no_grad()
-    def predict(self, token_ids) -> np.ndarray:
-        ids = torch.as_tensor(list(token_ids)[-self.context :], dtype=torch.long)[None]
-        return torch.sigmoid(self.net(ids)[0, -1]).numpy()
+    def predict_step(self, histories, previous) -> np.ndarray:
+        width = min(self.context, max(len(h) for h in histories))
+        # Left-aligned windows of each row's last ids; a shorter row is padded on the right
+        # and read at its own last position (causal attention never sees the padding).
+        ids = torch.zeros((len(histories), width), dtype=torch.long)
+        last = []
+        for b, h in enumerate(histories):
+            window = list(h)[-width:]
+            ids[b, : len(window)] = torch.as_tensor(window)
+            last.append(len(window) - 1)
+        logits = self.net(ids)[torch.arange(len(histories)), torch.as_tensor(last)]
+        return torch.sigmoid(logits).numpy()
 
     @torch.no_grad()
     def predict_trace(self, trace: Trace) -> np.ndarray:

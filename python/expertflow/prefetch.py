@@ -1,0 +1,113 @@
+"""Predictive prefetching inside an offloaded model: the predictor scores every (layer, expert)
+at the start of each decode step, before layer 0 runs, and ``ExpertCache.plan`` copies the
+predicted experts in layer order while the early layers compute. The routers' real choices are
+fed back to the predictor (online learning) and to the cache (a prefetch the router did not
+use becomes the first to be evicted: the policy's real-time correction).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from expertflow.predictor import Predictor
+
+__all__ = ["PredictivePrefetcher"]
+
+
+class PredictivePrefetcher:
+    """Hooks on the model's forward and on each offloaded experts module.
+
+    Prompts (forward calls over more than one position) are not planned: they need most
+    experts anyway. Each single-position call (a decode step) is planned from the token ids of
+    every batch row so far. ``seconds`` and ``steps`` measure the predictor's cost.
+    """
+
+    def __init__(
+        self, model: nn.Module, cache, predictor: Predictor, modules, top_k: int, pool_size: int
+    ):
+        layers, experts = len(modules), modules[0].num_experts
+        if (predictor.num_layers, predictor.num_experts) != (layers, experts):
+            raise ValueError(
+                f"predictor is for {predictor.num_layers} layers x {predictor.num_experts} "
+                f"experts, the model has {layers} MoE layers x {experts} experts"
+            )
+        self.cache, self.predictor = cache, predictor
+        self.top_k, self.pool_size, self.num_layers = top_k, pool_size, layers
+        self.histories: list[list[int]] | None = None
+        self.previous: np.ndarray | None = None
+        self._routing: list[torch.Tensor | None] = [None] * layers
+        self._step_ids: list[list[int]] | None = None
+        self._keep: list[bool] = []  # per flattened row: a real token, not padding
+        self.seconds = 0.0
+        self.steps = 0
+        self._handles = [model.register_forward_pre_hook(self._on_forward, with_kwargs=True)]
+        for layer, module in enumerate(modules):
+            self._handles.append(
+                module.register_forward_pre_hook(self._layer_hook(layer), with_kwargs=True)
+            )
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _on_forward(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._routing = [None] * self.num_layers
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            self._step_ids = None  # inputs_embeds: nothing to predict from
+            return
+        rows = ids.tolist()
+        mask = kwargs.get("attention_mask")
+        decode = (
+            ids.shape[1] == 1 and self.histories is not None and len(self.histories) == len(rows)
+        )
+        if not decode:
+            keep = (
+                mask.bool().tolist()
+                if isinstance(mask, torch.Tensor) and mask.shape == ids.shape
+                else [[True] * len(r) for r in rows]
+            )
+            self.histories = [
+                [t for t, k in zip(r, km, strict=True) if k] or r[-1:]
+                for r, km in zip(rows, keep, strict=True)
+            ]
+            self.previous = None
+            self._step_ids, self._keep = rows, [k for km in keep for k in km]
+            return
+        for history, row in zip(self.histories, rows, strict=True):
+            history.append(row[-1])
+        self._step_ids, self._keep = rows, [True] * len(rows)
+        started = time.perf_counter()
+        scores = self.predictor.predict_step(self.histories, self.previous)  # [B, L, E]
+        per_layer = min(self.pool_size, self.top_k * len(rows))
+        self.cache.plan(torch.from_numpy(np.ascontiguousarray(scores.max(axis=0))), per_layer)
+        self.seconds += time.perf_counter() - started
+        self.steps += 1
+
+    def _layer_hook(self, layer: int):
+        def hook(module, args, kwargs) -> None:
+            if self._step_ids is None:
+                return
+            index = kwargs["top_k_index"] if "top_k_index" in kwargs else args[1]
+            self._routing[layer] = index.detach().cpu()
+            if layer == self.num_layers - 1 and all(r is not None for r in self._routing):
+                self._finish_step()
+
+        return hook
+
+    def _finish_step(self) -> None:
+        rows = self._step_ids
+        batch, width = len(rows), len(rows[0])
+        routing = torch.stack(self._routing, dim=1).view(batch, width, self.num_layers, -1)
+        routing = routing.numpy()
+        self.previous = routing[:, -1]
+        flat_ids = [t for r in rows for t in r]
+        flat = routing.reshape(batch * width, self.num_layers, -1)
+        real = np.flatnonzero(self._keep)
+        self.predictor.learn([flat_ids[i] for i in real], flat[real])
+        self._step_ids = None

@@ -1,0 +1,113 @@
+"""offload(..., predictor=...): prefetching changes what is copied, never what is computed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import expertflow
+from expertflow.predictor import HistoryPredictor, PathPredictor, Predictor, multi_hot
+from expertflow.recording import record_routing
+from tests.modules.test_offload import build
+
+pytest.importorskip("transformers")
+NEW = 6
+
+
+class OraclePredictor(Predictor):
+    """Knows the recorded routing of every decode step of one greedy generation."""
+
+    def __init__(self, trace):
+        super().__init__(trace.num_layers, trace.num_experts, trace.top_k)
+        decode = np.flatnonzero(~np.asarray(trace.meta["prefill"]))
+        self.future = multi_hot(trace.expert_ids[decode], trace.num_experts)
+        self.step = 0
+
+    def predict_step(self, histories, previous):
+        scores = self.future[self.step][None]
+        self.step += 1
+        return scores
+
+
+def prompt():
+    return torch.randint(1, 96, (1, 7), generator=torch.Generator().manual_seed(5))
+
+
+def decode_stats(model, ids):
+    cache = model._expertflow["cache"]
+    with torch.no_grad():
+        model(input_ids=ids)  # warm: the prompt's own loads are not what is compared
+    before = cache.stats()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    after = cache.stats()
+    return out, {k: after[k] - before[k] for k in after}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_an_oracle_predictor_turns_decode_misses_into_prefetch_hits(family):
+    reference = build(family)
+    ids = prompt()
+    with torch.no_grad():
+        expected = reference.generate(
+            input_ids=ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0
+        )
+    trace = record_routing(reference, [ids[0].tolist()], generate=NEW)
+    layers = trace.num_layers
+    plain = expertflow.offload(build(family), device="cpu", slots=2 * layers, policy="expertflow")
+    out_plain, plain_stats = decode_stats(plain, ids)
+    oracle = OraclePredictor(trace)
+    guided = expertflow.offload(
+        build(family), device="cpu", slots=2 * layers, policy="expertflow", predictor=oracle
+    )
+    prefetcher = guided._expertflow["prefetcher"]
+    # the warm-up forward is a prompt (no plan); generate's prompt neither; then NEW-1 steps
+    out_guided, guided_stats = decode_stats(guided, ids)
+    assert torch.equal(out_plain, expected) and torch.equal(out_guided, expected)
+    assert prefetcher.steps == NEW - 1
+    assert plain_stats["misses"] > 0
+    assert guided_stats["prefetch_hits"] > 0
+    assert guided_stats["misses"] < plain_stats["misses"]
+
+
+@pytest.mark.parametrize("kind", ["history", "path"])
+@pytest.mark.parametrize("budget", ["per_layer", "global"])
+def test_real_predictors_never_change_the_tokens(kind, budget):
+    model = build("olmoe")
+    layers = model.config.num_hidden_layers
+    ids = torch.randint(1, 96, (2, 6), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, **kwargs)
+    predictor = (
+        HistoryPredictor(layers, 8, 2)
+        if kind == "history"
+        else PathPredictor(layers, 8, 2, vocab_size=96, d_model=16, context=8)
+    )
+    slots = 2 * layers if budget == "per_layer" else 4
+    offloaded = expertflow.offload(
+        model, device="cpu", slots=slots, budget=budget, predictor=predictor
+    )
+    with torch.no_grad():
+        got = offloaded.generate(input_ids=ids, **kwargs)
+    assert torch.equal(got, expected)
+    prefetcher = offloaded._expertflow["prefetcher"]
+    assert prefetcher.steps == NEW - 1 and prefetcher.seconds > 0
+    assert offloaded._expertflow["cache"].stats()["prefetches"] > 0
+    if kind == "history":  # it learned online from the prompt and the decoded tokens
+        assert sum(predictor._token_count.values()) == int(mask.sum()) + 2 * (NEW - 1)
+    expertflow.restore(offloaded)
+    assert not offloaded._forward_pre_hooks
+
+
+def test_a_predictor_for_another_model_is_refused():
+    model = build("mixtral")
+    with pytest.raises(
+        ValueError,
+        match="predictor is for 3 layers x 8 experts, the model has 2 MoE layers x 8 experts",
+    ):
+        expertflow.offload(model, device="cpu", slots=4, predictor=HistoryPredictor(3, 8, 2))
+    assert not hasattr(model, "_expertflow")  # left as it was
