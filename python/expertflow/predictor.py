@@ -31,6 +31,7 @@ from torch import nn
 from expertflow.trace import Trace
 
 __all__ = [
+    "CombinedPredictor",
     "HistoryPredictor",
     "PathPredictor",
     "Predictor",
@@ -399,13 +400,61 @@ class PathPredictor(Predictor):
         return p
 
 
+class CombinedPredictor(Predictor):
+    """A weighted sum of predictors' scores, e.g. the path predictor (what this token's ids
+    say) plus the history predictor (what this sequence did a token ago)."""
+
+    kind = "combined"
+
+    def __init__(self, parts: list[Predictor], weights: list[float]):
+        if not parts or len(parts) != len(weights):
+            raise ValueError("CombinedPredictor needs one weight per predictor (at least one)")
+        first = parts[0]
+        super().__init__(first.num_layers, first.num_experts, first.top_k)
+        for p in parts[1:]:
+            if (p.num_layers, p.num_experts) != (first.num_layers, first.num_experts):
+                raise ValueError(
+                    f"CombinedPredictor: parts disagree on shape: {first.num_layers}x"
+                    f"{first.num_experts} and {p.num_layers}x{p.num_experts}"
+                )
+        self.parts, self.weights = list(parts), [float(w) for w in weights]
+
+    def predict_step(self, histories, previous) -> np.ndarray:
+        return sum(
+            w * p.predict_step(histories, previous)
+            for p, w in zip(self.parts, self.weights, strict=True)
+        )
+
+    def learn(self, token_ids, routing) -> None:
+        for p in self.parts:
+            p.learn(token_ids, routing)
+
+    def predict_trace(self, trace: Trace) -> np.ndarray:
+        # The parts never see each other's state, so each may use its own (batched) scoring.
+        return sum(
+            w * p.predict_trace(trace) for p, w in zip(self.parts, self.weights, strict=True)
+        )
+
+    def save(self, out: str | Path) -> None:
+        out = Path(out)
+        for i, p in enumerate(self.parts):
+            p.save(out / f"part{i}")
+        meta = self._meta() | {"weights": self.weights, "parts": len(self.parts)}
+        (out / "predictor.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+    @classmethod
+    def _load(cls, path: Path, meta: dict) -> CombinedPredictor:
+        parts = [load_predictor(path / f"part{i}") for i in range(meta["parts"])]
+        return cls(parts, meta["weights"])
+
+
 def load_predictor(path: str | Path) -> Predictor:
     path = Path(path)
     meta_file = path / "predictor.json"
     if not meta_file.is_file():
         raise ValueError(f"predictor: {path} has no predictor.json")
     meta = json.loads(meta_file.read_text())
-    kinds = {"history": HistoryPredictor, "path": PathPredictor}
+    kinds = {"history": HistoryPredictor, "path": PathPredictor, "combined": CombinedPredictor}
     if meta.get("kind") not in kinds:
         raise ValueError(f"predictor: unknown kind {meta.get('kind')!r} in {meta_file}")
     return kinds[meta["kind"]]._load(path, meta)

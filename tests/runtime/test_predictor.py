@@ -124,3 +124,27 @@ def test_select_sources_keeps_whole_sequences():
     assert only_b.num_tokens == 10 and only_b.sequence_ids.tolist() == [0] * 5 + [1] * 5
     want = np.concatenate([trace.token_ids[5:10], trace.token_ids[20:25]])  # sequences 1, 4
     np.testing.assert_array_equal(only_b.token_ids, want)
+
+
+def test_combined_predictor_sums_its_parts_and_round_trips(tmp_path):
+    from expertflow.predictor import CombinedPredictor
+
+    train, held = token_routed_trace(1), token_routed_trace(2, sequences=4)
+    path = PathPredictor(LAYERS, EXPERTS, 2, vocab_size=VOCAB, d_model=16, context=8)
+    history = HistoryPredictor(LAYERS, EXPERTS, 2).fit([train])
+    history.save(tmp_path / "h")
+    combined = CombinedPredictor([path, history], [1.0, 0.5])
+    expected = path.predict_trace(held) + 0.5 * load_predictor(tmp_path / "h").predict_trace(held)
+    combined.save(tmp_path / "c")
+    np.testing.assert_allclose(
+        load_predictor(tmp_path / "c").predict_trace(held), expected, atol=1e-5
+    )
+    # Step-by-step use gives the same scores as whole-trace scoring.
+    fresh = load_predictor(tmp_path / "c")
+    fresh.reset()
+    ids = held.token_ids[:5].tolist()
+    for i in range(5):
+        np.testing.assert_allclose(fresh.predict(ids[: i + 1]), expected[i], atol=1e-5)
+        fresh.observe(held.expert_ids[i])
+    with pytest.raises(ValueError, match="parts disagree"):
+        CombinedPredictor([path, HistoryPredictor(LAYERS + 1, EXPERTS, 2)], [1, 1])
