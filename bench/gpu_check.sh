@@ -33,6 +33,9 @@ done
 "$py" bench/bench_offload.py --device cuda --layers 8 --hidden 1024 --intermediate 2816 \
   --out "$out" >"$out/bench_offload.txt" 2>&1 || echo "bench_offload FAILED"
 
+"$py" -m expertflow demo --device cuda --max-new-tokens 64 >"$out/demo_cuda.txt" 2>&1 \
+  || echo "demo on cuda FAILED"
+
 echo "== summary =="
 grep -E "passed|failed" "$out/pytest_cuda.log" | tail -1
 for dtype in float32 bfloat16; do
@@ -43,3 +46,5 @@ echo "-- transfer engine"
 tail -12 "$out/bench_transfer.txt"
 echo "-- offloaded decode"
 grep -vE "^\[transformers\]" "$out/bench_offload.txt" | tail -7
+echo "-- expertflow demo on cuda"
+tail -10 "$out/demo_cuda.txt"

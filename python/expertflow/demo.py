@@ -82,14 +82,16 @@ def run_demo(
 ) -> dict:
     """Runs the demo and returns the text and one row of figures per configuration."""
     import expertflow
-    from expertflow.demo_model import load_demo_model
+    from expertflow.demo_model import load_demo_model, load_demo_predictor
 
     if max_new_tokens < 2:
         raise ValueError(f"max_new_tokens must be >= 2, got {max_new_tokens}")
     if slots is not None and gpu_memory is not None:
         raise ValueError("give at most one of slots and gpu_memory")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # float32 everywhere: the model is small, and "same tokens as the whole model" then holds
+    # exactly rather than up to bf16 rounding of different kernels.
+    dtype = torch.float32
     base, tokenizer = load_demo_model(dtype=dtype)
     input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if input_ids.shape[1] == 0:
@@ -108,8 +110,16 @@ def run_demo(
 
     for policy in policies:
         model = copy.deepcopy(base)
+        # expertflow's policy runs with the bundled routing predictor; the others on demand.
+        predictor = load_demo_predictor() if policy == "expertflow" else None
         expertflow.offload(
-            model, device=device, slots=slots, gpu_memory=gpu_memory, policy=policy, budget=budget
+            model,
+            device=device,
+            slots=slots,
+            gpu_memory=gpu_memory,
+            policy=policy,
+            budget=budget,
+            predictor=predictor,
         )
         cache = model._expertflow["cache"]
         after_prefill = {}
@@ -126,9 +136,15 @@ def run_demo(
         loads = decode["misses"] + decode["prefetches"]
         lookups = decode["hits"] + decode["misses"]
         report = expertflow.memory_report(model)
+        prefetcher = model._expertflow["prefetcher"]
         rows.append(
             {
-                "name": f"offloaded, {policy}",
+                "name": f"offloaded, {policy}" + (" + predictor" if predictor else ""),
+                "predictor_ms_per_step": (
+                    1e3 * prefetcher.seconds / prefetcher.steps
+                    if prefetcher is not None and prefetcher.steps
+                    else None
+                ),
                 "policy": policy,
                 "slots": cache.num_slots,
                 "hit_ratio": decode["hits"] / lookups if lookups else None,
@@ -171,6 +187,10 @@ def format_demo(result: dict) -> str:
         ("hit ratio (decode)", lambda r: cell(r, "hit_ratio", lambda v: f"{v:.3f}")),
         ("experts loaded / token", lambda r: cell(r, "experts_loaded_per_token", "{:.2f}".format)),
         ("bytes moved (decode)", lambda r: cell(r, "bytes_moved", mib)),
+        (
+            "predictor ms / step",
+            lambda r: cell(r, "predictor_ms_per_step", lambda v: f"{v:.2f}"),
+        ),
         (
             "decode tokens/s",
             lambda r: cell(r, "decode_tokens_per_second", lambda v: f"{v:.1f}"),

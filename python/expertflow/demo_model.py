@@ -14,15 +14,18 @@ import torch
 
 __all__ = [
     "DEMO_MODEL_DIR",
+    "DEMO_PREDICTOR_DIR",
     "DOMAINS",
     "HELD_OUT_FRACTION",
     "demo_model_config",
     "domain_texts",
     "load_demo_model",
+    "load_demo_predictor",
     "load_demo_tokenizer",
 ]
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "demo-moe"
+DEMO_PREDICTOR_DIR = Path(__file__).resolve().parent / "assets" / "demo-moe-predictor"
 DOMAINS = ("arxiv", "code", "shakespeare", "web", "wikipedia")
 # The last 10% of every corpus file is never trained on (model, tokenizer or predictor).
 HELD_OUT_FRACTION = 0.1
@@ -98,3 +101,11 @@ def load_demo_model(dtype: torch.dtype = torch.float32, path: str | Path | None 
         )
     model = MixtralForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     return model.eval(), load_demo_tokenizer(path)
+
+
+def load_demo_predictor(path: str | Path | None = None):
+    """The routing predictor shipped with the demo model (trained on its routing traces of the
+    corpus's training part; see README, "Routing predictor")."""
+    from expertflow.predictor import load_predictor
+
+    return load_predictor(Path(path) if path is not None else DEMO_PREDICTOR_DIR)

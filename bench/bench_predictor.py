@@ -1,0 +1,260 @@
+"""Prediction-guided caching against LRU, LFU and Belady on held-out traces of the demo model.
+
+    python bench/bench_predictor.py --held-out HELD.npz --train TRAIN.npz --predictor DIR \
+        [--cross-domain DOMAIN=DIR] [--out bench/results/predictor]
+
+1. Predictor quality: per-layer top-k recall/precision on the held-out trace for batch 1/4/16,
+   for the online history predictor, the warm-started history predictor, the path predictor and
+   path + history; and, with ``--cross-domain``, a path predictor trained without one domain,
+   scored on that domain against the in-domain one.
+2. Caching: every held-out sequence decoded token by token (one stream), replayed through the
+   native policies at slot budgets of 12.5%..87.5% of all experts: LRU and LFU (per-layer
+   slots), the ExpertFlow paper's configuration (path predictor + one global pool, PLEC),
+   expertflow's best configuration, and Belady (global pool, the optimum). Timing model: an
+   H200-class PCIe Gen5 link (``--bandwidth-gbps``, default 55) and a Mixtral-8x7B-sized bf16
+   expert (3 x 4096 x 14336 x 2 bytes = 336 MiB), ``--layer-compute-ms`` per layer (default
+   0.2: one Mixtral layer's weights read once from HBM at batch 1).
+3. Predictor cost per decode step, next to the demo model's own decode step on this CPU.
+
+Prints the tables and writes ``results.json`` and ``hit_ratio.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from expertflow.predictor import CombinedPredictor, HistoryPredictor, load_predictor
+from expertflow.predictor_eval import evaluate_predictor
+from expertflow.replay import replay
+from expertflow.trace import Trace, load_trace
+
+MIXTRAL_EXPERT_BYTES = 3 * 4096 * 14336 * 2
+BUDGETS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
+
+
+def as_decode_stream(trace: Trace) -> Trace:
+    """Every token its own step, all sequences one after another (batch-1 decoding)."""
+    meta = dict(trace.meta, prefill=[False] * trace.num_tokens, expert_bytes=MIXTRAL_EXPERT_BYTES)
+    meta.pop("sequence_sources", None)
+    return Trace(
+        expert_ids=trace.expert_ids,
+        meta=meta,
+        token_ids=trace.token_ids,
+        sequence_ids=np.zeros(trace.num_tokens, dtype=np.int64),
+    )
+
+
+def predictors(args, train: Trace):
+    history_warm = HistoryPredictor(train.num_layers, train.num_experts, train.top_k).fit([train])
+    return {
+        "history (online)": lambda: HistoryPredictor(
+            train.num_layers, train.num_experts, train.top_k
+        ),
+        "history (warm)": lambda: _copy_history(history_warm),
+        "path": lambda: load_predictor(args.predictor),
+        "path + history": lambda: CombinedPredictor(
+            [load_predictor(args.predictor), _copy_history(history_warm)], [1.0, 0.5]
+        ),
+    }
+
+
+def _copy_history(h: HistoryPredictor) -> HistoryPredictor:
+    c = HistoryPredictor(h.num_layers, h.num_experts, h.top_k)
+    c.weights = h.weights
+    c._token_sum = {t: v.copy() for t, v in h._token_sum.items()}
+    c._token_count = dict(h._token_count)
+    c._frequency = h._frequency.copy()
+    return c
+
+
+def quality(held: Trace, makers) -> tuple[dict, dict]:
+    table, scores = {}, {}
+    for name, make in makers.items():
+        result = evaluate_predictor(make(), held)
+        scores[name] = result.pop("scores")
+        table[name] = result
+    print("\n== predictor quality on held-out text (mean over layers) ==")
+    print(
+        f"{'predictor':18s} {'batch':>5s} {'top-k rec':>9s} {'prec':>6s} "
+        f"{'1.5k rec':>9s} {'2k rec':>7s}"
+    )
+    for name, result in table.items():
+        for batch in (1, 4, 16):
+            rows = {r["multiple"]: r for r in result["results"] if r["batch_size"] == batch}
+            print(
+                f"{name:18s} {batch:5d} {rows[1.0]['mean_recall']:9.3f} "
+                f"{rows[1.0]['mean_precision']:6.3f} {rows[1.5]['mean_recall']:9.3f} "
+                f"{rows[2.0]['mean_recall']:7.3f}"
+            )
+    return table, scores
+
+
+def cross_domain(held: Trace, spec: str, in_domain_dir: str) -> dict:
+    domain, directory = spec.split("=", 1)
+    only = held.select_sources(lambda s: s == domain)
+    out = {}
+    for label, path in (("trained with it", in_domain_dir), ("trained without it", directory)):
+        result = evaluate_predictor(load_predictor(path), only, batch_sizes=(1,))
+        result.pop("scores")
+        out[label] = next(r for r in result["results"] if r["multiple"] == 1.0)["mean_recall"]
+    print(f"\n== cross-domain: path predictor top-k recall on {domain} ==")
+    for label, recall in out.items():
+        print(f"  {label:20s} {recall:.3f}")
+    return {"domain": domain, **out}
+
+
+def caching(stream: Trace, scores: dict, args) -> list[dict]:
+    total = stream.num_layers * stream.num_experts
+    timing = dict(bandwidth_gbps=args.bandwidth_gbps, layer_compute_ms=args.layer_compute_ms)
+    rows = []
+    for share in BUDGETS:
+        slots = int(round(share * total))
+        per_layer = slots // stream.num_layers
+        configs = [
+            ("LRU", "lru", dict(slots_per_layer=per_layer), None),
+            ("LFU", "lfu", dict(slots_per_layer=per_layer), None),
+            ("ExpertFlow paper (path, PLEC)", "expertflow", dict(slots=slots), "path"),
+        ]
+        for pred in ("path + history", "history (warm)", "path"):
+            for budget, kw in (
+                ("global", dict(slots=slots)),
+                ("per-layer", dict(slots_per_layer=per_layer)),
+            ):
+                configs.append((f"expertflow: {pred}, {budget}", "expertflow", kw, pred))
+        configs.append(("Belady (optimum)", "belady", dict(slots=slots), None))
+        results = {}
+        for name, policy, kw, pred in configs:
+            r = replay(stream, policy, predictions=scores.get(pred), **kw, **timing)
+            results[name] = dataclasses.asdict(r) | {"hit_ratio": r.hit_ratio}
+        best = max(
+            (n for n in results if n.startswith("expertflow:")),
+            key=lambda n: results[n]["hit_ratio"],
+        )
+        rows.append({"share": share, "slots": slots, "results": results, "best": best})
+    print(
+        "\n== caching, held-out text decoded token by token (replayed through the native "
+        "policies) =="
+    )
+    print(
+        f"timing model: {args.bandwidth_gbps} GB/s link, {MIXTRAL_EXPERT_BYTES / 2**20:.0f} "
+        f"MiB experts, {args.layer_compute_ms} ms compute per layer"
+    )
+    for row in rows:
+        res = row["results"]
+        belady_bytes = res["Belady (optimum)"]["bytes_moved"]
+        print(f"\nbudget {100 * row['share']:.1f}% ({row['slots']} of {total} slots)")
+        print(
+            f"  {'policy':40s} {'hits':>6s} {'vs LRU':>7s} {'GB moved':>9s} "
+            f"{'x Belady':>8s} {'ms/token':>9s} {'stall':>6s}"
+        )
+        for name in (
+            "LRU",
+            "LFU",
+            "ExpertFlow paper (path, PLEC)",
+            row["best"],
+            "Belady (optimum)",
+        ):
+            r = res[name]
+            print(
+                f"  {name:40s} {r['hit_ratio']:6.3f} "
+                f"{100 * (r['hit_ratio'] - res['LRU']['hit_ratio']):+6.1f}p "
+                f"{r['bytes_moved'] / 1e9:9.1f} {r['bytes_moved'] / max(belady_bytes, 1):8.2f} "
+                f"{r['time_per_token_ms']:9.2f} {100 * r['stall_share']:5.1f}%"
+            )
+    return rows
+
+
+def plot(rows, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    shares = [100 * r["share"] for r in rows]
+    series = {
+        "LRU": [r["results"]["LRU"]["hit_ratio"] for r in rows],
+        "LFU": [r["results"]["LFU"]["hit_ratio"] for r in rows],
+        "ExpertFlow paper (path, PLEC)": [
+            r["results"]["ExpertFlow paper (path, PLEC)"]["hit_ratio"] for r in rows
+        ],
+        "expertflow best": [r["results"][r["best"]]["hit_ratio"] for r in rows],
+        "Belady (optimum)": [r["results"]["Belady (optimum)"]["hit_ratio"] for r in rows],
+    }
+    for name, values in series.items():
+        ax.plot(shares, values, marker="o", label=name)
+    ax.set_xlabel("expert slots (% of all experts)")
+    ax.set_ylabel("hit ratio")
+    ax.set_title("Demo MoE, held-out text, batch-1 decode")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+
+
+def predictor_cost(args, held: Trace) -> dict:
+    import torch
+
+    from expertflow.demo_model import load_demo_model
+
+    predictor = load_predictor(args.predictor)
+    ids = held.token_ids[: predictor.context if hasattr(predictor, "context") else 64].tolist()
+    for _ in range(3):
+        predictor.predict_step([ids], None)
+    started = time.perf_counter()
+    for _ in range(50):
+        predictor.predict_step([ids], None)
+    predict_ms = (time.perf_counter() - started) / 50 * 1e3
+    model, _ = load_demo_model()
+    prompt = torch.tensor([held.token_ids[:32].tolist()])
+    with torch.no_grad():
+        model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        started = time.perf_counter()
+        model.generate(prompt, max_new_tokens=33, do_sample=False, pad_token_id=0)
+        first = time.perf_counter()
+        model.generate(prompt, max_new_tokens=1, do_sample=False, pad_token_id=0)
+        prefill = time.perf_counter() - first
+    step_ms = (first - started - prefill) / 32 * 1e3
+    print(
+        f"\n== predictor cost (CPU, {torch.get_num_threads()} threads) ==\n"
+        f"  path predictor {predict_ms:.2f} ms per decode step; demo model decode step "
+        f"{step_ms:.2f} ms -> {100 * predict_ms / step_ms:.1f}%"
+    )
+    return {"predict_ms": predict_ms, "decode_step_ms": step_ms}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--held-out", required=True)
+    p.add_argument("--train", required=True, help="trace the history predictor warms up on")
+    p.add_argument("--predictor", required=True, help="trained path predictor folder")
+    p.add_argument("--cross-domain", help="DOMAIN=DIR: path predictor trained without DOMAIN")
+    p.add_argument("--bandwidth-gbps", type=float, default=55.0)
+    p.add_argument("--layer-compute-ms", type=float, default=0.2)
+    p.add_argument("--out", default="bench/results/predictor")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    held, train = load_trace(args.held_out), load_trace(args.train)
+    table, scores = quality(held, predictors(args, train))
+    results = {"quality": table}
+    if args.cross_domain:
+        results["cross_domain"] = cross_domain(held, args.cross_domain, args.predictor)
+    rows = caching(as_decode_stream(held), scores, args)
+    results["caching"] = rows
+    results["cost"] = predictor_cost(args, held)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    plot(rows, out / "hit_ratio.png")
+    print(f"\nwrote {out / 'results.json'} and {out / 'hit_ratio.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
