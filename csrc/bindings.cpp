@@ -5,10 +5,12 @@
 #include <torch/csrc/utils/pybind.h>  // at::Tensor <-> torch.Tensor
 
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "core/cache_policy.h"
+#include "core/scheduler.h"
 #include "runtime/expert_cache.h"
 #include "runtime/host_store.h"
 
@@ -162,6 +164,32 @@ void bind_expert_cache(py::module_& m) {
 
 }  // namespace
 
+void bind_scheduler(py::module_& m) {
+  m.def(
+      "split_two_batches",
+      [](const at::Tensor& paths, int32_t first_size) {
+        TORCH_CHECK(paths.device().is_cpu() && paths.scalar_type() == at::kLong &&
+                        paths.dim() == 2 && paths.size(1) >= 1,
+                    "split_two_batches: paths must be a CPU int64 tensor [requests, words] of "
+                    "packed bits, got ",
+                    paths.scalar_type(), paths.sizes());
+        const at::Tensor packed = paths.contiguous();
+        expertflow::core::SplitResult r;
+        try {
+          py::gil_scoped_release no_gil;
+          r = expertflow::core::split_two_batches(
+              reinterpret_cast<const uint64_t*>(packed.const_data_ptr<int64_t>()),
+              static_cast<int32_t>(packed.size(0)), static_cast<int32_t>(packed.size(1)),
+              first_size);
+        } catch (const std::invalid_argument& e) {
+          throw py::value_error(e.what());
+        }
+        return py::make_tuple(r.first, r.second, r.cost, r.swaps);
+      },
+      py::arg("paths"), py::arg("first_size"),
+      "Token scheduler (csrc/core/scheduler.h): (first, second, cost, swaps).");
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "expertflow native extension";
   m.def("build_info", [] {
@@ -176,4 +204,5 @@ PYBIND11_MODULE(_C, m) {
   });
   bind_cache_policy(m);
   bind_expert_cache(m);
+  bind_scheduler(m);
 }

@@ -1,0 +1,179 @@
+#include "core/scheduler.h"
+
+#include <algorithm>
+#include <bit>
+#include <numeric>
+#include <stdexcept>
+#include <string>
+
+namespace expertflow::core {
+namespace {
+
+int popcount_words(const uint64_t* a, int32_t words) {
+  int n = 0;
+  for (int32_t w = 0; w < words; ++w) n += std::popcount(a[w]);
+  return n;
+}
+
+// Bits of `a` missing from `b`.
+int count_new(const uint64_t* a, const uint64_t* b, int32_t words) {
+  int n = 0;
+  for (int32_t w = 0; w < words; ++w) n += std::popcount(a[w] & ~b[w]);
+  return n;
+}
+
+// Per-batch state: how many member requests use each pair (bits -> counts), the union, and for
+// each member the pairs only it uses (they leave the union when it leaves).
+struct Batch {
+  int32_t words = 0;
+  std::vector<int32_t> counts;    // [words * 64]
+  std::vector<uint64_t> union_;   // [words]
+  std::vector<uint64_t> single_;  // [words]: pairs with count == 1
+
+  explicit Batch(int32_t w)
+      : words(w), counts(static_cast<size_t>(w) * 64), union_(w), single_(w) {}
+
+  void update(const uint64_t* path, int delta) {
+    for (int32_t w = 0; w < words; ++w) {
+      for (uint64_t bits = path[w]; bits; bits &= bits - 1) {
+        const int b = std::countr_zero(bits);
+        const int32_t c = counts[w * 64 + b] += delta;
+        const uint64_t mask = uint64_t{1} << b;
+        union_[w] = c > 0 ? union_[w] | mask : union_[w] & ~mask;
+        single_[w] = c == 1 ? single_[w] | mask : single_[w] & ~mask;
+      }
+    }
+  }
+  int size() const { return popcount_words(union_.data(), words); }
+  // Pairs that leave the union if the member with `path` leaves.
+  int only_in(const uint64_t* path) const {
+    int n = 0;
+    for (int32_t w = 0; w < words; ++w) n += std::popcount(path[w] & single_[w]);
+    return n;
+  }
+};
+
+}  // namespace
+
+int64_t split_cost(const uint64_t* paths, int32_t words, const std::vector<int32_t>& first,
+                   const std::vector<int32_t>& second) {
+  int64_t cost = 0;
+  std::vector<uint64_t> u(words);
+  for (const auto* batch : {&first, &second}) {
+    std::fill(u.begin(), u.end(), 0);
+    for (int32_t r : *batch) {
+      for (int32_t w = 0; w < words; ++w) u[w] |= paths[static_cast<int64_t>(r) * words + w];
+    }
+    cost += popcount_words(u.data(), words);
+  }
+  return cost;
+}
+
+SplitResult split_two_batches(const uint64_t* paths, int32_t num_requests, int32_t words,
+                              int32_t first_size) {
+  if (num_requests < 0 || words < 1) {
+    throw std::invalid_argument("split_two_batches: num_requests must be >= 0 and words >= 1");
+  }
+  if (first_size < 0 || first_size > num_requests) {
+    throw std::invalid_argument("split_two_batches: first_size must be in [0, num_requests=" +
+                                std::to_string(num_requests) + "], got " +
+                                std::to_string(first_size));
+  }
+  const auto path = [&](int32_t r) { return paths + static_cast<int64_t>(r) * words; };
+  const int32_t second_size = num_requests - first_size;
+  std::vector<int8_t> side(num_requests, -1);
+  Batch batch[2] = {Batch(words), Batch(words)};
+  const int32_t capacity[2] = {first_size, second_size};
+  int32_t filled[2] = {0, 0};
+  const auto join = [&](int32_t r, int s) {
+    side[r] = static_cast<int8_t>(s);
+    batch[s].update(path(r), +1);
+    ++filled[s];
+  };
+
+  if (first_size > 0 && second_size > 0) {
+    // Seeds: the request with the most pairs, and the one most different from it.
+    int32_t a = 0;
+    for (int32_t r = 1; r < num_requests; ++r) {
+      if (popcount_words(path(r), words) > popcount_words(path(a), words)) a = r;
+    }
+    int32_t b = a == 0 ? 1 : 0;
+    int best = -1;
+    for (int32_t r = 0; r < num_requests; ++r) {
+      if (r == a) continue;
+      const int d = count_new(path(r), path(a), words) + count_new(path(a), path(r), words);
+      if (d > best) best = d, b = r;
+    }
+    // Two medoids: every request goes, most decided first, to the seed it is closer to while
+    // that batch has room (balanced two-medoid assignment on Hamming distance).
+    std::vector<int32_t> order(num_requests);
+    std::vector<int> lean(num_requests);
+    for (int32_t r = 0; r < num_requests; ++r) {
+      const int da = count_new(path(r), path(a), words) + count_new(path(a), path(r), words);
+      const int db = count_new(path(r), path(b), words) + count_new(path(b), path(r), words);
+      lean[r] = db - da;  // > 0: closer to a
+    }
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&lean](int32_t x, int32_t y) {
+      return std::abs(lean[x]) > std::abs(lean[y]);
+    });
+    for (int32_t r : order) {
+      int s = lean[r] > 0 ? 0 : (lean[r] < 0 ? 1 : (filled[0] <= filled[1] ? 0 : 1));
+      if (filled[s] == capacity[s]) s = 1 - s;
+      join(r, s);
+    }
+  } else {
+    for (int32_t r = 0; r < num_requests; ++r) join(r, first_size > 0 ? 0 : 1);
+  }
+
+  SplitResult result;
+  // Steepest descent over swaps; every accepted swap lowers the cost, so this terminates.
+  if (first_size > 0 && second_size > 0) {
+    std::vector<int32_t> members[2];
+    std::vector<int> g(num_requests);
+    for (;;) {
+      members[0].clear();
+      members[1].clear();
+      for (int32_t r = 0; r < num_requests; ++r) members[side[r]].push_back(r);
+      // gain(a, b) = g[a] + g[b] - |a & b & single(A)| - |a & b & single(B)|, where
+      // g[a] = pairs only a holds in A - pairs of a new to B (and symmetrically for b): the
+      // separable part bounds every gain, so pairs are scanned best bound first and pruned.
+      for (int s = 0; s < 2; ++s) {
+        for (int32_t r : members[s]) {
+          g[r] = batch[s].only_in(path(r)) - count_new(path(r), batch[1 - s].union_.data(), words);
+        }
+        std::stable_sort(members[s].begin(), members[s].end(),
+                         [&g](int32_t x, int32_t y) { return g[x] > g[y]; });
+      }
+      int best_gain = 0;
+      int32_t best_a = -1, best_b = -1;
+      for (int32_t a : members[0]) {
+        if (g[a] + g[members[1][0]] <= best_gain) break;
+        for (int32_t b : members[1]) {
+          const int bound = g[a] + g[b];
+          if (bound <= best_gain) break;
+          int overlap = 0;
+          for (int32_t w = 0; w < words; ++w) {
+            const uint64_t both = path(a)[w] & path(b)[w];
+            overlap += std::popcount(both & batch[0].single_[w]) +
+                       std::popcount(both & batch[1].single_[w]);
+          }
+          if (bound - overlap > best_gain) best_gain = bound - overlap, best_a = a, best_b = b;
+        }
+      }
+      if (best_a < 0) break;
+      batch[0].update(path(best_a), -1);
+      batch[1].update(path(best_b), -1);
+      batch[0].update(path(best_b), +1);
+      batch[1].update(path(best_a), +1);
+      side[best_a] = 1;
+      side[best_b] = 0;
+      ++result.swaps;
+    }
+  }
+  for (int32_t r = 0; r < num_requests; ++r) (side[r] ? result.second : result.first).push_back(r);
+  result.cost = batch[0].size() + batch[1].size();
+  return result;
+}
+
+}  // namespace expertflow::core
