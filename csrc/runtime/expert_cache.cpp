@@ -87,6 +87,30 @@ void ExpertCache::plan(const at::Tensor& layer_scores, int32_t per_layer) {
   }
 }
 
+int32_t ExpertCache::prefetch(int32_t layer, const std::vector<int32_t>& experts,
+                              const std::optional<at::Tensor>& scores) {
+  const int32_t num_experts = policy_.options().num_experts;
+  at::Tensor row;
+  if (scores.has_value()) {
+    TORCH_CHECK(scores->dim() == 1 && scores->size(0) == num_experts,
+                "ExpertCache.prefetch: scores must be [num_experts=", num_experts, "], got ",
+                scores->sizes());
+    row = scores->to(at::kFloat).cpu().contiguous();
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  reap_arrivals();
+  int32_t issued = 0;
+  try {
+    if (row.defined()) policy_.set_scores(layer, row.const_data_ptr<float>());
+    for (int32_t expert : experts) {
+      if (const auto load = policy_.prefetch(layer, expert)) issue(*load), ++issued;
+    }
+  } catch (const std::out_of_range& e) {
+    TORCH_CHECK_INDEX(false, "ExpertCache.", e.what());
+  }
+  return issued;
+}
+
 AcquireResult ExpertCache::acquire(int32_t layer, const std::vector<int32_t>& experts) {
   std::lock_guard<std::mutex> lock(mutex_);
   reap_arrivals();

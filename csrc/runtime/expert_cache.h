@@ -7,6 +7,7 @@
 
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <vector>
 
 #include "core/cache_policy.h"
@@ -34,6 +35,11 @@ class ExpertCache {
   // layer_scores: float [num_layers, num_experts] predicted demand. Sets the policy's scores and
   // prefetches, in layer order, each layer's best `per_layer` experts with a positive score.
   void plan(const at::Tensor& layer_scores, int32_t per_layer);
+  // Prefetches these experts of one layer (e.g. the next layer's router applied one layer
+  // early). `scores` (float [num_experts], optional) first replace that layer's eviction scores.
+  // Returns how many copies were issued.
+  int32_t prefetch(int32_t layer, const std::vector<int32_t>& experts,
+                   const std::optional<at::Tensor>& scores);
   AcquireResult acquire(int32_t layer, const std::vector<int32_t>& experts);
   // Makes compute wait until `slot`'s bytes have arrived (see TransferEngine::wait).
   void wait(int32_t slot);

@@ -150,6 +150,7 @@ def offload(
     policy: str = "expertflow",
     budget: str = "per_layer",
     predictor=None,
+    lookahead: bool = False,
 ) -> nn.Module:
     """Moves ``model``'s routed experts into host memory behind one expert cache.
 
@@ -166,6 +167,8 @@ def offload(
         predictor: an :class:`expertflow.predictor.Predictor` (or the folder of a saved one):
             each decode step it scores every layer's experts before layer 0 runs and the
             cache prefetches the predicted ones (:mod:`expertflow.prefetch`).
+        lookahead: also apply each layer's router one layer early (to the previous layer's
+            hidden states) during decoding and prefetch what it picks.
 
     Returns:
         The same model, modified in place. ``restore(model)`` undoes it.
@@ -174,7 +177,7 @@ def offload(
     experts = [[_expert_tensors(m, e) for e in range(m.num_experts)] for _, m in found]
     cache = _build_cache(model, found, experts, device, slots, gpu_memory, budget, policy)
     del experts
-    return _install(model, found, cache, budget, predictor)
+    return _install(model, found, cache, budget, predictor, lookahead)
 
 
 def _offloadable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -226,7 +229,9 @@ def _build_cache(model, found, experts, device, slots, gpu_memory, budget, polic
     )
 
 
-def _install(model: nn.Module, found, cache: ExpertCache, budget: str, predictor=None):
+def _install(
+    model: nn.Module, found, cache: ExpertCache, budget: str, predictor=None, lookahead=False
+):
     """Swaps every experts module for an OffloadedExperts over ``cache``; moves the rest of the
     model to the cache's device."""
     pool_size = cache.num_slots // len(found) if budget == "per_layer" else cache.num_slots
@@ -241,22 +246,41 @@ def _install(model: nn.Module, found, cache: ExpertCache, budget: str, predictor
         originals.append((parent_name, child, module))
     model.to(cache.device)
     model._expertflow = {"cache": cache, "originals": originals, "prefetcher": None}
-    if predictor is not None:
+    if predictor is not None or lookahead:
         from expertflow.predictor import Predictor, load_predictor
         from expertflow.prefetch import PredictivePrefetcher
 
-        if not isinstance(predictor, Predictor):
-            predictor = load_predictor(predictor)
-        modules = [getattr(model.get_submodule(p) if p else model, c) for p, c, _ in originals]
-        top_k = int(getattr(getattr(model, "config", None), "num_experts_per_tok", 1) or 1)
         try:
+            if predictor is not None and not isinstance(predictor, Predictor):
+                predictor = load_predictor(predictor)
+            parents = [model.get_submodule(p) if p else model for p, _, _ in originals]
+            modules = [
+                getattr(parent, c) for parent, (_, c, _) in zip(parents, originals, strict=True)
+            ]
+            routers = None
+            if lookahead:
+                routers = [
+                    _router_of(parent, p)
+                    for parent, (p, _, _) in zip(parents, originals, strict=True)
+                ]
+            top_k = int(getattr(getattr(model, "config", None), "num_experts_per_tok", 1) or 1)
             model._expertflow["prefetcher"] = PredictivePrefetcher(
-                model, cache, predictor, modules, top_k, pool_size
+                model, cache, predictor, modules, top_k, pool_size, routers
             )
         except ValueError:
             restore(model)
             raise
     return model
+
+
+def _router_of(block: nn.Module, name: str) -> nn.Module:
+    """The router beside an experts module: transformers' MoE blocks call it ``gate`` or
+    ``router``, and it returns ``(logits, top_k_weights, top_k_index)``."""
+    for attr in ("gate", "router"):
+        router = getattr(block, attr, None)
+        if isinstance(router, nn.Module):
+            return router
+    raise ValueError(f"lookahead: no router ('gate' or 'router') beside the experts in {name!r}")
 
 
 def _point_at_store(module: nn.Module, cache: ExpertCache, layer: int) -> None:

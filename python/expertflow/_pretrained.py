@@ -229,6 +229,7 @@ def from_pretrained(
     policy: str = "expertflow",
     budget: str = "per_layer",
     predictor=None,
+    lookahead: bool = False,
 ) -> nn.Module:
     """Loads a local transformers checkpoint (``config.json`` + safetensors, sharded or not)
     as an offloaded model: like ``offload(AutoModelForCausalLM.from_pretrained(path))`` but
@@ -236,7 +237,7 @@ def from_pretrained(
 
     Args:
         path: the checkpoint folder (as written by ``save_pretrained``).
-        device, slots, gpu_memory, policy, budget, predictor: as for
+        device, slots, gpu_memory, policy, budget, predictor, lookahead: as for
             :func:`expertflow.offload`.
         dtype: the weights' dtype on the device and in the host store (default: the
             checkpoint's ``dtype`` in its config, else float32).
@@ -284,7 +285,7 @@ def from_pretrained(
                 shard.close()
     model.tie_weights()
     _check_complete(model, found, filled, path)
-    return _install(model, found, cache, budget, predictor)
+    return _install(model, found, cache, budget, predictor, lookahead)
 
 
 def _fill_expert_piece(cache, shard: _Shard, key, layer, part, piece, filled) -> None:

@@ -110,6 +110,15 @@ class ExpertCache:
         """
         self._native.plan(layer_scores, per_layer)
 
+    def prefetch(
+        self, layer: int, experts: Sequence[int], scores: torch.Tensor | None = None
+    ) -> int:
+        """Starts copying these experts of one layer (those not already resident or in flight)
+        on the prefetch stream. ``scores`` (float ``[num_experts]``), if given, first become the
+        layer's eviction scores. Returns the copies issued. Used by gate lookahead: the next
+        layer's router applied one layer early."""
+        return self._native.prefetch(int(layer), [int(e) for e in experts], scores)
+
     def acquire(self, layer: int, experts: Sequence[int]) -> tuple[list[int], list[int]]:
         """Pins the experts one layer needs, issuing urgent copies for the misses.
 

@@ -1,8 +1,14 @@
-"""Predictive prefetching inside an offloaded model: the predictor scores every (layer, expert)
-at the start of each decode step, before layer 0 runs, and ``ExpertCache.plan`` copies the
-predicted experts in layer order while the early layers compute. The routers' real choices are
-fed back to the predictor (online learning) and to the cache (a prefetch the router did not
-use becomes the first to be evicted: the policy's real-time correction).
+"""Predictive prefetching inside an offloaded model.
+
+* **Path prediction**: the predictor scores every (layer, expert) at the start of each decode
+  step, before layer 0 runs, and ``ExpertCache.plan`` copies the predicted experts in layer
+  order while the early layers compute.
+* **Gate lookahead** (as mixtral-offloading does): when layer l's experts are about to run,
+  layer l+1's router is applied to layer l's hidden states; the experts it picks are prefetched
+  and its probabilities become layer l+1's eviction scores. Near-exact, but one layer ahead.
+
+The routers' real choices are fed back to the predictor (online learning) and to the cache (a
+prefetch the router did not use becomes the first to be evicted: real-time correction).
 """
 
 from __future__ import annotations
@@ -27,23 +33,38 @@ class PredictivePrefetcher:
     """
 
     def __init__(
-        self, model: nn.Module, cache, predictor: Predictor, modules, top_k: int, pool_size: int
+        self,
+        model: nn.Module,
+        cache,
+        predictor: Predictor | None,
+        modules,
+        top_k: int,
+        pool_size: int,
+        routers: list[nn.Module] | None = None,
     ):
         layers, experts = len(modules), modules[0].num_experts
-        if (predictor.num_layers, predictor.num_experts) != (layers, experts):
+        if predictor is None and routers is None:
+            raise ValueError("PredictivePrefetcher needs a predictor, routers (lookahead) or both")
+        if predictor is not None and (predictor.num_layers, predictor.num_experts) != (
+            layers,
+            experts,
+        ):
             raise ValueError(
                 f"predictor is for {predictor.num_layers} layers x {predictor.num_experts} "
                 f"experts, the model has {layers} MoE layers x {experts} experts"
             )
-        self.cache, self.predictor = cache, predictor
+        self.cache, self.predictor, self.routers = cache, predictor, routers
         self.top_k, self.pool_size, self.num_layers = top_k, pool_size, layers
         self.histories: list[list[int]] | None = None
         self.previous: np.ndarray | None = None
         self._routing: list[torch.Tensor | None] = [None] * layers
         self._step_ids: list[list[int]] | None = None
         self._keep: list[bool] = []  # per flattened row: a real token, not padding
-        self.seconds = 0.0
+        self._decoding = False
+        self.seconds = 0.0  # predictor time
         self.steps = 0
+        self.lookahead_seconds = 0.0
+        self.lookahead_prefetches = 0
         self._handles = [model.register_forward_pre_hook(self._on_forward, with_kwargs=True)]
         for layer, module in enumerate(modules):
             self._handles.append(
@@ -62,6 +83,7 @@ class PredictivePrefetcher:
             self._step_ids = None  # inputs_embeds: nothing to predict from
             return
         rows = ids.tolist()
+        self._decoding = False
         mask = kwargs.get("attention_mask")
         decode = (
             ids.shape[1] == 1 and self.histories is not None and len(self.histories) == len(rows)
@@ -82,12 +104,15 @@ class PredictivePrefetcher:
         for history, row in zip(self.histories, rows, strict=True):
             history.append(row[-1])
         self._step_ids, self._keep = rows, [True] * len(rows)
+        self._decoding = True
+        self.steps += 1
+        if self.predictor is None:
+            return
         started = time.perf_counter()
         scores = self.predictor.predict_step(self.histories, self.previous)  # [B, L, E]
         per_layer = min(self.pool_size, self.top_k * len(rows))
         self.cache.plan(torch.from_numpy(np.ascontiguousarray(scores.max(axis=0))), per_layer)
         self.seconds += time.perf_counter() - started
-        self.steps += 1
 
     def _layer_hook(self, layer: int):
         def hook(module, args, kwargs) -> None:
@@ -95,10 +120,22 @@ class PredictivePrefetcher:
                 return
             index = kwargs["top_k_index"] if "top_k_index" in kwargs else args[1]
             self._routing[layer] = index.detach().cpu()
+            if self.routers is not None and self._decoding and layer + 1 < self.num_layers:
+                hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+                self._look_ahead(layer + 1, hidden)
             if layer == self.num_layers - 1 and all(r is not None for r in self._routing):
                 self._finish_step()
 
         return hook
+
+    @torch.no_grad()
+    def _look_ahead(self, layer: int, hidden: torch.Tensor) -> None:
+        started = time.perf_counter()
+        logits, _, index = self.routers[layer](hidden.reshape(-1, hidden.shape[-1]))
+        scores = torch.softmax(logits.float(), dim=-1).amax(dim=0)
+        experts = sorted(set(index.flatten().tolist()))
+        self.lookahead_prefetches += self.cache.prefetch(layer, experts, scores)
+        self.lookahead_seconds += time.perf_counter() - started
 
     def _finish_step(self) -> None:
         rows = self._step_ids
@@ -109,5 +146,6 @@ class PredictivePrefetcher:
         flat_ids = [t for r in rows for t in r]
         flat = routing.reshape(batch * width, self.num_layers, -1)
         real = np.flatnonzero(self._keep)
-        self.predictor.learn([flat_ids[i] for i in real], flat[real])
+        if self.predictor is not None:
+            self.predictor.learn([flat_ids[i] for i in real], flat[real])
         self._step_ids = None

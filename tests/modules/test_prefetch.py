@@ -8,7 +8,7 @@ import torch
 
 import expertflow
 from expertflow.predictor import HistoryPredictor, PathPredictor, Predictor, multi_hot
-from expertflow.recording import record_routing
+from expertflow.recording import RoutingRecorder, record_routing
 from tests.modules.test_offload import build
 
 pytest.importorskip("transformers")
@@ -111,3 +111,52 @@ def test_a_predictor_for_another_model_is_refused():
     ):
         expertflow.offload(model, device="cpu", slots=4, predictor=HistoryPredictor(3, 8, 2))
     assert not hasattr(model, "_expertflow")  # left as it was
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
+def test_gate_lookahead_prefetches_the_next_layer_without_changing_tokens(family):
+    reference = build(family)
+    ids = prompt()
+    kwargs = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = reference.generate(input_ids=ids, **kwargs)
+    layers = len(expertflow.recording.routed_modules(reference))
+    model = expertflow.offload(build(family), device="cpu", slots=2 * layers, lookahead=True)
+    with torch.no_grad():
+        got = model.generate(input_ids=ids, **kwargs)
+    assert torch.equal(got, expected)
+    prefetcher = model._expertflow["prefetcher"]
+    assert prefetcher.predictor is None and prefetcher.steps == NEW - 1
+    # Each decode step looks ahead from every layer but the last.
+    assert prefetcher.lookahead_prefetches > 0 and prefetcher.lookahead_seconds > 0
+
+
+def test_lookahead_is_exact_when_hidden_states_barely_change():
+    """With both MoE layers given the same router and norms, and nothing added to the residual
+    stream by attention or by layer 0's experts, layer 1's router sees exactly layer 0's
+    router input: the lookahead must then pick exactly the experts layer 1 goes on to use."""
+    model = build("mixtral")
+    with torch.no_grad():
+        first, second = model.model.layers
+        second.mlp.gate.weight.copy_(first.mlp.gate.weight)
+        for layer in (first, second):
+            layer.self_attn.o_proj.weight.zero_()
+            layer.post_attention_layernorm.weight.copy_(first.post_attention_layernorm.weight)
+        first.mlp.experts.down_proj.zero_()
+    ids = prompt()
+    offloaded = expertflow.offload(model, device="cpu", slots=4, lookahead=True, policy="lru")
+    cache = offloaded._expertflow["cache"]
+    looked_ahead = []
+    real_prefetch = cache.prefetch
+
+    def spy(layer, experts, scores=None):
+        looked_ahead.append((layer, sorted(experts)))
+        return real_prefetch(layer, experts, scores)
+
+    cache.prefetch = spy
+    with RoutingRecorder(offloaded) as rec, torch.no_grad():
+        offloaded.generate(input_ids=ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    decode_calls = rec.calls()[1:]
+    assert [layer for layer, _ in looked_ahead] == [1] * (NEW - 1)
+    for (_, experts), (routing, _) in zip(looked_ahead, decode_calls, strict=True):
+        assert experts == sorted(routing[0, 1].tolist())
