@@ -10,7 +10,9 @@
 2. Caching: every held-out sequence decoded token by token (one stream), replayed through the
    native policies at slot budgets of 12.5%..87.5% of all experts: LRU and LFU (per-layer
    slots), the ExpertFlow paper's configuration (path predictor + one global pool, PLEC),
-   expertflow's best configuration, and Belady (global pool, the optimum). Timing model: an
+   expertflow's best configuration, and Belady (global pool, the optimum). With a trace
+   recorded with ``--lookahead``, gate lookahead joins the candidates; its replay prefetches
+   at the step's start, which is optimistic for a one-layer horizon. Timing model: an
    H200-class PCIe Gen5 link (``--bandwidth-gbps``, default 55) and a Mixtral-8x7B-sized bf16
    expert (3 x 4096 x 14336 x 2 bytes = 336 MiB), ``--layer-compute-ms`` per layer (default
    0.2: one Mixtral layer's weights read once from HBM at batch 1).
@@ -30,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from expertflow.predictor import CombinedPredictor, HistoryPredictor, load_predictor
-from expertflow.predictor_eval import evaluate_predictor
+from expertflow.predictor import CombinedPredictor, HistoryPredictor, load_predictor, multi_hot
+from expertflow.predictor_eval import evaluate_predictor, evaluate_scores
 from expertflow.replay import replay
 from expertflow.trace import Trace, load_trace
 
@@ -80,6 +82,16 @@ def quality(held: Trace, makers) -> tuple[dict, dict]:
         result = evaluate_predictor(make(), held)
         scores[name] = result.pop("scores")
         table[name] = result
+    if held.lookahead_ids is not None:
+        # Gate lookahead knows layer l only once layer l-1 runs (nothing for layer 0); its
+        # figures below are over all layers, so layer 0 counts as a miss for it.
+        ahead = multi_hot(held.lookahead_ids, held.num_experts)
+        scores["gate lookahead"] = ahead
+        scores["path + lookahead"] = scores["path"] + 2.0 * ahead
+        for name in ("gate lookahead", "path + lookahead"):
+            result = evaluate_scores(scores[name], held)
+            result.pop("scores")
+            table[name] = result
     print("\n== predictor quality on held-out text (mean over layers) ==")
     print(
         f"{'predictor':18s} {'batch':>5s} {'top-k rec':>9s} {'prec':>6s} "
@@ -122,7 +134,10 @@ def caching(stream: Trace, scores: dict, args) -> list[dict]:
             ("LFU", "lfu", dict(slots_per_layer=per_layer), None),
             ("ExpertFlow paper (path, PLEC)", "expertflow", dict(slots=slots), "path"),
         ]
-        for pred in ("path + history", "history (warm)", "path"):
+        candidates = ["path + history", "history (warm)", "path"]
+        if "path + lookahead" in scores:
+            candidates.append("path + lookahead")
+        for pred in candidates:
             for budget, kw in (
                 ("global", dict(slots=slots)),
                 ("per-layer", dict(slots_per_layer=per_layer)),

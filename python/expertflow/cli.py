@@ -125,6 +125,7 @@ def _trace(args: argparse.Namespace) -> int:
             pad_token_id=tokenizer.pad_token_id or 0,
             sources=sources,
             progress=progress,
+            lookahead=args.lookahead,
         )
     finally:
         bar.close()
@@ -259,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="start reading each file at this fraction (0.9: a corpus file's held-out 10%%)",
     )
     tp.add_argument("--device", default="cpu")
+    tp.add_argument(
+        "--lookahead", action="store_true", help="also record what gate lookahead would pick"
+    )
     tp.set_defaults(run=_trace)
 
     tr = sub.add_parser("train-predictor", help="train a routing predictor on traces")

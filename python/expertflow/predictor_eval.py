@@ -11,7 +11,7 @@ import numpy as np
 from expertflow.predictor import Predictor, _sequences, topk_recall_precision
 from expertflow.trace import Trace
 
-__all__ = ["decode_groups", "evaluate_predictor", "format_evaluation"]
+__all__ = ["decode_groups", "evaluate_predictor", "evaluate_scores", "format_evaluation"]
 
 
 def decode_groups(trace: Trace, batch_size: int) -> list[np.ndarray]:
@@ -34,12 +34,16 @@ def evaluate_predictor(
     started = time.perf_counter()
     scores = predictor.predict_trace(trace)
     seconds = time.perf_counter() - started
-    result = {
-        "tokens": trace.num_tokens,
-        "top_k": trace.top_k,
-        "predict_ms_per_token": 1e3 * seconds / max(1, trace.num_tokens),
-        "results": [],
-    }
+    result = evaluate_scores(scores, trace, batch_sizes, multiples)
+    result["predict_ms_per_token"] = 1e3 * seconds / max(1, trace.num_tokens)
+    return result
+
+
+def evaluate_scores(
+    scores: np.ndarray, trace: Trace, batch_sizes=(1, 4, 16), multiples=(1.0, 1.5, 2.0)
+) -> dict:
+    """Recall/precision per layer of given ``[T, L, E]`` scores (see evaluate_predictor)."""
+    result = {"tokens": trace.num_tokens, "top_k": trace.top_k, "results": []}
     for batch in batch_sizes:
         groups = decode_groups(trace, batch)
         for m in multiples:

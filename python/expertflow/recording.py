@@ -43,7 +43,7 @@ class RoutingRecorder:
     ``calls()`` returns one ``(expert_ids [rows, L, K], gate_probs [rows, L, K])`` per forward.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, lookahead: bool = False):
         self.modules = routed_modules(model)
         if not self.modules:
             raise ValueError(
@@ -51,6 +51,17 @@ class RoutingRecorder:
                 "supports (transformers' use_experts_implementation experts, or OffloadedExperts)"
             )
         self._records: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.modules]
+        self._lookahead: list[list[torch.Tensor]] = [[] for _ in self.modules]
+        self._routers = None
+        if lookahead:
+            from expertflow._offload import _router_of
+
+            names = {id(m): n for n, m in model.named_modules()}
+            self._routers = []
+            for module in self.modules:
+                parent_name = names[id(module)].rpartition(".")[0]
+                parent = model.get_submodule(parent_name) if parent_name else model
+                self._routers.append(_router_of(parent, parent_name))
         self._handles = []
 
     def _hook(self, layer: int) -> Callable:
@@ -58,6 +69,11 @@ class RoutingRecorder:
             index = kwargs["top_k_index"] if "top_k_index" in kwargs else args[1]
             weights = kwargs["top_k_weights"] if "top_k_weights" in kwargs else args[2]
             self._records[layer].append((index.detach().cpu(), weights.detach().float().cpu()))
+            if self._routers is not None and layer + 1 < len(self._routers):
+                hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+                with torch.no_grad():
+                    _, _, ahead = self._routers[layer + 1](hidden.reshape(-1, hidden.shape[-1]))
+                self._lookahead[layer + 1].append(ahead.detach().cpu())
 
         return hook
 
@@ -74,7 +90,7 @@ class RoutingRecorder:
         self._handles.clear()
 
     def clear(self) -> None:
-        for records in self._records:
+        for records in (*self._records, *self._lookahead):
             records.clear()
 
     def calls(self) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -82,10 +98,15 @@ class RoutingRecorder:
         if len(counts) != 1:
             raise RuntimeError(f"recording: layers saw different numbers of calls {counts}")
         out = []
-        for per_layer in zip(*self._records, strict=True):
+        for call, per_layer in enumerate(zip(*self._records, strict=True)):
             ids = torch.stack([index for index, _ in per_layer], dim=1).numpy()
             probs = torch.stack([w for _, w in per_layer], dim=1).numpy()
             out.append((ids, probs))
+            if self._routers is not None:
+                ahead = np.full_like(ids, -1)
+                for layer in range(1, ids.shape[1]):
+                    ahead[:, layer] = self._lookahead[layer][call].numpy()
+                out[-1] = (ids, probs, ahead)
         return out
 
 
@@ -112,6 +133,7 @@ def record_routing(
     eos_token_id: int | None = None,
     sources: Sequence[str] | None = None,
     progress: Callable | None = None,
+    lookahead: bool = False,
 ) -> Trace:
     """Runs ``prompts`` (lists of token ids) through ``model`` and records their routing.
 
@@ -125,6 +147,8 @@ def record_routing(
         sources: optional label per prompt (e.g. its corpus domain), kept in
             ``meta.sequence_sources``.
         progress: optional ``progress(done, total)`` called after every batch.
+        lookahead: also record ``lookahead_ids``: each layer's router applied to the previous
+            layer's hidden states (what gate lookahead would prefetch).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -136,7 +160,8 @@ def record_routing(
         raise ValueError(f"sources must have one label per prompt ({len(prompts)})")
     device = next(model.parameters()).device
     ids_rows, prob_rows, token_rows, seq_rows, prefill = [], [], [], [], []
-    recorder = RoutingRecorder(model)
+    ahead_rows = []
+    recorder = RoutingRecorder(model, lookahead=lookahead)
     with recorder:
         for start in range(0, len(prompts), batch_size):
             batch = [list(map(int, p)) for p in prompts[start : start + batch_size]]
@@ -167,14 +192,17 @@ def record_routing(
                     f"recording: expected {1 + decode_calls} forward calls for this batch, saw "
                     f"{len(calls)} (does the model generate in an unusual way?)"
                 )
-            prompt_ids, prompt_probs = calls[0]
+            prompt_ids, prompt_probs = calls[0][:2]
             k = prompt_ids.shape[-1]
             prompt_ids = prompt_ids.reshape(len(batch), width, -1, k)
             prompt_probs = prompt_probs.reshape(len(batch), width, -1, k)
+            prompt_ahead = calls[0][2].reshape(len(batch), width, -1, k) if lookahead else None
             for b, p in enumerate(batch):
                 seq = start + b
                 ids_rows.append(prompt_ids[b, width - len(p) :])
                 prob_rows.append(prompt_probs[b, width - len(p) :])
+                if lookahead:
+                    ahead_rows.append(prompt_ahead[b, width - len(p) :])
                 token_rows.append(np.asarray(p))
                 seq_rows.append(np.full(len(p), seq))
                 prefill += [True] * len(p)
@@ -184,6 +212,8 @@ def record_routing(
                         break
                     ids_rows.append(calls[j][0][b : b + 1])
                     prob_rows.append(calls[j][1][b : b + 1])
+                    if lookahead:
+                        ahead_rows.append(calls[j][2][b : b + 1])
                     token_rows.append(np.asarray([generated[j - 1]]))
                     seq_rows.append(np.asarray([seq]))
                     prefill.append(False)
@@ -199,5 +229,6 @@ def record_routing(
         gate_probs=np.concatenate(prob_rows).astype(np.float16),
         token_ids=np.concatenate(token_rows).astype(np.int32),
         sequence_ids=np.concatenate(seq_rows).astype(np.int32),
+        lookahead_ids=np.concatenate(ahead_rows).astype(np.int16) if lookahead else None,
         meta=meta,
     )

@@ -7,6 +7,9 @@ field              dtype, shape      meaning
 =================  ================  ==========================================================
 ``expert_ids``     int ``[T, L, K]``  experts of token t at MoE layer l; -1 = not recorded
 ``gate_probs``     float ``[T,L,K]``  optional: the router weights of those experts
+``lookahead_ids``  int ``[T, L, K]``  optional: layer l's experts as layer l's router picks them
+                                      from layer l-1's hidden states (gate lookahead); -1 at
+                                      layer 0
 ``token_ids``      int ``[T]``        optional: the token ids
 ``sequence_ids``   int ``[T]``        optional: which sequence each token belongs to; the tokens
                                       of one sequence appear in time order (default: one sequence)
@@ -61,6 +64,7 @@ class Trace:
     gate_probs: np.ndarray | None = None
     token_ids: np.ndarray | None = None
     sequence_ids: np.ndarray | None = None
+    lookahead_ids: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         _check_int_array("expert_ids", self.expert_ids, 3)
@@ -94,6 +98,13 @@ class Trace:
                 )
             if not np.issubdtype(self.gate_probs.dtype, np.floating):
                 raise TraceError(f"gate_probs must be floating point, got {self.gate_probs.dtype}")
+        if self.lookahead_ids is not None:
+            _check_int_array("lookahead_ids", self.lookahead_ids, 3)
+            if self.lookahead_ids.shape != self.expert_ids.shape:
+                raise TraceError(
+                    f"lookahead_ids must have expert_ids' shape {self.expert_ids.shape}, "
+                    f"got {self.lookahead_ids.shape}"
+                )
         for name in ("token_ids", "sequence_ids"):
             value = getattr(self, name)
             if value is not None:
@@ -143,6 +154,7 @@ class Trace:
             gate_probs=pick(self.gate_probs),
             token_ids=pick(self.token_ids),
             sequence_ids=renumber[self.sequence_ids[rows]].astype(self.sequence_ids.dtype),
+            lookahead_ids=pick(self.lookahead_ids),
         )
 
     def steps(self) -> list[np.ndarray]:
@@ -170,7 +182,7 @@ def save_trace(trace: Trace, path: str | os.PathLike) -> None:
     """Writes ``trace`` to ``path`` atomically: an interrupted write leaves no partial file."""
     path = Path(path)
     arrays = {"expert_ids": trace.expert_ids, "meta": np.array(json.dumps(trace.meta))}
-    for name in ("gate_probs", "token_ids", "sequence_ids"):
+    for name in ("gate_probs", "token_ids", "sequence_ids", "lookahead_ids"):
         if getattr(trace, name) is not None:
             arrays[name] = getattr(trace, name)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
@@ -198,5 +210,5 @@ def load_trace(path: str | os.PathLike) -> Trace:
         raise TraceError(f"{path}: meta is not valid JSON ({exc})") from exc
     if not isinstance(meta, dict):
         raise TraceError(f"{path}: meta must be a JSON object")
-    known = {"expert_ids", "gate_probs", "token_ids", "sequence_ids"}
+    known = {"expert_ids", "gate_probs", "token_ids", "sequence_ids", "lookahead_ids"}
     return Trace(meta=meta, **{k: v for k, v in fields.items() if k in known})

@@ -95,3 +95,24 @@ def test_bad_input(gen):
         record_routing(model, [[1, 2]], sources=["a", "b"])
     with pytest.raises(ValueError, match="no MoE experts module"):
         RoutingRecorder(torch.nn.Linear(2, 2))
+
+
+def test_lookahead_ids_are_recorded_and_exact_when_the_layers_agree(tmp_path, gen):
+    model = build("mixtral")
+    with torch.no_grad():  # same router and norms, nothing added to the residual stream
+        first, second = model.model.layers
+        second.mlp.gate.weight.copy_(first.mlp.gate.weight)
+        for layer in (first, second):
+            layer.self_attn.o_proj.weight.zero_()
+            layer.post_attention_layernorm.weight.copy_(first.post_attention_layernorm.weight)
+        first.mlp.experts.down_proj.zero_()
+    trace = record_routing(model, prompts(gen, [5, 8]), generate=3, batch_size=2, lookahead=True)
+    assert (trace.lookahead_ids[:, 0] == -1).all()
+    np.testing.assert_array_equal(
+        np.sort(trace.lookahead_ids[:, 1], -1), np.sort(trace.expert_ids[:, 1], -1)
+    )
+    save_trace(trace, tmp_path / "t.npz")
+    np.testing.assert_array_equal(load_trace(tmp_path / "t.npz").lookahead_ids, trace.lookahead_ids)
+    plain = record_routing(build("olmoe"), prompts(gen, [4]), lookahead=True)
+    assert plain.lookahead_ids.shape == plain.expert_ids.shape
+    assert (plain.lookahead_ids[:, 1:] >= 0).all()
