@@ -130,6 +130,21 @@ def build(family: str, seed: int = 0):
     return model
 
 
+def build_mixtral_with_agreeing_layers():
+    """Mixtral with both MoE layers given the same router and norms and nothing added to the
+    residual stream by attention or by layer 0's experts: layer 1's router then sees exactly
+    layer 0's router input, so gate lookahead must be exact."""
+    model = build("mixtral")
+    with torch.no_grad():
+        first, second = model.model.layers
+        second.mlp.gate.weight.copy_(first.mlp.gate.weight)
+        for layer in (first, second):
+            layer.self_attn.o_proj.weight.zero_()
+            layer.post_attention_layernorm.weight.copy_(first.post_attention_layernorm.weight)
+        first.mlp.experts.down_proj.zero_()
+    return model
+
+
 def batch():
     ids = torch.randint(1, 96, (2, 9), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)

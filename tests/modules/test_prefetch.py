@@ -9,7 +9,7 @@ import torch
 import expertflow
 from expertflow.predictor import HistoryPredictor, PathPredictor, Predictor, multi_hot
 from expertflow.recording import RoutingRecorder, record_routing
-from tests.modules.test_offload import build
+from tests.modules.test_offload import build, build_mixtral_with_agreeing_layers
 
 pytest.importorskip("transformers")
 NEW = 6
@@ -132,17 +132,9 @@ def test_gate_lookahead_prefetches_the_next_layer_without_changing_tokens(family
 
 
 def test_lookahead_is_exact_when_hidden_states_barely_change():
-    """With both MoE layers given the same router and norms, and nothing added to the residual
-    stream by attention or by layer 0's experts, layer 1's router sees exactly layer 0's
-    router input: the lookahead must then pick exactly the experts layer 1 goes on to use."""
-    model = build("mixtral")
-    with torch.no_grad():
-        first, second = model.model.layers
-        second.mlp.gate.weight.copy_(first.mlp.gate.weight)
-        for layer in (first, second):
-            layer.self_attn.o_proj.weight.zero_()
-            layer.post_attention_layernorm.weight.copy_(first.post_attention_layernorm.weight)
-        first.mlp.experts.down_proj.zero_()
+    """The lookahead picks exactly the experts layer 1 goes on to use when layer 1's router
+    sees exactly layer 0's router input."""
+    model = build_mixtral_with_agreeing_layers()
     ids = prompt()
     offloaded = expertflow.offload(model, device="cpu", slots=4, lookahead=True, policy="lru")
     cache = offloaded._expertflow["cache"]

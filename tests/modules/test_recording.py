@@ -9,7 +9,7 @@ import torch
 import expertflow
 from expertflow.recording import RoutingRecorder, record_routing
 from expertflow.trace import load_trace, save_trace
-from tests.modules.test_offload import FAMILIES, build
+from tests.modules.test_offload import FAMILIES, build, build_mixtral_with_agreeing_layers
 
 pytest.importorskip("transformers")
 
@@ -98,14 +98,7 @@ def test_bad_input(gen):
 
 
 def test_lookahead_ids_are_recorded_and_exact_when_the_layers_agree(tmp_path, gen):
-    model = build("mixtral")
-    with torch.no_grad():  # same router and norms, nothing added to the residual stream
-        first, second = model.model.layers
-        second.mlp.gate.weight.copy_(first.mlp.gate.weight)
-        for layer in (first, second):
-            layer.self_attn.o_proj.weight.zero_()
-            layer.post_attention_layernorm.weight.copy_(first.post_attention_layernorm.weight)
-        first.mlp.experts.down_proj.zero_()
+    model = build_mixtral_with_agreeing_layers()
     trace = record_routing(model, prompts(gen, [5, 8]), generate=3, batch_size=2, lookahead=True)
     assert (trace.lookahead_ids[:, 0] == -1).all()
     np.testing.assert_array_equal(
