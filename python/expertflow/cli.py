@@ -176,23 +176,27 @@ def _load_traces(paths, exclude_source=None, only_source=None):
 
 
 def _train_predictor(args: argparse.Namespace) -> int:
-    from expertflow.predictor import HistoryPredictor, PathPredictor
+    from expertflow.predictor import CombinedPredictor, HistoryPredictor, PathPredictor
 
     traces = _load_traces(args.traces, exclude_source=args.exclude_source)
     first = traces[0]
     shape = (first.num_layers, first.num_experts, first.top_k)
-    if args.kind == "history":
-        predictor = HistoryPredictor(*shape).fit(traces)
-    else:
+    history = HistoryPredictor(*shape).fit(traces) if args.kind != "path" else None
+    path = None
+    if args.kind != "history":
         vocab = args.vocab_size or max(
             t.meta.get("vocab_size") or int(t.token_ids.max()) + 1
             for t in traces
             if t.token_ids is not None
         )
-        predictor = PathPredictor(
+        path = PathPredictor(
             *shape, vocab_size=vocab, d_model=args.d_model, depth=args.depth, context=args.context
         )
-        predictor.fit(traces, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+        path.fit(traces, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+    if args.kind == "combined":
+        predictor = CombinedPredictor([path, history], [1.0, args.history_weight])
+    else:
+        predictor = path or history
     predictor.save(args.out)
     tokens = sum(t.num_tokens for t in traces)
     print(f"wrote {args.kind} predictor to {args.out} (trained on {tokens} tokens)")
@@ -268,7 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train-predictor", help="train a routing predictor on traces")
     tr.add_argument("--traces", nargs="+", required=True)
     tr.add_argument("--out", required=True, help="predictor folder to write")
-    tr.add_argument("--kind", default="path", choices=["path", "history"])
+    tr.add_argument(
+        "--kind",
+        default="path",
+        choices=["path", "history", "combined"],
+        help="combined: path predictor + history predictor (weighted by --history-weight)",
+    )
+    tr.add_argument("--history-weight", type=float, default=0.5)
     tr.add_argument("--exclude-source", help="leave this source (domain) out of training")
     tr.add_argument("--epochs", type=int, default=4)
     tr.add_argument("--batch-size", type=int, default=32)

@@ -148,3 +148,80 @@ def test_combined_predictor_sums_its_parts_and_round_trips(tmp_path):
         fresh.observe(held.expert_ids[i])
     with pytest.raises(ValueError, match="parts disagree"):
         CombinedPredictor([path, HistoryPredictor(LAYERS + 1, EXPERTS, 2)], [1, 1])
+
+
+def test_train_and_eval_predictor_commands(tmp_path, capsys):
+    import json
+
+    from expertflow import cli
+    from expertflow.trace import save_trace
+
+    save_trace(token_routed_trace(1, sources=["a", "b", "c"]), tmp_path / "train.npz")
+    save_trace(token_routed_trace(2, sources=["a", "b", "c"]), tmp_path / "held.npz")
+    for kind in ("history", "path", "combined"):
+        args = [
+            "train-predictor",
+            "--kind",
+            kind,
+            "--traces",
+            str(tmp_path / "train.npz"),
+            "--out",
+            str(tmp_path / kind),
+            "--epochs",
+            "1",
+            "--d-model",
+            "16",
+            "--context",
+            "8",
+            "--exclude-source",
+            "c",
+        ]
+        assert cli.main(args) == 0
+        assert f"wrote {kind} predictor" in capsys.readouterr().out
+        args = [
+            "eval-predictor",
+            "--predictor",
+            str(tmp_path / kind),
+            "--traces",
+            str(tmp_path / "held.npz"),
+            "--only-source",
+            "c",
+            "--json",
+            "--write-scores",
+            str(tmp_path / f"{kind}.npz"),
+        ]
+        assert cli.main(args) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["tokens"] == 10 * 24  # the 10 sequences of source c
+        assert {r["batch_size"] for r in result["results"]} == {1, 4, 16}
+        assert np.load(tmp_path / f"{kind}.npz")["scores"].shape == (240, LAYERS, EXPERTS)
+    bad = token_routed_trace(0)
+    save_trace(
+        Trace(
+            expert_ids=bad.expert_ids[:, :2],
+            token_ids=bad.token_ids,
+            sequence_ids=bad.sequence_ids,
+            meta=bad.meta,
+        ),
+        tmp_path / "other.npz",
+    )
+    args = [
+        "eval-predictor",
+        "--predictor",
+        str(tmp_path / "path"),
+        "--traces",
+        str(tmp_path / "other.npz"),
+    ]
+    assert cli.main(args) == 2
+    assert "3 layers x 8 experts, the trace has 2 layers" in capsys.readouterr().err
+    args = [
+        "eval-predictor",
+        "--predictor",
+        "history",
+        "--traces",
+        str(tmp_path / "held.npz"),
+        "--only-source",
+        "nope",
+    ]
+    assert cli.main(args) == 2
+    assert "no tokens left" in capsys.readouterr().err

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Rebuilds the bundled demo assets in python/expertflow/assets/ from the five-domain corpus:
+# trains the demo MoE model (about an hour on 2 CPU cores), records its routing on the corpus's
+# training part (for the predictor) and on the held-out part (for the reports and benchmarks),
+# and trains the routing predictor. Every step is deterministic for a given seed and threads.
+#
+#   bash scripts/demo_assets.sh ../shared/data/corpus [WORK_DIR]
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+corpus="${1:?usage: bash scripts/demo_assets.sh CORPUS_DIR [WORK_DIR]}"
+work="${2:-$ROOT/build/demo-assets}"
+VENV="${EXPERTFLOW_VENV:-$ROOT/.venv}"
+py="$VENV/bin/python"
+assets="$ROOT/python/expertflow/assets"
+mkdir -p "$work" "$assets"
+
+if [ ! -f "$work/demo-moe/model.safetensors" ]; then
+  "$py" -m expertflow.train_demo_model --corpus "$corpus" --out "$work/demo-moe" \
+    --steps 3000 --eval-every 500 | tee "$work/train_model.log"
+fi
+rm -rf "$assets/demo-moe"
+mkdir -p "$assets/demo-moe"
+cp "$work"/demo-moe/{config.json,generation_config.json,model.safetensors,tokenizer.json,tokenizer_config.json,training.json} \
+  "$assets/demo-moe/"
+
+# Routing of the training part (first 90% of each file): 600 windows of 128 tokens per domain.
+"$py" -m expertflow trace --text "$corpus"/*.txt --prompt-tokens 128 --max-sequences 600 \
+  --batch-size 16 --out "$work/train.npz"
+# Routing of the held-out part (last 10%), with what gate lookahead would pick.
+"$py" -m expertflow trace --text "$corpus"/*.txt --skip-fraction 0.9 --prompt-tokens 128 \
+  --max-sequences 64 --batch-size 16 --lookahead --out "$work/held.npz"
+
+"$py" -m expertflow train-predictor --kind combined --traces "$work/train.npz" \
+  --out "$work/predictor" | tee "$work/train_predictor.log"
+rm -rf "$assets/demo-moe-predictor"
+cp -r "$work/predictor" "$assets/demo-moe-predictor"
+echo "assets written to $assets (traces and logs in $work)"
