@@ -91,6 +91,33 @@ def held_out_perplexity(model, streams, seq_len, max_windows) -> dict[str, float
     return result
 
 
+@torch.no_grad()
+def revive_dead_experts(model, streams, seq_len: int, gen, windows: int = 128) -> list:
+    """Experts the router (nearly) never picks on a sample of training text get a copy of their
+    layer's busiest expert (weights and router row, slightly perturbed), so the two split its
+    tokens and the further training makes them diverge (expert splitting). Returns the
+    (layer, revived expert, donor) triples."""
+    batch = torch.cat([sample_batch(streams, 16, seq_len, gen) for _ in range(windows // 16)])
+    out = model(input_ids=batch[:, :-1], output_router_logits=True)
+    top_k = model.config.num_experts_per_tok
+    revived = []
+    for layer, logits in enumerate(out.router_logits):
+        experts = logits.shape[-1]
+        counts = torch.bincount(logits.topk(top_k, dim=-1).indices.flatten(), minlength=experts)
+        # "Dead": under a tenth of a fair share; such an expert may see no held-out token.
+        dead = [e for e in range(experts) if counts[e] < 0.1 * counts.sum() / experts]
+        donors = [int(e) for e in counts.argsort(descending=True)]
+        block = model.model.layers[layer].mlp
+        for d, donor in zip(dead, donors, strict=False):
+            for name in ("gate_up_proj", "down_proj"):
+                w = getattr(block.experts, name)
+                w[d] = w[donor] * (1 + 0.01 * torch.randn(w[donor].shape, generator=gen))
+            g = block.gate.weight
+            g[d] = g[donor] + 0.01 * g[donor].abs().mean() * torch.randn(g.shape[1], generator=gen)
+            revived.append((layer, d, donor))
+    return revived
+
+
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -109,7 +136,13 @@ def train(args: argparse.Namespace) -> dict:
 
     train_texts = domain_texts(args.corpus, "train")
     held_texts = domain_texts(args.corpus, "held_out")
-    tokenizer = train_tokenizer(train_texts, args.vocab_size)
+    if args.init_from:
+        # A further phase on a trained model: same tokenizer, same weights to start from.
+        from expertflow.demo_model import load_demo_tokenizer
+
+        tokenizer = load_demo_tokenizer(args.init_from)
+    else:
+        tokenizer = train_tokenizer(train_texts, args.vocab_size)
     tokenizer.save_pretrained(str(out))
     train_ids = encode_domains(tokenizer, train_texts)
     held_ids = encode_domains(tokenizer, held_texts)
@@ -119,10 +152,19 @@ def train(args: argparse.Namespace) -> dict:
         flush=True,
     )
 
-    config = demo_model_config(len(tokenizer))
+    if args.init_from:
+        model = MixtralForCausalLM.from_pretrained(
+            args.init_from, dtype=torch.float32, local_files_only=True
+        )
+        config = model.config
+    else:
+        config = demo_model_config(len(tokenizer))
+    if args.aux_loss_coef is not None:
+        config.router_aux_loss_coef = args.aux_loss_coef
     config.output_router_logits = True
     config._experts_implementation = args.experts_implementation
-    model = MixtralForCausalLM(config)
+    if not args.init_from:
+        model = MixtralForCausalLM(config)
     model.train()
     params = sum(p.numel() for p in model.parameters())
     print(
@@ -139,6 +181,10 @@ def train(args: argparse.Namespace) -> dict:
         betas=(0.9, 0.95),
     )
     gen = torch.Generator().manual_seed(args.seed)
+    revived = []
+    if args.revive_dead_experts:
+        revived = revive_dead_experts(model, train_ids, args.seq_len, gen)
+        print(f"revived {len(revived)} dead experts (layer, expert, donor): {revived}", flush=True)
     curve, evals = [], []
     train_started = time.perf_counter()
     running = running_aux = 0.0
@@ -185,7 +231,14 @@ def train(args: argparse.Namespace) -> dict:
     model.config.output_router_logits = False
     model.config._experts_implementation = None
     model.to(torch.bfloat16).save_pretrained(str(out))
+    previous = None
+    if args.init_from and (Path(args.init_from) / "training.json").is_file():
+        previous = json.loads((Path(args.init_from) / "training.json").read_text())
     report = {
+        "init_from": str(args.init_from) if args.init_from else None,
+        "previous_phase": previous,
+        "router_aux_loss_coef": config.router_aux_loss_coef,
+        "revived_experts": revived,
         "seed": args.seed,
         "threads": args.threads,
         "steps": args.steps,
@@ -224,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--eval-every", type=int, default=1000)
     p.add_argument("--eval-windows", type=int, default=64, help="held-out windows per domain")
+    p.add_argument("--init-from", help="continue from this trained model (and its tokenizer)")
+    p.add_argument("--aux-loss-coef", type=float, help="router load-balancing loss weight")
+    p.add_argument(
+        "--revive-dead-experts",
+        action="store_true",
+        help="first give experts the router (nearly) never picks a copy of their layer's busiest",
+    )
     p.add_argument(
         "--experts-implementation",
         default="grouped_mm",
