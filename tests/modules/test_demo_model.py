@@ -182,3 +182,33 @@ def test_training_script_runs_and_writes_a_loadable_model(tmp_path):
     assert len(report["loss_curve"]) == 2 and set(report["held_out_perplexity"]) == {"one", "two"}
     model, tokenizer = load_demo_model(path=out)
     assert model.config.vocab_size == len(tokenizer) <= 300
+    # A second phase from it: every expert of a 16-expert layer cannot be busy on 2 words, so
+    # some are revived from the busiest one, and the result still loads.
+    phase2 = tmp_path / "model2"
+    train_demo_model.main(
+        [
+            "--corpus",
+            str(corpus),
+            "--out",
+            str(phase2),
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "16",
+            "--init-from",
+            str(out),
+            "--aux-loss-coef",
+            "0.05",
+            "--revive-dead-experts",
+            "--eval-windows",
+            "2",
+        ]
+    )
+    report = json.loads((phase2 / "training.json").read_text())
+    assert report["init_from"] == str(out) and report["previous_phase"]["steps"] == 2
+    assert report["router_aux_loss_coef"] == 0.05 and report["revived_experts"]
+    layer, dead, donor = report["revived_experts"][0]
+    again, _ = load_demo_model(path=phase2)
+    assert again.config.vocab_size == model.config.vocab_size and dead != donor
