@@ -24,6 +24,7 @@ Prints the tables and writes ``results.json`` and ``hit_ratio.png`` to ``--out``
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import sys
@@ -59,21 +60,12 @@ def predictors(args, train: Trace):
         "history (online)": lambda: HistoryPredictor(
             train.num_layers, train.num_experts, train.top_k
         ),
-        "history (warm)": lambda: _copy_history(history_warm),
+        "history (warm)": lambda: copy.deepcopy(history_warm),
         "path": lambda: load_predictor(args.predictor),
         "path + history": lambda: CombinedPredictor(
-            [load_predictor(args.predictor), _copy_history(history_warm)], [1.0, 0.5]
+            [load_predictor(args.predictor), copy.deepcopy(history_warm)], [1.0, 0.5]
         ),
     }
-
-
-def _copy_history(h: HistoryPredictor) -> HistoryPredictor:
-    c = HistoryPredictor(h.num_layers, h.num_experts, h.top_k)
-    c.weights = h.weights
-    c._token_sum = {t: v.copy() for t, v in h._token_sum.items()}
-    c._token_count = dict(h._token_count)
-    c._frequency = h._frequency.copy()
-    return c
 
 
 def quality(held: Trace, makers) -> tuple[dict, dict]:

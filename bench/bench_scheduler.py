@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 
 from expertflow.predictor import load_predictor, multi_hot
-from expertflow.predictor_eval import _sequences
 from expertflow.scheduler import paths_from_scores, split_two_batches
 from expertflow.trace import load_trace
 
@@ -32,7 +31,7 @@ def interleaved(trace):
     """Sequences of all sources in round-robin arrival order, cut to a common length."""
     sources = trace.meta.get("sequence_sources") or ["all"] * (int(trace.sequence_ids.max()) + 1)
     by_source: dict[str, list] = {}
-    for seq, rows in enumerate(_sequences(trace)):
+    for seq, rows in enumerate(trace.sequence_rows()):
         by_source.setdefault(sources[seq], []).append(rows)
     order = []
     for i in range(max(len(v) for v in by_source.values())):

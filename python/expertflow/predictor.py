@@ -105,7 +105,7 @@ class Predictor:
         if trace.token_ids is None:
             raise ValueError(f"{type(self).__name__} needs a trace with token_ids")
         scores = np.zeros((trace.num_tokens, self.num_layers, self.num_experts), np.float32)
-        for rows in _sequences(trace):
+        for rows in trace.sequence_rows():
             self.reset()
             ids = trace.token_ids[rows].tolist()
             for i, row in enumerate(rows):
@@ -120,14 +120,6 @@ class Predictor:
             "num_experts": self.num_experts,
             "top_k": self.top_k,
         }
-
-
-def _sequences(trace: Trace) -> list[np.ndarray]:
-    """Token rows of each sequence, in time order."""
-    if trace.sequence_ids is None:
-        return [np.arange(trace.num_tokens)]
-    order = dict.fromkeys(trace.sequence_ids.tolist())
-    return [np.flatnonzero(trace.sequence_ids == s) for s in order]
 
 
 class HistoryPredictor(Predictor):
@@ -298,7 +290,7 @@ class PathPredictor(Predictor):
             self.check_trace(trace)
             self._check_vocab(trace)
             hot = multi_hot(trace.expert_ids, self.num_experts)
-            for rows in _sequences(trace):
+            for rows in trace.sequence_rows():
                 for start in range(0, len(rows), c):
                     r = rows[start : start + c]
                     pad = c - len(r)
@@ -371,7 +363,7 @@ class PathPredictor(Predictor):
         self._check_vocab(trace)
         scores = np.zeros((trace.num_tokens, self.num_layers, self.num_experts), np.float32)
         c, half = self.context, self.context // 2
-        for rows in _sequences(trace):
+        for rows in trace.sequence_rows():
             ids = torch.from_numpy(trace.token_ids[rows].astype(np.int64))
             done = 0
             start = 0

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from expertflow.predictor import Predictor, _sequences, topk_recall_precision
+from expertflow.predictor import Predictor, topk_recall_precision
 from expertflow.trace import Trace
 
 __all__ = ["decode_groups", "evaluate_predictor", "evaluate_scores", "format_evaluation"]
@@ -17,7 +17,7 @@ __all__ = ["decode_groups", "evaluate_predictor", "evaluate_scores", "format_eva
 def decode_groups(trace: Trace, batch_size: int) -> list[np.ndarray]:
     """Token rows that need experts together when ``batch_size`` sequences decode side by side,
     one token each per step: sequences are batched in order, step j takes their j-th tokens."""
-    sequences = _sequences(trace)
+    sequences = trace.sequence_rows()
     groups = []
     for start in range(0, len(sequences), batch_size):
         batch = sequences[start : start + batch_size]

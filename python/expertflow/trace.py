@@ -157,17 +157,19 @@ class Trace:
             lookahead_ids=pick(self.lookahead_ids),
         )
 
+    def sequence_rows(self) -> list[np.ndarray]:
+        """Token rows of each sequence, sequences in first-appearance order, rows in time
+        order (one sequence when there are no sequence_ids)."""
+        if self.sequence_ids is None:
+            return [np.arange(self.num_tokens)]
+        order = dict.fromkeys(self.sequence_ids.tolist())
+        return [np.flatnonzero(self.sequence_ids == s) for s in order]
+
     def steps(self) -> list[np.ndarray]:
         """Token indices of each step, in order (see the module docstring)."""
-        sequences = (
-            self.sequence_ids
-            if self.sequence_ids is not None
-            else np.zeros(self.num_tokens, dtype=np.int64)
-        )
         prefill = np.asarray(self.meta.get("prefill") or [False] * self.num_tokens, dtype=bool)
         per_sequence: list[list[np.ndarray]] = []
-        for seq in dict.fromkeys(sequences.tolist()):  # first-appearance order
-            tokens = np.flatnonzero(sequences == seq)
+        for tokens in self.sequence_rows():
             prompt_len = 0
             while prompt_len < len(tokens) and prefill[tokens[prompt_len]]:
                 prompt_len += 1
