@@ -166,15 +166,18 @@ void bind_expert_cache(py::module_& m) {
 
 }  // namespace
 
+static void check_packed_paths(const at::Tensor& paths, const char* name) {
+  TORCH_CHECK(paths.device().is_cpu() && paths.scalar_type() == at::kLong && paths.dim() == 2 &&
+                  paths.size(1) >= 1,
+              name, ": paths must be a CPU int64 tensor [requests, words] of packed bits, got ",
+              paths.scalar_type(), paths.sizes());
+}
+
 void bind_scheduler(py::module_& m) {
   m.def(
       "split_two_batches",
       [](const at::Tensor& paths, int32_t first_size) {
-        TORCH_CHECK(paths.device().is_cpu() && paths.scalar_type() == at::kLong &&
-                        paths.dim() == 2 && paths.size(1) >= 1,
-                    "split_two_batches: paths must be a CPU int64 tensor [requests, words] of "
-                    "packed bits, got ",
-                    paths.scalar_type(), paths.sizes());
+        check_packed_paths(paths, "split_two_batches");
         const at::Tensor packed = paths.contiguous();
         expertflow::core::SplitResult r;
         try {
@@ -190,6 +193,26 @@ void bind_scheduler(py::module_& m) {
       },
       py::arg("paths"), py::arg("first_size"),
       "Token scheduler (csrc/core/scheduler.h): (first, second, cost, swaps).");
+  m.def(
+      "regroup_batches",
+      [](const at::Tensor& paths, const std::vector<int32_t>& group, int32_t num_groups,
+         int32_t max_passes) {
+        check_packed_paths(paths, "regroup_batches");
+        const at::Tensor packed = paths.contiguous();
+        expertflow::core::RegroupResult r;
+        try {
+          py::gil_scoped_release no_gil;
+          r = expertflow::core::regroup_batches(
+              reinterpret_cast<const uint64_t*>(packed.const_data_ptr<int64_t>()),
+              static_cast<int32_t>(packed.size(0)), static_cast<int32_t>(packed.size(1)), group,
+              num_groups, max_passes);
+        } catch (const std::invalid_argument& e) {
+          throw py::value_error(e.what());
+        }
+        return py::make_tuple(r.group, r.cost, r.resplits);
+      },
+      py::arg("paths"), py::arg("group"), py::arg("num_groups"), py::arg("max_passes"),
+      "Token scheduler (csrc/core/scheduler.h): (group, cost, resplits).");
 }
 
 PYBIND11_MODULE(_C, m) {

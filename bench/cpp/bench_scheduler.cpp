@@ -1,5 +1,6 @@
-// Decision cost of the token scheduler: re-split 2 x B requests into two batches of B.
-// Target: <= 1 ms per decision. Counters: distinct (layer, expert) pairs of both batches after
+// Decision cost of the token scheduler: re-split 2 x B requests into two batches of B, and
+// regroup G batches of B (every pair re-split, pass after pass). Target: <= 1 ms per decision
+// of 2 x 64. Counters: distinct (layer, expert) pairs of both batches after
 // the split and with the requests left in arrival order (FIFO), on clustered synthetic paths
 // (8 "domains", 80% of each request's choices from its domain's experts).
 #include <benchmark/benchmark.h>
@@ -65,6 +66,42 @@ BENCHMARK(BM_SplitTwoBatches)
     ->Args({32, 8, 2, 128})
     ->Args({58, 256, 8, 32})
     ->Args({58, 256, 8, 128})
+    ->Unit(benchmark::kMicrosecond);
+
+void BM_RegroupBatches(benchmark::State& state) {
+  const int layers = static_cast<int>(state.range(0));
+  const int experts = static_cast<int>(state.range(1));
+  const int k = static_cast<int>(state.range(2));
+  const int groups = static_cast<int>(state.range(3));
+  const int batch = static_cast<int>(state.range(4));
+  const int requests = groups * batch;
+  const int words = (layers * experts + 63) / 64;
+  const auto paths = clustered_paths(requests, layers, experts, k, words);
+  std::vector<int32_t> fifo(requests);
+  for (int r = 0; r < requests; ++r) fifo[r] = r / batch;
+  RegroupResult result;
+  for (auto _ : state) {
+    result = regroup_batches(paths.data(), requests, words, fifo, groups, 4);
+    benchmark::DoNotOptimize(result.cost);
+  }
+  int64_t before = 0;
+  for (int g = 0; g < groups; ++g) {
+    std::vector<int32_t> members, none;
+    for (int r = g * batch; r < (g + 1) * batch; ++r) members.push_back(r);
+    before += split_cost(paths.data(), words, members, none);
+  }
+  state.counters["pairs_regrouped"] = static_cast<double>(result.cost);
+  state.counters["pairs_fifo"] = static_cast<double>(before);
+}
+
+// Args: layers, experts, top-k, batches, batch size (4 batches of 16 as generate_batch's
+// default, 8 of 16).
+BENCHMARK(BM_RegroupBatches)
+    ->ArgNames({"layers", "experts", "k", "batches", "batch"})
+    ->Args({6, 16, 2, 4, 16})
+    ->Args({6, 16, 2, 8, 16})
+    ->Args({32, 8, 2, 4, 16})
+    ->Args({58, 256, 8, 4, 16})
     ->Unit(benchmark::kMicrosecond);
 
 }  // namespace

@@ -176,4 +176,73 @@ SplitResult split_two_batches(const uint64_t* paths, int32_t num_requests, int32
   return result;
 }
 
+RegroupResult regroup_batches(const uint64_t* paths, int32_t num_requests, int32_t words,
+                              const std::vector<int32_t>& group, int32_t num_groups,
+                              int32_t max_passes) {
+  if (num_requests < 0 || words < 1 || num_groups < 1 || max_passes < 0) {
+    throw std::invalid_argument(
+        "regroup_batches: need num_requests >= 0, words >= 1, num_groups >= 1, max_passes >= 0");
+  }
+  if (static_cast<int64_t>(group.size()) != num_requests) {
+    throw std::invalid_argument("regroup_batches: group has " + std::to_string(group.size()) +
+                                " entries for " + std::to_string(num_requests) + " requests");
+  }
+  for (int32_t g : group) {
+    if (g < 0 || g >= num_groups) {
+      throw std::invalid_argument("regroup_batches: batch " + std::to_string(g) +
+                                  " out of range [0, " + std::to_string(num_groups) + ")");
+    }
+  }
+  RegroupResult result;
+  result.group = group;
+  std::vector<uint64_t> pair_paths;
+  std::vector<int32_t> members;
+  for (int32_t pass = 0; pass < max_passes; ++pass) {
+    bool changed = false;
+    for (int32_t g = 0; g < num_groups; ++g) {
+      for (int32_t h = g + 1; h < num_groups; ++h) {
+        members.clear();
+        for (int32_t r = 0; r < num_requests; ++r) {
+          if (result.group[r] == g) members.push_back(r);
+        }
+        const auto first_size = static_cast<int32_t>(members.size());
+        for (int32_t r = 0; r < num_requests; ++r) {
+          if (result.group[r] == h) members.push_back(r);
+        }
+        const auto n = static_cast<int32_t>(members.size());
+        if (first_size == 0 || first_size == n) continue;
+        pair_paths.resize(static_cast<size_t>(n) * words);
+        for (int32_t i = 0; i < n; ++i) {
+          std::copy_n(paths + static_cast<int64_t>(members[i]) * words, words,
+                      pair_paths.begin() + static_cast<int64_t>(i) * words);
+        }
+        std::vector<int32_t> old_first(first_size), old_second(n - first_size);
+        std::iota(old_first.begin(), old_first.end(), 0);
+        std::iota(old_second.begin(), old_second.end(), first_size);
+        const int64_t before = split_cost(pair_paths.data(), words, old_first, old_second);
+        const SplitResult split = split_two_batches(pair_paths.data(), n, words, first_size);
+        if (split.cost >= before) continue;
+        // Equal sizes: the new batch sharing fewer requests with g may take h's label instead.
+        const auto stay = static_cast<int32_t>(std::count_if(
+            split.first.begin(), split.first.end(), [&](int32_t i) { return i < first_size; }));
+        const bool flip = first_size * 2 == n && stay * 2 < first_size;
+        for (int32_t i : split.first) result.group[members[i]] = flip ? h : g;
+        for (int32_t i : split.second) result.group[members[i]] = flip ? g : h;
+        ++result.resplits;
+        changed = true;
+      }
+    }
+    if (!changed) break;
+  }
+  std::vector<uint64_t> unions(static_cast<size_t>(num_groups) * words, 0);
+  for (int32_t r = 0; r < num_requests; ++r) {
+    for (int32_t w = 0; w < words; ++w) {
+      unions[static_cast<int64_t>(result.group[r]) * words + w] |=
+          paths[static_cast<int64_t>(r) * words + w];
+    }
+  }
+  result.cost = popcount_words(unions.data(), num_groups * words);
+  return result;
+}
+
 }  // namespace expertflow::core

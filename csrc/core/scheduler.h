@@ -28,6 +28,21 @@ struct SplitResult {
 SplitResult split_two_batches(const uint64_t* paths, int32_t num_requests, int32_t words,
                               int32_t first_size);
 
+struct RegroupResult {
+  std::vector<int32_t> group;  // the batch of every request
+  int64_t cost = 0;            // sum over batches of |union| in (layer, expert) pairs
+  int32_t resplits = 0;        // pairs of batches whose split changed
+};
+
+// Regroups the requests of `num_groups` batches (request r is in batch group[r]) keeping every
+// batch's size: passes over all pairs of batches, re-splitting each pair with
+// split_two_batches where that lowers the pair's cost, until a pass changes nothing (at most
+// `max_passes`). A re-split batch keeps the label of the old batch it shares most requests
+// with, so as few requests (and their KV rows) move as possible. Deterministic.
+RegroupResult regroup_batches(const uint64_t* paths, int32_t num_requests, int32_t words,
+                              const std::vector<int32_t>& group, int32_t num_groups,
+                              int32_t max_passes);
+
 // |union| + |union| of a given split (the cost above), for tests and baselines.
 int64_t split_cost(const uint64_t* paths, int32_t words, const std::vector<int32_t>& first,
                    const std::vector<int32_t>& second);

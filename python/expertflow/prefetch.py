@@ -61,6 +61,7 @@ class PredictivePrefetcher:
         self._step_ids: list[list[int]] | None = None
         self._keep: list[bool] = []  # per flattened row: a real token, not padding
         self._decoding = False
+        self._driven = None
         self.seconds = 0.0  # predictor time
         self.steps = 0
         self.lookahead_seconds = 0.0
@@ -70,6 +71,21 @@ class PredictivePrefetcher:
             self._handles.append(
                 module.register_forward_pre_hook(self._layer_hook(layer), with_kwargs=True)
             )
+
+    def drive(self, histories, previous: np.ndarray | None, scores: np.ndarray | None = None):
+        """Declares the next forward call a decode step over these rows.
+
+        For drivers that decode several batches in turn (:func:`expertflow.generate_batch`): the
+        rows change between calls, so the prefetcher cannot follow them itself. ``histories``
+        are each row's ids so far (last = the token about to run), ``previous`` ``[B, L, K]``
+        their preceding routing; ``scores`` ``[B, L, E]``, if the driver already predicted
+        them, are planned as they are.
+        """
+        self._driven = (histories, previous, scores)
+
+    def reset(self) -> None:
+        """Forgets the rows followed so far: the next forward call is a prompt."""
+        self.histories, self.previous, self._driven = None, None, None
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -84,6 +100,12 @@ class PredictivePrefetcher:
             return
         rows = ids.tolist()
         self._decoding = False
+        if self._driven is not None:
+            histories, previous, scores = self._driven
+            self._driven, self.histories = None, None
+            self._begin_decode(rows)
+            self._plan(histories, previous, scores)
+            return
         mask = kwargs.get("attention_mask")
         decode = (
             ids.shape[1] == 1 and self.histories is not None and len(self.histories) == len(rows)
@@ -103,14 +125,21 @@ class PredictivePrefetcher:
             return
         for history, row in zip(self.histories, rows, strict=True):
             history.append(row[-1])
+        self._begin_decode(rows)
+        self._plan(self.histories, self.previous, None)
+
+    def _begin_decode(self, rows: list[list[int]]) -> None:
         self._step_ids, self._keep = rows, [True] * len(rows)
         self._decoding = True
         self.steps += 1
+
+    def _plan(self, histories, previous, scores: np.ndarray | None) -> None:
         if self.predictor is None:
             return
         started = time.perf_counter()
-        scores = self.predictor.predict_step(self.histories, self.previous)  # [B, L, E]
-        per_layer = min(self.pool_size, self.top_k * len(rows))
+        if scores is None:
+            scores = self.predictor.predict_step(histories, previous)  # [B, L, E]
+        per_layer = min(self.pool_size, self.top_k * len(histories))
         self.cache.plan(torch.from_numpy(np.ascontiguousarray(scores.max(axis=0))), per_layer)
         self.seconds += time.perf_counter() - started
 

@@ -120,5 +120,82 @@ TEST(Scheduler, EdgeSizesAndBadArguments) {
   EXPECT_THROW(split_two_batches(paths.data(), 3, 0, 1), std::invalid_argument);
 }
 
+std::vector<int32_t> batch_sizes(const std::vector<int32_t>& group, int32_t num_groups) {
+  std::vector<int32_t> sizes(num_groups, 0);
+  for (int32_t g : group) ++sizes[g];
+  return sizes;
+}
+
+int64_t total_cost(const std::vector<uint64_t>& paths, int32_t words,
+                   const std::vector<int32_t>& group, int32_t num_groups) {
+  int64_t cost = 0;
+  for (int32_t g = 0; g < num_groups; ++g) {
+    std::vector<int32_t> members, none;
+    for (int32_t r = 0; r < static_cast<int32_t>(group.size()); ++r) {
+      if (group[r] == g) members.push_back(r);
+    }
+    cost += split_cost(paths.data(), words, members, none);
+  }
+  return cost;
+}
+
+TEST(Regroup, SeparatesFourInterleavedClustersExactly) {
+  // Request r uses the pairs of cluster r % 4 only; four batches of 4 taken in arrival order
+  // mix all clusters, the best regrouping gives every cluster its own batch.
+  std::vector<std::vector<int>> bits;
+  for (int r = 0; r < 16; ++r) bits.push_back({10 * (r % 4), 10 * (r % 4) + 1, 70 + r % 4});
+  const auto paths = make_paths(bits, 2);
+  std::vector<int32_t> fifo(16);
+  for (int r = 0; r < 16; ++r) fifo[r] = r / 4;
+  const RegroupResult g = regroup_batches(paths.data(), 16, 2, fifo, 4, 8);
+  EXPECT_EQ(g.cost, 4 * 3);
+  EXPECT_EQ(total_cost(paths, 2, g.group, 4), g.cost);
+  EXPECT_EQ(batch_sizes(g.group, 4), (std::vector<int32_t>{4, 4, 4, 4}));
+  for (int r = 0; r < 16; ++r) EXPECT_EQ(g.group[r], g.group[r % 4]);
+}
+
+TEST(Regroup, KeepsSizesNeverWorsensAndIsDeterministic) {
+  std::mt19937 rng(5);
+  for (int trial = 0; trial < 20; ++trial) {
+    const int32_t groups = 2 + trial % 4;
+    const int n = 9 * groups - trial % 3;
+    const auto bits = random_requests(rng, n, 6, 16, 2, 5);
+    const auto paths = make_paths(bits, 2);
+    std::vector<int32_t> start(n);
+    for (int r = 0; r < n; ++r) start[r] = r % groups;
+    const RegroupResult a = regroup_batches(paths.data(), n, 2, start, groups, 4);
+    const RegroupResult b = regroup_batches(paths.data(), n, 2, start, groups, 4);
+    EXPECT_EQ(a.group, b.group);
+    EXPECT_EQ(batch_sizes(a.group, groups), batch_sizes(start, groups));
+    EXPECT_LE(a.cost, total_cost(paths, 2, start, groups));
+    EXPECT_EQ(total_cost(paths, 2, a.group, groups), a.cost);
+  }
+}
+
+TEST(Regroup, TwoBatchesAtLeastAsGoodAsOneSplitAndAStableAnswerStays) {
+  std::mt19937 rng(9);
+  const auto bits = random_requests(rng, 20, 6, 16, 2, 4);
+  const auto paths = make_paths(bits, 2);
+  std::vector<int32_t> start(20);
+  for (int r = 0; r < 20; ++r) start[r] = r < 10 ? 0 : 1;
+  const RegroupResult g = regroup_batches(paths.data(), 20, 2, start, 2, 100);
+  const SplitResult s = split_two_batches(paths.data(), 20, 2, 10);
+  // Later passes start the split from another order and may still improve on the first.
+  EXPECT_LE(g.cost, std::min(s.cost, total_cost(paths, 2, start, 2)));
+  // Once a pass changes nothing, regrouping the answer again moves no request.
+  const RegroupResult again = regroup_batches(paths.data(), 20, 2, g.group, 2, 100);
+  EXPECT_EQ(again.group, g.group);
+  EXPECT_EQ(again.resplits, 0);
+}
+
+TEST(Regroup, BadArguments) {
+  const auto paths = make_paths({{1}, {2}, {3}}, 1);
+  EXPECT_THROW(regroup_batches(paths.data(), 3, 1, {0, 1}, 2, 1), std::invalid_argument);
+  EXPECT_THROW(regroup_batches(paths.data(), 3, 1, {0, 1, 2}, 2, 1), std::invalid_argument);
+  EXPECT_THROW(regroup_batches(paths.data(), 3, 1, {0, 0, 0}, 0, 1), std::invalid_argument);
+  const RegroupResult none = regroup_batches(paths.data(), 0, 1, {}, 1, 1);
+  EXPECT_EQ(none.cost, 0);
+}
+
 }  // namespace
 }  // namespace expertflow::core

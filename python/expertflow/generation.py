@@ -1,0 +1,529 @@
+"""Batched generation: many requests decoded in turns of batches, optionally regrouped.
+
+:func:`generate_batch` keeps ``active_batches`` batches of up to ``batch_size`` requests and lets
+them take one decode step each in turn (continuous batching: a finished request leaves its batch
+and the next waiting one is prefilled into its place). Every request owns its rows of its
+batch's KV cache: rows of different lengths are left-padded with zeros and masked, and each row
+gets its own positions, so a request decodes exactly as it would alone.
+
+With ``schedule="expertflow"`` (ExpertFlow's token scheduler), before every round (one decode
+step of each active batch) the requests of the active batches are regrouped, keeping the batch
+sizes, so that the batches need as few distinct (layer, expert) pairs as possible by their
+predicted routing paths: every pair of batches is re-split with the native two-batch split
+(:func:`expertflow.scheduler.regroup`). Their KV rows move with them. With two active batches
+this is ExpertFlow's re-split of two consecutive batches; more active batches give the
+scheduler more requests to match (measured in ``bench/bench_generate_batch.py``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from expertflow.predictor import Predictor, multi_hot
+from expertflow.recording import routed_modules
+from expertflow.scheduler import paths_from_scores, regroup
+
+__all__ = ["BatchGeneration", "generate_batch"]
+
+SCHEDULES = ("fifo", "expertflow")
+
+
+@dataclass
+class BatchGeneration:
+    """What :func:`generate_batch` returns.
+
+    ``sequences[i]``: the new tokens of request i (ending with the EOS token if it stopped
+    there). ``finish_reasons[i]``: ``"stop"`` (EOS), ``"length"`` (max_new_tokens),
+    ``"context"`` (the model's context is full) or ``"error"`` (then ``errors[i]`` holds the
+    exception and ``sequences[i]`` the tokens made before it). ``stats``: see
+    :func:`generate_batch`.
+    """
+
+    sequences: list[list[int]]
+    finish_reasons: list[str]
+    errors: dict[int, Exception] = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Request:
+    index: int
+    ids: list[int]  # prompt + generated; the last id is the next token to run
+    generated: list[int] = field(default_factory=list)
+    previous: np.ndarray | None = None  # [L, K] routing of the last token run
+    scores: np.ndarray | None = None  # [L, E] predicted for the next step, if predicted
+
+
+class _Rows:
+    """A batch: its requests and their KV rows, ``[B, heads, S, dim]`` per attention layer,
+    left-padded to a common length S; ``mask`` ``[B, S]`` is 1 on real positions."""
+
+    def __init__(self, requests, keys, values, mask):
+        self.requests: list[_Request] = requests
+        self.keys: list[torch.Tensor] = keys
+        self.values: list[torch.Tensor] = values
+        self.mask: torch.Tensor = mask
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    @staticmethod
+    def concat(parts: list[_Rows]) -> _Rows:
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return _Rows([], [], [], torch.zeros(0, 0, dtype=torch.long))
+        length = max(p.mask.shape[1] for p in parts)
+
+        def left_pad(t: torch.Tensor, pad: int) -> torch.Tensor:
+            return F.pad(t, (0, 0, pad, 0)) if pad else t
+
+        pads = [length - p.mask.shape[1] for p in parts]
+        keys = [
+            torch.cat([left_pad(p.keys[i], pad) for p, pad in zip(parts, pads, strict=True)])
+            for i in range(len(parts[0].keys))
+        ]
+        values = [
+            torch.cat([left_pad(p.values[i], pad) for p, pad in zip(parts, pads, strict=True)])
+            for i in range(len(parts[0].values))
+        ]
+        mask = torch.cat([F.pad(p.mask, (pad, 0)) for p, pad in zip(parts, pads, strict=True)])
+        return _Rows([r for p in parts for r in p.requests], keys, values, mask)
+
+    def select(self, rows: list[int]) -> _Rows:
+        """The given rows, without the columns that are padding in all of them."""
+        if not rows:
+            return _Rows.concat([])
+        index = torch.as_tensor(rows, device=self.mask.device)
+        mask = self.mask.index_select(0, index)
+        start = int(mask.any(dim=0).to(torch.uint8).argmax())
+        return _Rows(
+            [self.requests[r] for r in rows],
+            [k.index_select(0, index)[:, :, start:] for k in self.keys],
+            [v.index_select(0, index)[:, :, start:] for v in self.values],
+            mask[:, start:],
+        )
+
+
+def _as_cache(rows: _Rows):
+    """A transformers DynamicCache over the rows' tensors (no copy)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache()
+    for k, v in zip(rows.keys, rows.values, strict=True):
+        layer = DynamicLayer()
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+        cache.layers.append(layer)
+    return cache
+
+
+class _RoutingTap:
+    """Hooks on the model's MoE layers keeping each layer's ``top_k_index`` of the last call."""
+
+    def __init__(self, model: nn.Module):
+        self.modules = routed_modules(model)
+        if not self.modules:
+            raise ValueError(
+                f"generate_batch: {type(model).__name__} has no MoE experts module that "
+                "expertflow supports"
+            )
+        self._index: list[torch.Tensor | None] = [None] * len(self.modules)
+        self._handles = []
+
+    def __enter__(self) -> _RoutingTap:
+        for layer, module in enumerate(self.modules):
+
+            def hook(module, args, kwargs, layer=layer):
+                index = kwargs["top_k_index"] if "top_k_index" in kwargs else args[1]
+                self._index[layer] = index.detach()
+
+            self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def clear(self) -> None:
+        self._index = [None] * len(self.modules)
+
+    def routing(self) -> np.ndarray:
+        """``[tokens, L, K]`` expert ids of the last forward call."""
+        return torch.stack(self._index, dim=1).cpu().numpy()
+
+
+def _prompt_ids(prompts, vocab: int | None, context: int | None) -> list[list[int]]:
+    if isinstance(prompts, torch.Tensor | np.ndarray):
+        prompts = list(prompts)
+    if not isinstance(prompts, Sequence) or isinstance(prompts, str | bytes) or not prompts:
+        raise ValueError(
+            "generate_batch: prompts must be a non-empty list of prompts, each a list or 1-D "
+            f"tensor of token ids; got {type(prompts).__name__}"
+            + (" of length 0" if isinstance(prompts, Sequence) else "")
+        )
+    out = []
+    for i, prompt in enumerate(prompts):
+        ids = prompt.tolist() if isinstance(prompt, torch.Tensor | np.ndarray) else prompt
+        if (
+            not isinstance(ids, list | tuple)
+            or not ids
+            or not all(isinstance(t, int | np.integer) and not isinstance(t, bool) for t in ids)
+        ):
+            raise ValueError(
+                f"generate_batch: prompts[{i}] must be a non-empty list or 1-D tensor of int "
+                f"token ids, got {prompt!r:.80}"
+            )
+        ids = [int(t) for t in ids]
+        if vocab is not None and not all(0 <= t < vocab for t in ids):
+            bad = next(t for t in ids if not 0 <= t < vocab)
+            raise ValueError(
+                f"generate_batch: prompts[{i}] has token id {bad}, outside the model's "
+                f"vocabulary [0, {vocab})"
+            )
+        if context is not None and len(ids) > context:
+            raise ValueError(
+                f"generate_batch: prompts[{i}] has {len(ids)} tokens, longer than the model's "
+                f"context of {context} (config.max_position_embeddings)"
+            )
+        out.append(ids)
+    return out
+
+
+def _eos_ids(model: nn.Module, eos_token_id) -> set[int]:
+    if eos_token_id is None:
+        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos_token_id is None:
+        return set()
+    if isinstance(eos_token_id, int | np.integer):
+        return {int(eos_token_id)}
+    return {int(t) for t in eos_token_id}
+
+
+class _Generator:
+    """The state of one generate_batch call."""
+
+    def __init__(self, model, requests, *, max_new_tokens, batch_size, schedule, active_batches,
+                 predictor, eos, context, tap):  # fmt: skip
+        self.model, self.tap = model, tap
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.schedule, self.predictor, self.eos, self.context = schedule, predictor, eos, context
+        self.device = next(model.parameters()).device
+        self.waiting = deque(requests)
+        self.batches = [_Rows.concat([]) for _ in range(active_batches)]
+        self.finish: dict[int, str] = {}
+        self.errors: dict[int, Exception] = {}
+        state = getattr(model, "_expertflow", None)
+        self.prefetcher = state["prefetcher"] if state is not None else None
+        self.cache = state["cache"] if state is not None else None
+        forward = inspect.signature(model.forward).parameters
+        self.keep_last = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
+        self.stats = {
+            "prefill_seconds": 0.0,
+            "decode_seconds": 0.0,
+            "schedule_seconds": 0.0,
+            "decode_steps": 0,
+            "decode_tokens": 0,
+            "kv_rows_moved": 0,
+            "regroups": 0,
+        }
+        self._distinct: list[float] = []  # per decode step: mean distinct experts per layer
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _finished(self, request: _Request) -> str | None:
+        if request.generated[-1] in self.eos:
+            return "stop"
+        if len(request.generated) >= self.max_new_tokens:
+            return "length"
+        if self.context is not None and len(request.ids) >= self.context:
+            return "context"  # the next token would need a position past the context
+        return None
+
+    def _accept(self, request: _Request, token: int, path: np.ndarray) -> bool:
+        """Appends a generated token; True while the request goes on."""
+        request.ids.append(token)
+        request.generated.append(token)
+        request.previous, request.scores = path, None
+        reason = self._finished(request)
+        if reason is not None:
+            self.finish[request.index] = reason
+        return reason is None
+
+    def _fail(self, request: _Request, error: Exception) -> None:
+        self.finish[request.index] = "error"
+        self.errors[request.index] = error
+
+    # -- model calls ------------------------------------------------------------------------
+
+    def _prefill(self, request: _Request) -> _Rows | None:
+        """Runs the prompt alone; the request's rows if it goes on."""
+        from transformers import DynamicCache
+
+        started = time.perf_counter()
+        if self.prefetcher is not None:
+            self.prefetcher.reset()
+        ids = torch.tensor([request.ids], device=self.device)
+        cache = DynamicCache()  # full layers: rows of any length can then be concatenated
+        self.tap.clear()
+        try:
+            out = self.model(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                past_key_values=cache,
+                use_cache=True,
+                **self.keep_last,
+            )
+            token = int(out.logits[0, -1].argmax())
+            path = self.tap.routing()[-1]
+        except Exception as error:  # noqa: BLE001  (one request's failure must not stop the rest)
+            self._fail(request, error)
+            return None
+        finally:
+            self.stats["prefill_seconds"] += time.perf_counter() - started
+        if not self._accept(request, token, path):
+            return None
+        return _Rows(
+            [request],
+            [layer.keys for layer in cache.layers],
+            [layer.values for layer in cache.layers],
+            torch.ones_like(ids),
+        )
+
+    def _step(self, rows: _Rows) -> _Rows:
+        """One decode step of a batch; returns the rows still going on. A failing step is
+        retried one request at a time, so that only the requests that fail alone fail."""
+        started = time.perf_counter()
+        try:
+            tokens, routing, cache, mask = self._forward(rows)
+        except Exception as error:  # noqa: BLE001
+            self.stats["decode_seconds"] += time.perf_counter() - started
+            if len(rows) == 1:
+                self._fail(rows.requests[0], error)
+                return _Rows.concat([])
+            return _Rows.concat([self._step(rows.select([r])) for r in range(len(rows))])
+        self.stats["decode_seconds"] += time.perf_counter() - started
+        self.stats["decode_steps"] += 1
+        self.stats["decode_tokens"] += len(rows)
+        self._distinct.append(
+            float(np.mean([len(np.unique(routing[:, layer])) for layer in range(routing.shape[1])]))
+        )
+        rows.keys = [layer.keys for layer in cache.layers]
+        rows.values = [layer.values for layer in cache.layers]
+        rows.mask = mask
+        going_on = [
+            r
+            for r, (request, token) in enumerate(zip(rows.requests, tokens, strict=True))
+            if self._accept(request, token, routing[r])
+        ]
+        return rows if len(going_on) == len(rows) else rows.select(going_on)
+
+    def _forward(self, rows: _Rows):
+        requests = rows.requests
+        ids = torch.tensor([[r.ids[-1]] for r in requests], device=self.device)
+        positions = torch.tensor([[len(r.ids) - 1] for r in requests], device=self.device)
+        mask = torch.cat([rows.mask, torch.ones_like(ids)], dim=1)
+        if self.prefetcher is not None:
+            scores = None
+            if all(r.scores is not None for r in requests):
+                scores = np.stack([r.scores for r in requests])
+            self.prefetcher.drive(
+                [r.ids for r in requests], np.stack([r.previous for r in requests]), scores
+            )
+        cache = _as_cache(rows)
+        self.tap.clear()
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            **self.keep_last,
+        )
+        tokens = out.logits[:, -1].argmax(dim=-1).tolist()
+        return tokens, self.tap.routing(), cache, mask
+
+    # -- scheduling -------------------------------------------------------------------------
+
+    def _admit(self, batch: int) -> None:
+        new = []
+        while len(self.batches[batch]) + len(new) < self.batch_size and self.waiting:
+            rows = self._prefill(self.waiting.popleft())
+            if rows is not None:
+                new.append(rows)
+        if new:
+            self.batches[batch] = _Rows.concat([self.batches[batch], *new])
+
+    def _paths(self, requests: list[_Request]) -> np.ndarray:
+        """Predicted paths ``[N, L, E]`` of each request's next step: the predictor's top-k, or
+        without one the experts the request's previous token chose (routing repeats often)."""
+        previous = np.stack([r.previous for r in requests])
+        num_experts = self.tap.modules[0].num_experts
+        if self.predictor is None:
+            return multi_hot(previous, num_experts).astype(bool)
+        scores = self.predictor.predict_step([r.ids for r in requests], previous)
+        for request, s in zip(requests, scores, strict=True):
+            request.scores = s  # reused by the prefetcher at the request's step
+        return paths_from_scores(scores, previous.shape[-1])
+
+    def _regroup(self) -> None:
+        """Regroups the requests of all active batches by predicted paths (sizes kept)."""
+        live = [b for b, rows in enumerate(self.batches) if len(rows)]
+        if len(live) < 2:
+            return
+        started = time.perf_counter()
+        requests = [r for b in live for r in self.batches[b].requests]
+        current = [k for k, b in enumerate(live) for _ in self.batches[b].requests]
+        new = regroup(self._paths(requests), current, len(live))
+        changed = sorted({g for old, g in zip(current, new, strict=True) if old != g})
+        if changed:
+            # Rows of the changed batches, in the order concat lays them out.
+            rows = [i for i, g in enumerate(current) if g in changed]
+            both = _Rows.concat([self.batches[live[k]] for k in changed])
+            for k in changed:
+                self.batches[live[k]] = both.select([p for p, i in enumerate(rows) if new[i] == k])
+            self.stats["kv_rows_moved"] += sum(
+                1 for old, g in zip(current, new, strict=True) if old != g
+            )
+            self.stats["regroups"] += 1
+        self.stats["schedule_seconds"] += time.perf_counter() - started
+
+    def run(self) -> None:
+        while self.waiting or any(len(b) for b in self.batches):
+            for batch in range(len(self.batches)):
+                self._admit(batch)
+            if self.schedule == "expertflow":
+                self._regroup()
+            for batch in range(len(self.batches)):
+                if len(self.batches[batch]):
+                    self.batches[batch] = self._step(self.batches[batch])
+
+    def distinct_experts_per_layer(self) -> float | None:
+        return float(np.mean(self._distinct)) if self._distinct else None
+
+
+def generate_batch(
+    model: nn.Module,
+    prompts,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    schedule: str = "fifo",
+    active_batches: int = 4,
+    predictor: Predictor | str | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+) -> BatchGeneration:
+    """Greedy generation for many requests, ``batch_size`` at a time.
+
+    Every request's tokens are those it would get decoded alone (greedy on the model's logits),
+    whatever the batching and scheduling.
+
+    Args:
+        model: a transformers causal LM, offloaded by :func:`expertflow.offload` or not.
+        prompts: token ids per request (lists or 1-D tensors), in arrival order.
+        max_new_tokens: at most this many new tokens per request.
+        batch_size: requests per decode batch.
+        schedule: ``"fifo"`` (batches keep their requests in arrival order) or
+            ``"expertflow"`` (consecutive batches regrouped by predicted routing, see module).
+        active_batches: batches decoding in turn; their requests' KV caches are all held.
+            The scheduler regroups among all of them: more gives it more requests to match
+            (4 by default; on the demo model at batch 16, 2 active batches cut distinct
+            experts per step by about 10%, 4 by about 19%).
+        predictor: predicts the routing paths the scheduler groups by; default: the offloaded
+            model's predictor, or else each request's previous routing.
+        eos_token_id: ends a request; default: the model's ``generation_config``.
+
+    Returns:
+        A :class:`BatchGeneration`. Its ``stats``: ``seconds``, ``tokens_per_second`` (all new
+        tokens over all time), ``prefill_seconds``, ``decode_seconds``, ``schedule_seconds``
+        (predictions, splits and KV moves), ``decode_steps``, ``decode_tokens``,
+        ``distinct_experts_per_layer`` (mean over decode steps of the distinct experts a step
+        ran per MoE layer), ``kv_rows_moved``, ``regroups`` and, for an offloaded model, the
+        cache's counters over the call (``hits``, ``misses``, ``prefetches``,
+        ``bytes_copied``, ...). If every request fails, the first error is raised.
+    """
+    for name, value, least in (
+        ("max_new_tokens", max_new_tokens, 1),
+        ("batch_size", batch_size, 1),
+        ("active_batches", active_batches, 1),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"generate_batch: {name} must be an int >= {least}, got {value!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"generate_batch: schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if schedule == "expertflow" and active_batches < 2:
+        raise ValueError(
+            "generate_batch: schedule='expertflow' regroups batches and needs "
+            f"active_batches >= 2, got {active_batches}"
+        )
+    config = getattr(model, "config", None)
+    context = getattr(config, "max_position_embeddings", None)
+    requests = [
+        _Request(i, ids)
+        for i, ids in enumerate(_prompt_ids(prompts, getattr(config, "vocab_size", None), context))
+    ]
+    state = getattr(model, "_expertflow", None)
+    if predictor is None and state is not None and state["prefetcher"] is not None:
+        predictor = state["prefetcher"].predictor
+    elif predictor is not None and not isinstance(predictor, Predictor):
+        from expertflow.predictor import load_predictor
+
+        predictor = load_predictor(predictor)
+    cache = state["cache"] if state is not None else None
+    before = cache.stats() if cache is not None else None
+    started = time.perf_counter()
+    with torch.no_grad(), _RoutingTap(model) as tap:
+        if predictor is not None and (predictor.num_layers, predictor.num_experts) != (
+            len(tap.modules),
+            tap.modules[0].num_experts,
+        ):
+            raise ValueError(
+                f"generate_batch: predictor is for {predictor.num_layers} layers x "
+                f"{predictor.num_experts} experts, the model has {len(tap.modules)} MoE layers "
+                f"x {tap.modules[0].num_experts} experts"
+            )
+        run = _Generator(
+            model,
+            requests,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            schedule=schedule,
+            active_batches=active_batches,
+            predictor=predictor,
+            eos=_eos_ids(model, eos_token_id),
+            context=context,
+            tap=tap,
+        )
+        try:
+            run.run()
+        finally:
+            if run.prefetcher is not None:
+                run.prefetcher.reset()
+    seconds = time.perf_counter() - started
+    if len(run.errors) == len(requests):
+        raise run.errors[min(run.errors)]
+    generated = sum(len(r.generated) for r in requests)
+    stats = {
+        "seconds": seconds,
+        "tokens_per_second": generated / seconds if seconds else None,
+        **run.stats,
+        "distinct_experts_per_layer": run.distinct_experts_per_layer(),
+    }
+    if cache is not None:
+        after = cache.stats()
+        stats["cache"] = {k: after[k] - before[k] for k in after}
+    return BatchGeneration(
+        sequences=[r.generated for r in requests],
+        finish_reasons=[run.finish[r.index] for r in requests],
+        errors=run.errors,
+        stats=stats,
+    )

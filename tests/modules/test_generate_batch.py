@@ -1,0 +1,216 @@
+"""generate_batch: every request gets its tokens decoded alone, whatever batching and scheduling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import expertflow
+from expertflow.predictor import HistoryPredictor
+from tests.modules.test_offload import FAMILIES, build
+
+transformers = pytest.importorskip("transformers")
+
+
+def random_prompts(seed: int, count: int, longest: int = 12) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, longest + 1, (count,), generator=gen).tolist()
+    return [torch.randint(1, 96, (n,), generator=gen).tolist() for n in lengths]
+
+
+def alone(model, prompt, max_new_tokens, eos=None):
+    ids = torch.tensor([prompt])
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=eos,
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+def without_eos(family: str, seed: int = 0):
+    model = build(family, seed)
+    model.generation_config.eos_token_id = None
+    return model
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_request_decodes_as_it_would_alone(family):
+    model = without_eos(family)
+    prompts = random_prompts(hash(family) % 1000, 7)
+    reference = [alone(model, p, 6) for p in prompts]
+    plain = expertflow.generate_batch(model, prompts, max_new_tokens=6, batch_size=3)
+    assert plain.sequences == reference
+    assert plain.finish_reasons == ["length"] * 7
+    # Offloaded with the tightest cache, regrouped every round: still the same tokens.
+    expertflow.offload(model, device="cpu", slots=2 * 2, policy="lru")
+    scheduled = expertflow.generate_batch(
+        model, prompts, max_new_tokens=6, batch_size=3, schedule="expertflow", active_batches=3
+    )
+    assert scheduled.sequences == reference
+    assert scheduled.stats["kv_rows_moved"] > 0  # the scheduler did move requests
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 5])
+@pytest.mark.parametrize("schedule", ["fifo", "expertflow"])
+def test_batch_sizes_eos_and_a_predictor(batch_size, schedule):
+    model = without_eos("mixtral", seed=1)
+    prompts = random_prompts(batch_size, 9)
+    free = [alone(model, p, 8) for p in prompts]
+    eos = free[4][2]  # some requests stop early, at different steps
+    reference = [alone(model, p, 8, eos) for p in prompts]
+    expertflow.offload(model, device="cpu", slots=6, policy="expertflow", budget="global")
+    predictor = HistoryPredictor(2, 8, 2)
+    out = expertflow.generate_batch(
+        model,
+        prompts,
+        max_new_tokens=8,
+        batch_size=batch_size,
+        schedule=schedule,
+        predictor=predictor if schedule == "expertflow" else None,
+        eos_token_id=eos,
+    )
+    assert out.sequences == reference
+    assert out.finish_reasons == ["stop" if eos in r else "length" for r in reference]
+    stats = out.stats
+    assert stats["decode_tokens"] == sum(len(r) for r in reference) - len(prompts)
+    assert 1 <= stats["distinct_experts_per_layer"] <= min(8, 2 * batch_size)
+    assert stats["cache"]["hits"] + stats["cache"]["misses"] > 0
+
+
+def test_with_the_models_own_predictor_and_prefetching():
+    model = without_eos("qwen3_moe", seed=2)
+    prompts = random_prompts(5, 8)
+    reference = [alone(model, p, 7) for p in prompts]
+    expertflow.offload(
+        model, device="cpu", slots=8, policy="expertflow", predictor=HistoryPredictor(2, 8, 2)
+    )
+    runs = [
+        expertflow.generate_batch(model, prompts, max_new_tokens=7, batch_size=2, schedule=s)
+        for s in ("fifo", "expertflow", "expertflow")
+    ]
+    assert all(r.sequences == reference for r in runs)
+    prefetcher = model._expertflow["prefetcher"]
+    assert prefetcher.steps >= sum(r.stats["decode_steps"] for r in runs)
+    assert sum(r.stats["cache"]["prefetches"] for r in runs) > 0
+    # After batched generation the model's own generate still works and matches.
+    assert alone(model, prompts[0], 7) == reference[0]
+
+
+def test_deterministic():
+    model = without_eos("olmoe")
+    expertflow.offload(model, device="cpu", slots=4, policy="lru")
+    prompts = random_prompts(7, 10)
+    a, b = (
+        expertflow.generate_batch(
+            model, prompts, max_new_tokens=5, batch_size=2, schedule="expertflow"
+        )
+        for _ in range(2)
+    )
+    assert a.sequences == b.sequences
+    for key in ("kv_rows_moved", "regroups", "decode_steps", "distinct_experts_per_layer"):
+        assert a.stats[key] == b.stats[key]
+
+
+def test_the_context_ends_a_request():
+    model = without_eos("mixtral")
+    context = model.config.max_position_embeddings
+    long_prompt = random_prompts(3, 1, longest=1)[0] * (context - 3)
+    reference = alone(model, long_prompt, 3)
+    out = expertflow.generate_batch(model, [long_prompt, [5, 6]], max_new_tokens=10, batch_size=2)
+    assert out.sequences[0] == reference
+    assert out.finish_reasons == ["context", "length"]
+
+
+def test_bad_input():
+    model = without_eos("mixtral")
+    ok = [[1, 2, 3]]
+    cases = [
+        (dict(prompts=[]), "prompts must be a non-empty list"),
+        (dict(prompts="hello"), "prompts must be a non-empty list"),
+        (dict(prompts=[[1, 2], []]), r"prompts\[1\] must be a non-empty list"),
+        (dict(prompts=[[1, 2.5]]), r"prompts\[0\] must be a non-empty list"),
+        (dict(prompts=[[1, 96]]), r"prompts\[0\] has token id 96, outside .* \[0, 96\)"),
+        (dict(prompts=[ok[0], [1] * 65]), r"prompts\[1\] has 65 tokens, longer than .* 64"),
+        (dict(batch_size=0), "batch_size must be an int >= 1, got 0"),
+        (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1"),
+        (dict(schedule="random"), "schedule must be one of"),
+        (dict(schedule="expertflow", active_batches=1), "needs active_batches >= 2"),
+        (dict(predictor=HistoryPredictor(3, 8, 2)), "predictor is for 3 layers x 8 experts"),
+    ]
+    for overrides, message in cases:
+        kwargs = {"prompts": ok, "max_new_tokens": 2, "batch_size": 1, **overrides}
+        with pytest.raises(ValueError, match=message):
+            expertflow.generate_batch(model, kwargs.pop("prompts"), **kwargs)
+
+
+def test_a_failing_request_does_not_corrupt_the_others():
+    model = without_eos("granitemoe")
+    prompts = random_prompts(11, 6)
+    reference = [alone(model, p, 6) for p in prompts]
+    # A token made by request 2 only (and in nobody's prompt): feeding it back fails.
+    others = {t for i, r in enumerate(reference) if i != 2 for t in r} | {
+        t for p in prompts for t in p
+    }
+    poison = next(t for t in reference[2] if t not in others)
+    at = reference[2].index(poison)
+    prompts[4] = prompts[4] + [poison]  # request 4 fails at once, in its prompt
+    reference[4] = None
+
+    def refuse(module, args, kwargs):
+        ids = kwargs.get("input", args[0] if args else None)
+        if bool((ids == poison).any()):
+            raise RuntimeError("poisoned token")
+
+    model.get_input_embeddings().register_forward_pre_hook(refuse, with_kwargs=True)
+    expertflow.offload(model, device="cpu", slots=4, policy="lru")
+    out = expertflow.generate_batch(
+        model, prompts, max_new_tokens=6, batch_size=3, schedule="expertflow", active_batches=2
+    )
+    assert sorted(out.errors) == [2, 4]
+    assert all(isinstance(e, RuntimeError) for e in out.errors.values())
+    assert out.finish_reasons[2] == out.finish_reasons[4] == "error"
+    assert out.sequences[2] == reference[2][: at + 1] and out.sequences[4] == []
+    for i in (0, 1, 3, 5):
+        assert out.sequences[i] == reference[i]
+        assert out.finish_reasons[i] == "length"
+    # Every request failing raises the first error.
+    with pytest.raises(RuntimeError, match="poisoned token"):
+        expertflow.generate_batch(model, [prompts[4]], max_new_tokens=2, batch_size=1)
+
+
+def test_regrouping_cuts_the_experts_a_batch_runs_on_clustered_requests():
+    """Two kinds of prompt whose tokens route to disjoint experts, interleaved: FIFO batches
+    mix them, the scheduler separates them, and each decode step runs fewer experts."""
+    model = without_eos("mixtral", seed=3)
+    with torch.no_grad():  # layer routers that read one hidden unit: its sign picks the half
+        for layer in model.model.layers:
+            gate = layer.mlp.gate.weight
+            gate.zero_()
+            gate[:4, 0], gate[4:, 0] = 5.0, -5.0
+            gate[:, 1:] = 0.01 * torch.randn_like(gate[:, 1:])
+            layer.self_attn.o_proj.weight.zero_()  # keep the token's own unit 0 sign
+            layer.mlp.experts.down_proj.zero_()
+        embed = model.model.embed_tokens.weight
+        embed[:, 0] = torch.where(torch.arange(96) < 48, 3.0, -3.0)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[:48, 0] = 1.0  # argmax stays in the prompt's half
+        model.lm_head.weight[48:, 0] = -1.0
+    low = random_prompts(1, 8, longest=6)
+    prompts = [
+        [t % 48 for t in p] if i % 2 == 0 else [48 + t % 48 for t in p] for i, p in enumerate(low)
+    ]
+    runs = {
+        s: expertflow.generate_batch(
+            model, prompts, max_new_tokens=4, batch_size=4, schedule=s, active_batches=2
+        )
+        for s in ("fifo", "expertflow")
+    }
+    assert runs["fifo"].sequences == runs["expertflow"].sequences
+    fifo = runs["fifo"].stats["distinct_experts_per_layer"]
+    ours = runs["expertflow"].stats["distinct_experts_per_layer"]
+    # FIFO batches mix both kinds at every step; separated batches run half the experts.
+    assert ours <= 0.5 * fifo + 1e-9, (fifo, ours)
