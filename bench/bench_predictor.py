@@ -234,7 +234,62 @@ def predictor_cost(args, held: Trace) -> dict:
         f"  path predictor {predict_ms:.2f} ms per decode step; demo model decode step "
         f"{step_ms:.2f} ms -> {100 * predict_ms / step_ms:.1f}%"
     )
-    return {"predict_ms": predict_ms, "decode_step_ms": step_ms}
+    offloaded = {}
+    for background in (False, True):
+        offloaded[background] = _offloaded_step(model, prompt, args.predictor, background)
+        step, critical, worker = offloaded[background]
+        where = "on a worker thread" if background else "before layer 0"
+        print(
+            f"  offloaded (24 slots), predictor {where}: decode step {step:.2f} ms, "
+            f"predictor on the critical path {critical:.2f} ms"
+            + (f" (worker {worker:.2f} ms)" if background else "")
+        )
+    return {
+        "predict_ms": predict_ms,
+        "decode_step_ms": step_ms,
+        "offloaded_step_ms": offloaded[False][0],
+        "offloaded_critical_ms": offloaded[False][1],
+        "background_step_ms": offloaded[True][0],
+        "background_critical_ms": offloaded[True][1],
+    }
+
+
+def _offloaded_step(base, prompt, predictor_dir, background: bool) -> tuple[float, float, float]:
+    """Decode step, predictor time on the critical path and on the worker (ms) of the demo
+    model offloaded with the predictor."""
+    import copy
+
+    import torch
+
+    import expertflow
+
+    model = copy.deepcopy(base)
+    expertflow.offload(
+        model,
+        device="cpu",
+        slots=24,
+        predictor=load_predictor(predictor_dir),
+        background=background,
+    )
+    prefetcher = model._expertflow["prefetcher"]
+    with torch.no_grad():
+        model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        steps, critical, worker = (
+            prefetcher.steps,
+            prefetcher.seconds,
+            prefetcher.background_seconds,
+        )
+        started = time.perf_counter()
+        model.generate(prompt, max_new_tokens=33, min_new_tokens=33, do_sample=False,
+                       pad_token_id=0)  # fmt: skip
+        elapsed = time.perf_counter() - started
+    n = prefetcher.steps - steps
+    expertflow.restore(model)
+    return (
+        1e3 * elapsed / n,
+        1e3 * (prefetcher.seconds - critical) / n,
+        1e3 * (prefetcher.background_seconds - worker) / n,
+    )
 
 
 def main(argv=None) -> int:

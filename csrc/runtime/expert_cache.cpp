@@ -61,20 +61,23 @@ void ExpertCache::issue(const core::Load& load) {
   counters_.bytes_copied += src.numel();
 }
 
-void ExpertCache::plan(const at::Tensor& layer_scores, int32_t per_layer) {
+void ExpertCache::plan(const at::Tensor& layer_scores, int32_t per_layer, int32_t first_layer) {
   const core::CacheOptions& o = policy_.options();
   TORCH_CHECK(layer_scores.dim() == 2 && layer_scores.size(0) == o.num_layers &&
                   layer_scores.size(1) == o.num_experts,
               "ExpertCache.plan: layer_scores must be [num_layers=", o.num_layers,
               ", num_experts=", o.num_experts, "], got ", layer_scores.sizes());
   TORCH_CHECK(per_layer >= 0, "ExpertCache.plan: per_layer must be >= 0, got ", per_layer);
+  TORCH_CHECK(first_layer >= 0 && first_layer <= o.num_layers,
+              "ExpertCache.plan: first_layer must be in [0, ", o.num_layers, "], got ",
+              first_layer);
   const at::Tensor scores = layer_scores.to(at::kFloat).cpu().contiguous();
   const float* s = scores.const_data_ptr<float>();
   std::lock_guard<std::mutex> lock(mutex_);
   reap_arrivals();
   for (int32_t l = 0; l < o.num_layers; ++l) policy_.set_scores(l, s + l * o.num_experts);
   std::vector<int32_t> order(o.num_experts);
-  for (int32_t l = 0; l < o.num_layers; ++l) {
+  for (int32_t l = first_layer; l < o.num_layers; ++l) {
     const float* row = s + l * o.num_experts;
     std::iota(order.begin(), order.end(), 0);
     const int32_t take = std::min(per_layer, o.num_experts);

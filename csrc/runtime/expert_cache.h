@@ -34,7 +34,7 @@ class ExpertCache {
 
   // layer_scores: float [num_layers, num_experts] predicted demand. Sets the policy's scores and
   // prefetches, in layer order, each layer's best `per_layer` experts with a positive score.
-  void plan(const at::Tensor& layer_scores, int32_t per_layer);
+  void plan(const at::Tensor& layer_scores, int32_t per_layer, int32_t first_layer = 0);
   // Prefetches these experts of one layer (e.g. the next layer's router applied one layer
   // early). `scores` (float [num_experts], optional) first replace that layer's eviction scores.
   // Returns how many copies were issued.

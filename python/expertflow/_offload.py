@@ -151,6 +151,7 @@ def offload(
     budget: str = "per_layer",
     predictor=None,
     lookahead: bool = False,
+    background: bool = False,
 ) -> nn.Module:
     """Moves ``model``'s routed experts into host memory behind one expert cache.
 
@@ -169,6 +170,8 @@ def offload(
             cache prefetches the predicted ones (:mod:`expertflow.prefetch`).
         lookahead: also apply each layer's router one layer early (to the previous layer's
             hidden states) during decoding and prefetch what it picks.
+        background: run the predictor on a worker thread while each step's first layers
+            compute, instead of before layer 0 (:mod:`expertflow.prefetch`).
 
     Returns:
         The same model, modified in place. ``restore(model)`` undoes it.
@@ -177,7 +180,7 @@ def offload(
     experts = [[_expert_tensors(m, e) for e in range(m.num_experts)] for _, m in found]
     cache = _build_cache(model, found, experts, device, slots, gpu_memory, budget, policy)
     del experts
-    return _install(model, found, cache, budget, predictor, lookahead)
+    return _install(model, found, cache, budget, predictor, lookahead, background)
 
 
 def _offloadable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -230,7 +233,13 @@ def _build_cache(model, found, experts, device, slots, gpu_memory, budget, polic
 
 
 def _install(
-    model: nn.Module, found, cache: ExpertCache, budget: str, predictor=None, lookahead=False
+    model: nn.Module,
+    found,
+    cache: ExpertCache,
+    budget: str,
+    predictor=None,
+    lookahead=False,
+    background=False,
 ):
     """Swaps every experts module for an OffloadedExperts over ``cache``; moves the rest of the
     model to the cache's device."""
@@ -265,7 +274,7 @@ def _install(
                 ]
             top_k = int(getattr(getattr(model, "config", None), "num_experts_per_tok", 1) or 1)
             model._expertflow["prefetcher"] = PredictivePrefetcher(
-                model, cache, predictor, modules, top_k, pool_size, routers
+                model, cache, predictor, modules, top_k, pool_size, routers, background
             )
         except ValueError:
             restore(model)

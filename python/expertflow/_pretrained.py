@@ -230,6 +230,7 @@ def from_pretrained(
     budget: str = "per_layer",
     predictor=None,
     lookahead: bool = False,
+    background: bool = False,
 ) -> nn.Module:
     """Loads a local transformers checkpoint (``config.json`` + safetensors, sharded or not)
     as an offloaded model: like ``offload(AutoModelForCausalLM.from_pretrained(path))`` but
@@ -237,7 +238,7 @@ def from_pretrained(
 
     Args:
         path: the checkpoint folder (as written by ``save_pretrained``).
-        device, slots, gpu_memory, policy, budget, predictor, lookahead: as for
+        device, slots, gpu_memory, policy, budget, predictor, lookahead, background: as for
             :func:`expertflow.offload`.
         dtype: the weights' dtype on the device and in the host store (default: the
             checkpoint's ``dtype`` in its config, else float32).
@@ -285,7 +286,7 @@ def from_pretrained(
                 shard.close()
     model.tie_weights()
     _check_complete(model, found, filled, path)
-    return _install(model, found, cache, budget, predictor, lookahead)
+    return _install(model, found, cache, budget, predictor, lookahead, background)
 
 
 def _fill_expert_piece(cache, shard: _Shard, key, layer, part, piece, filled) -> None:

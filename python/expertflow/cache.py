@@ -100,15 +100,17 @@ class ExpertCache:
             f"slot_bytes={self.slot_bytes}, host_bytes={self.host_bytes})"
         )
 
-    def plan(self, layer_scores: torch.Tensor, per_layer: int) -> None:
+    def plan(self, layer_scores: torch.Tensor, per_layer: int, first_layer: int = 0) -> None:
         """Prefetches predicted experts, layer by layer.
 
         Args:
             layer_scores: float ``[num_layers, num_experts]`` predicted demand (higher = more
                 likely needed soon); becomes the policy's eviction scores.
             per_layer: how many of each layer's best positive-score experts to prefetch.
+            first_layer: prefetch from this layer on (a plan made while the step already
+                runs skips the layers it is too late for); every layer's scores are set.
         """
-        self._native.plan(layer_scores, per_layer)
+        self._native.plan(layer_scores, per_layer, first_layer)
 
     def prefetch(
         self, layer: int, experts: Sequence[int], scores: torch.Tensor | None = None

@@ -9,11 +9,16 @@
 
 The routers' real choices are fed back to the predictor (online learning) and to the cache (a
 prefetch the router did not use becomes the first to be evicted: real-time correction).
+
+With ``background=True`` the path prediction runs on a worker thread while the step's first
+layers compute (off the critical path); its plan then starts at the first layer whose experts
+have not run yet, and the step waits for it, if still running, only after its last layer.
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -29,7 +34,8 @@ class PredictivePrefetcher:
 
     Prompts (forward calls over more than one position) are not planned: they need most
     experts anyway. Each single-position call (a decode step) is planned from the token ids of
-    every batch row so far. ``seconds`` and ``steps`` measure the predictor's cost.
+    every batch row so far. ``seconds`` and ``steps`` measure the predictor's cost on the
+    critical path; ``background_seconds`` its time on the worker thread (``background=True``).
     """
 
     def __init__(
@@ -41,6 +47,7 @@ class PredictivePrefetcher:
         top_k: int,
         pool_size: int,
         routers: list[nn.Module] | None = None,
+        background: bool = False,
     ):
         layers, experts = len(modules), modules[0].num_experts
         if predictor is None and routers is None:
@@ -64,6 +71,17 @@ class PredictivePrefetcher:
         self._driven = None
         self.seconds = 0.0  # predictor time
         self.steps = 0
+        self.background_seconds = 0.0
+        self._layer = -1  # the layer whose experts run now (read by the worker thread)
+        self._job: Future | None = None
+        self._worker = (
+            # One intra-op thread there: the worker must not take the forward's cores.
+            ThreadPoolExecutor(
+                1, "expertflow-predictor", initializer=torch.set_num_threads, initargs=(1,)
+            )  # fmt: skip
+            if background and predictor is not None
+            else None
+        )
         self.lookahead_seconds = 0.0
         self.lookahead_prefetches = 0
         self._handles = [model.register_forward_pre_hook(self._on_forward, with_kwargs=True)]
@@ -91,8 +109,24 @@ class PredictivePrefetcher:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self._worker is not None:
+            self._wait_for_plan()
+            self._worker.shutdown()
+            self._worker = None
+
+    def _wait_for_plan(self) -> None:
+        """Waits for the worker's plan of this step (re-raising its error, if any)."""
+        if self._job is not None:
+            job, self._job = self._job, None
+            started = time.perf_counter()
+            try:
+                job.result()
+            finally:
+                self.seconds += time.perf_counter() - started
 
     def _on_forward(self, module, args, kwargs) -> None:
+        self._wait_for_plan()  # a forward that raised may have left one behind
+        self._layer = -1
         ids = kwargs.get("input_ids", args[0] if args else None)
         self._routing = [None] * self.num_layers
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
@@ -137,16 +171,32 @@ class PredictivePrefetcher:
         if self.predictor is None:
             return
         started = time.perf_counter()
-        if scores is None:
-            scores = self.predictor.predict_step(histories, previous)  # [B, L, E]
         per_layer = min(self.pool_size, self.top_k * len(histories))
-        self.cache.plan(torch.from_numpy(np.ascontiguousarray(scores.max(axis=0))), per_layer)
+        if scores is None and self._worker is not None:
+            # The rows' histories are not touched until the step ends, when the job is done.
+            self._job = self._worker.submit(self._predict_and_plan, histories, previous, per_layer)
+        else:
+            if scores is None:
+                scores = self.predictor.predict_step(histories, previous)  # [B, L, E]
+            self._send_plan(scores, per_layer, 0)
         self.seconds += time.perf_counter() - started
+
+    def _send_plan(self, scores: np.ndarray, per_layer: int, first_layer: int) -> None:
+        best = torch.from_numpy(np.ascontiguousarray(scores.max(axis=0)))
+        self.cache.plan(best, per_layer, first_layer)
+
+    def _predict_and_plan(self, histories, previous, per_layer: int) -> None:
+        started = time.perf_counter()
+        with torch.no_grad():
+            scores = self.predictor.predict_step(histories, previous)
+        self._send_plan(scores, per_layer, min(self._layer + 1, self.num_layers))
+        self.background_seconds += time.perf_counter() - started
 
     def _layer_hook(self, layer: int):
         def hook(module, args, kwargs) -> None:
             if self._step_ids is None:
                 return
+            self._layer = layer
             index = kwargs["top_k_index"] if "top_k_index" in kwargs else args[1]
             self._routing[layer] = index.detach().cpu()
             if self.routers is not None and self._decoding and layer + 1 < self.num_layers:
@@ -167,6 +217,7 @@ class PredictivePrefetcher:
         self.lookahead_seconds += time.perf_counter() - started
 
     def _finish_step(self) -> None:
+        self._wait_for_plan()  # before the rows' histories change and before learning
         rows = self._step_ids
         batch, width = len(rows), len(rows[0])
         routing = torch.stack(self._routing, dim=1).view(batch, width, self.num_layers, -1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -101,6 +103,66 @@ def test_real_predictors_never_change_the_tokens(kind, budget):
         assert sum(predictor._token_count.values()) == int(mask.sum()) + 2 * (NEW - 1)
     expertflow.restore(offloaded)
     assert not offloaded._forward_pre_hooks
+
+
+class ThreadRecordingOracle(OraclePredictor):
+    """The oracle, noting on which thread each prediction ran and whether learning ever
+    overlapped a prediction."""
+
+    def __init__(self, trace, fail_at=None):
+        super().__init__(trace)
+        self.threads, self.fail_at, self.busy, self.overlaps = set(), fail_at, False, 0
+
+    def predict_step(self, histories, previous):
+        self.busy = True
+        self.threads.add(threading.get_ident())
+        try:
+            if self.step == self.fail_at:
+                raise RuntimeError("predictor failed")
+            return super().predict_step(histories, previous)
+        finally:
+            self.busy = False
+
+    def learn(self, token_ids, routing):
+        self.overlaps += self.busy
+
+
+def test_a_background_predictor_runs_off_the_main_thread_without_changing_tokens():
+    reference = build("mixtral")
+    ids = prompt()
+    with torch.no_grad():
+        expected = reference.generate(
+            input_ids=ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0
+        )
+    trace = record_routing(reference, [ids[0].tolist()], generate=NEW)
+    oracle = ThreadRecordingOracle(trace)
+    model = expertflow.offload(
+        build("mixtral"), device="cpu", slots=4, predictor=oracle, background=True
+    )
+    prefetcher = model._expertflow["prefetcher"]
+    out, _ = decode_stats(model, ids)
+    assert torch.equal(out, expected)
+    assert oracle.threads and threading.get_ident() not in oracle.threads
+    assert oracle.step == NEW - 1 and prefetcher.steps == NEW - 1  # every step predicted once
+    assert oracle.overlaps == 0  # learning waits for the step's prediction
+    assert prefetcher.background_seconds > 0
+    expertflow.restore(model)
+    assert prefetcher._worker is None
+
+
+def test_a_failing_background_predictor_raises_in_the_forward_and_recovers():
+    reference = build("mixtral")
+    ids = prompt()
+    trace = record_routing(reference, [ids[0].tolist()], generate=NEW)
+    oracle = ThreadRecordingOracle(trace, fail_at=1)
+    model = expertflow.offload(
+        build("mixtral"), device="cpu", slots=4, predictor=oracle, background=True
+    )
+    with pytest.raises(RuntimeError, match="predictor failed"), torch.no_grad():
+        model.generate(input_ids=ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    oracle.fail_at = None
+    with torch.no_grad():  # the failed job is gone: the model generates again
+        model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
 
 
 def test_a_predictor_for_another_model_is_refused():

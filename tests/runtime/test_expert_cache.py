@@ -104,6 +104,20 @@ def test_prefetched_experts_are_hits(device):
     assert stats["misses"] == 0 and stats["prefetch_hits"] == 2 and stats["prefetches"] == 2
 
 
+def test_a_late_plan_skips_the_layers_it_is_too_late_for(device):
+    cache = ExpertCache(make_experts(), device=device, slots=6, top_k=2, policy="expertflow")
+    cache.plan(torch.ones(3, 6), per_layer=2, first_layer=1)
+    cache.synchronize()
+    assert cache.stats()["prefetches"] == 4  # layers 1 and 2 only
+    cache.acquire(0, [0])
+    cache.release(0)
+    assert cache.stats()["misses"] == 1
+    cache.plan(torch.ones(3, 6), per_layer=2, first_layer=3)  # past the last layer: nothing
+    assert cache.stats()["prefetches"] == 4
+    with pytest.raises(RuntimeError, match=r"first_layer must be in \[0, 3\], got 4"):
+        cache.plan(torch.ones(3, 6), per_layer=2, first_layer=4)
+
+
 def test_pinned_experts_survive_other_layers(device):
     experts = make_experts()
     cache = ExpertCache(experts, device=device, slots=2, top_k=2, budget="global")
