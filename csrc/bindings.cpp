@@ -161,6 +161,8 @@ void bind_expert_cache(py::module_& m) {
         py::dict d = stats_dict(c.stats());
         d["bytes_copied"] = counters.bytes_copied;
         d["wait_seconds"] = counters.wait_seconds;
+        d["late_waits"] = counters.late_waits;
+        d["full_pool_waits"] = counters.full_pool_waits;
         return d;
       });
 }

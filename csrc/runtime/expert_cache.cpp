@@ -124,12 +124,20 @@ AcquireResult ExpertCache::acquire(int32_t layer, const std::vector<int32_t>& ex
     policy_.acquire(layer, experts.data(), static_cast<int32_t>(experts.size()),
                     result.slots.data(), loads);
   } catch (const std::length_error&) {
-    // Slots held by copies in flight cannot be evicted: let them land, then try once more.
-    if (in_flight_.empty()) throw;
-    engine_->synchronize();
-    reap_arrivals();
-    policy_.acquire(layer, experts.data(), static_cast<int32_t>(experts.size()),
-                    result.slots.data(), loads);
+    // Slots held by copies in flight cannot be evicted: let the oldest land, one at a time,
+    // until enough are free (a failed acquire changes no policy state).
+    for (;;) {
+      if (in_flight_.empty()) throw;
+      counters_.wait_seconds += engine_->block_until_arrived(in_flight_.front());
+      ++counters_.full_pool_waits;
+      reap_arrivals();
+      try {
+        policy_.acquire(layer, experts.data(), static_cast<int32_t>(experts.size()),
+                        result.slots.data(), loads);
+        break;
+      } catch (const std::length_error&) {
+      }
+    }
   } catch (const std::out_of_range& e) {
     TORCH_CHECK_INDEX(false, "ExpertCache.", e.what());
   }
@@ -156,9 +164,11 @@ AcquireResult ExpertCache::acquire(int32_t layer, const std::vector<int32_t>& ex
 void ExpertCache::wait(int32_t slot) {
   TORCH_CHECK_INDEX(slot >= 0 && slot < num_slots(), "ExpertCache.wait: slot must be in [0, ",
                     num_slots(), "), got ", slot);
+  const bool late = !engine_->arrived(slot);
   const double blocked = engine_->wait(slot);  // outside the lock: copies keep landing
   std::lock_guard<std::mutex> lock(mutex_);
   counters_.wait_seconds += blocked;
+  counters_.late_waits += late;
 }
 
 std::vector<at::Tensor> ExpertCache::views(int32_t slot, int32_t layer) const {

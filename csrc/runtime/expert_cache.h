@@ -24,7 +24,9 @@ struct AcquireResult {
 
 struct CacheCounters {
   int64_t bytes_copied = 0;
-  double wait_seconds = 0.0;  // host time blocked in wait() (CPU engine; CUDA waits on device)
+  double wait_seconds = 0.0;    // host time blocked in wait() (CPU engine; CUDA waits on device)
+  int64_t late_waits = 0;       // wait() calls whose copy had not arrived yet (compute stalled)
+  int64_t full_pool_waits = 0;  // acquires that had to let an in-flight copy land first
 };
 
 class ExpertCache {

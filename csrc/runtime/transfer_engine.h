@@ -21,6 +21,8 @@ class TransferEngine {
   // Makes the caller's compute wait for the slot's latest copy: on CUDA the current stream waits
   // on the slot's event (no host block), on the CPU this blocks. Returns host seconds blocked.
   virtual double wait(int32_t slot) = 0;
+  // Blocks the host until the slot's latest copy has arrived. Returns host seconds blocked.
+  virtual double block_until_arrived(int32_t slot) = 0;
   // Compute has enqueued its last use of the slot: later copies into it wait for that point.
   virtual void release(int32_t slot) = 0;
   // Blocks until every issued copy has arrived.

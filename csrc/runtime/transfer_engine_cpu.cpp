@@ -47,7 +47,9 @@ class CpuTransferEngine final : public TransferEngine {
     return arrived_[slot] >= issued_[slot];
   }
 
-  double wait(int32_t slot) override {
+  double wait(int32_t slot) override { return block_until_arrived(slot); }
+
+  double block_until_arrived(int32_t slot) override {
     const auto start = std::chrono::steady_clock::now();
     std::unique_lock<std::mutex> lock(mutex_);
     check_slot(slot);

@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
+#include <chrono>
 #include <vector>
 
 #include "runtime/transfer_engine.h"
@@ -70,6 +71,14 @@ class CudaTransferEngine final : public TransferEngine {
     C10_CUDA_CHECK(cudaStreamWaitEvent(c10::cuda::getCurrentCUDAStream(device_.index()).stream(),
                                        arrived_[slot], 0));
     return 0.0;  // the GPU waits, not the host
+  }
+
+  double block_until_arrived(int32_t slot) override {
+    check_slot(slot);
+    const c10::cuda::CUDAGuard guard(device_);
+    const auto start = std::chrono::steady_clock::now();
+    C10_CUDA_CHECK(cudaEventSynchronize(arrived_[slot]));
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   }
 
   void release(int32_t slot) override {

@@ -153,5 +153,7 @@ class ExpertCache:
 
     def stats(self) -> dict:
         """hits, misses, prefetch_hits, prefetches, wasted_prefetches, evictions, bytes_copied,
-        wait_seconds (host time blocked in wait)."""
+        wait_seconds (host time blocked in wait, or in an acquire whose pool was full of copies
+        in flight; on CUDA wait() blocks the stream, not the host), late_waits (waits whose copy
+        had not arrived: compute stalled), full_pool_waits (copies an acquire let land first)."""
         return self._native.stats()

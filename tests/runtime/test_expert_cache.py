@@ -118,6 +118,27 @@ def test_a_late_plan_skips_the_layers_it_is_too_late_for(device):
         cache.plan(torch.ones(3, 6), per_layer=2, first_layer=4)
 
 
+def test_a_pool_full_of_copies_in_flight_waits_for_one_not_for_all(device):
+    # Experts large enough (32 MiB) that two queued prefetches are still copying when the
+    # acquire comes: it must wait for the oldest copy only, then evict it.
+    gen = torch.Generator().manual_seed(1)
+    experts = [[[torch.randint(0, 255, (32 << 20,), dtype=torch.uint8, generator=gen)]
+                for _ in range(3)] for _ in range(2)]  # fmt: skip
+    cache = ExpertCache(experts, device=device, slots=2, top_k=1, budget="global")
+    scores = torch.zeros(2, 3)
+    scores[0, :2] = 1.0
+    cache.plan(scores, per_layer=2)
+    slots, _ = cache.acquire(1, [2])
+    assert_holds(cache, slots[0], 1, experts[1][2])
+    cache.release(1)
+    stats = cache.stats()
+    assert stats["full_pool_waits"] == 1  # one copy landed, not every copy in flight
+    # The 32 MiB urgent copy was still running when compute asked for it.
+    assert stats["late_waits"] == 1
+    if torch.device(device).type == "cpu":  # the host blocked (CUDA: the stream waits)
+        assert stats["wait_seconds"] > 0
+
+
 def test_pinned_experts_survive_other_layers(device):
     experts = make_experts()
     cache = ExpertCache(experts, device=device, slots=2, top_k=2, budget="global")
