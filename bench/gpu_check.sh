@@ -36,6 +36,9 @@ done
 "$py" -m expertflow demo --device cuda --max-new-tokens 64 >"$out/demo_cuda.txt" 2>&1 \
   || echo "demo on cuda FAILED"
 
+"$py" bench/bench_generate_batch.py --device cuda --requests 256 --batch-sizes 16,64 \
+  >"$out/bench_generate_batch_cuda.txt" 2>&1 || echo "bench_generate_batch on cuda FAILED"
+
 echo "== summary =="
 grep -E "passed|failed" "$out/pytest_cuda.log" | tail -1
 for dtype in float32 bfloat16; do
@@ -48,3 +51,5 @@ echo "-- offloaded decode"
 grep -vE "^\[transformers\]" "$out/bench_offload.txt" | tail -7
 echo "-- expertflow demo on cuda"
 tail -10 "$out/demo_cuda.txt"
+echo "-- batched generation on cuda (fifo vs scheduler)"
+tail -9 "$out/bench_generate_batch_cuda.txt"
