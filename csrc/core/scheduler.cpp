@@ -6,6 +6,15 @@
 #include <stdexcept>
 #include <string>
 
+// The scheduler is popcounts over bitsets: x86-64 builds also get a POPCNT clone of its entry
+// points, picked at load time where the CPU has the instruction (about 2x faster than the
+// baseline's bit-twiddling popcount), without requiring it of the CPUs that run the build.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__POPCNT__) && defined(__ELF__)
+#define EXPERTFLOW_POPCNT_CLONES __attribute__((target_clones("popcnt", "default")))
+#else
+#define EXPERTFLOW_POPCNT_CLONES
+#endif
+
 namespace expertflow::core {
 namespace {
 
@@ -15,10 +24,10 @@ int popcount_words(const uint64_t* a, int32_t words) {
   return n;
 }
 
-// Bits of `a` missing from `b`.
-int count_new(const uint64_t* a, const uint64_t* b, int32_t words) {
+// Hamming distance: pairs in exactly one of the two paths.
+int distance(const uint64_t* a, const uint64_t* b, int32_t words) {
   int n = 0;
-  for (int32_t w = 0; w < words; ++w) n += std::popcount(a[w] & ~b[w]);
+  for (int32_t w = 0; w < words; ++w) n += std::popcount(a[w] ^ b[w]);
   return n;
 }
 
@@ -45,16 +54,20 @@ struct Batch {
     }
   }
   int size() const { return popcount_words(union_.data(), words); }
-  // Pairs that leave the union if the member with `path` leaves.
-  int only_in(const uint64_t* path) const {
+  // What moving the member with `path` to `other` saves, ignoring its swap partner: the
+  // pairs that leave this union minus the pairs it adds to the other's (one pass over both).
+  int move_gain(const uint64_t* path, const Batch& other) const {
     int n = 0;
-    for (int32_t w = 0; w < words; ++w) n += std::popcount(path[w] & single_[w]);
+    for (int32_t w = 0; w < words; ++w) {
+      n += std::popcount(path[w] & single_[w]) - std::popcount(path[w] & ~other.union_[w]);
+    }
     return n;
   }
 };
 
 }  // namespace
 
+EXPERTFLOW_POPCNT_CLONES
 int64_t split_cost(const uint64_t* paths, int32_t words, const std::vector<int32_t>& first,
                    const std::vector<int32_t>& second) {
   int64_t cost = 0;
@@ -69,6 +82,7 @@ int64_t split_cost(const uint64_t* paths, int32_t words, const std::vector<int32
   return cost;
 }
 
+EXPERTFLOW_POPCNT_CLONES
 SplitResult split_two_batches(const uint64_t* paths, int32_t num_requests, int32_t words,
                               int32_t first_size) {
   if (num_requests < 0 || words < 1) {
@@ -101,7 +115,7 @@ SplitResult split_two_batches(const uint64_t* paths, int32_t num_requests, int32
     int best = -1;
     for (int32_t r = 0; r < num_requests; ++r) {
       if (r == a) continue;
-      const int d = count_new(path(r), path(a), words) + count_new(path(a), path(r), words);
+      const int d = distance(path(r), path(a), words);
       if (d > best) best = d, b = r;
     }
     // Two medoids: every request goes, most decided first, to the seed it is closer to while
@@ -109,9 +123,8 @@ SplitResult split_two_batches(const uint64_t* paths, int32_t num_requests, int32
     std::vector<int32_t> order(num_requests);
     std::vector<int> lean(num_requests);
     for (int32_t r = 0; r < num_requests; ++r) {
-      const int da = count_new(path(r), path(a), words) + count_new(path(a), path(r), words);
-      const int db = count_new(path(r), path(b), words) + count_new(path(b), path(r), words);
-      lean[r] = db - da;  // > 0: closer to a
+      // > 0: closer to a
+      lean[r] = distance(path(r), path(b), words) - distance(path(r), path(a), words);
     }
     std::iota(order.begin(), order.end(), 0);
     std::stable_sort(order.begin(), order.end(), [&lean](int32_t x, int32_t y) {
@@ -127,10 +140,19 @@ SplitResult split_two_batches(const uint64_t* paths, int32_t num_requests, int32
   }
 
   SplitResult result;
-  // Steepest descent over swaps; every accepted swap lowers the cost, so this terminates.
+  // Local search over swaps; every accepted swap lowers the cost, so this terminates.
   if (first_size > 0 && second_size > 0) {
     std::vector<int32_t> members[2];
     std::vector<int> g(num_requests);
+    std::vector<char> used(num_requests);
+    const auto overlap = [&](int32_t a, int32_t b) {
+      int n = 0;
+      for (int32_t w = 0; w < words; ++w) {
+        const uint64_t both = path(a)[w] & path(b)[w];
+        n += std::popcount(both & batch[0].single_[w]) + std::popcount(both & batch[1].single_[w]);
+      }
+      return n;
+    };
     for (;;) {
       members[0].clear();
       members[1].clear();
@@ -139,36 +161,51 @@ SplitResult split_two_batches(const uint64_t* paths, int32_t num_requests, int32
       // g[a] = pairs only a holds in A - pairs of a new to B (and symmetrically for b): the
       // separable part bounds every gain, so pairs are scanned best bound first and pruned.
       for (int s = 0; s < 2; ++s) {
-        for (int32_t r : members[s]) {
-          g[r] = batch[s].only_in(path(r)) - count_new(path(r), batch[1 - s].union_.data(), words);
-        }
+        for (int32_t r : members[s]) g[r] = batch[s].move_gain(path(r), batch[1 - s]);
         std::stable_sort(members[s].begin(), members[s].end(),
                          [&g](int32_t x, int32_t y) { return g[x] > g[y]; });
       }
-      int best_gain = 0;
-      int32_t best_a = -1, best_b = -1;
-      for (int32_t a : members[0]) {
-        if (g[a] + g[members[1][0]] <= best_gain) break;
-        for (int32_t b : members[1]) {
-          const int bound = g[a] + g[b];
-          if (bound <= best_gain) break;
-          int overlap = 0;
-          for (int32_t w = 0; w < words; ++w) {
-            const uint64_t both = path(a)[w] & path(b)[w];
-            overlap += std::popcount(both & batch[0].single_[w]) +
-                       std::popcount(both & batch[1].single_[w]);
+      // One round: the best pair, then the next best among requests not yet swapped, and so
+      // on. Later pairs are ranked by the round's (stale) g but applied only if their exact
+      // gain in the current state is positive, so the cost of g (every request x every word)
+      // is paid per round, not per swap. A round with fresh g that finds no improving swap
+      // ends the search at the same local optimum as steepest descent.
+      std::fill(used.begin(), used.end(), 0);
+      int applied = 0;
+      for (;;) {
+        int best_gain = 0;
+        int32_t best_a = -1, best_b = -1;
+        const auto first_b = std::find_if(members[1].begin(), members[1].end(),
+                                          [&used](int32_t r) { return !used[r]; });
+        if (first_b == members[1].end()) break;
+        for (int32_t a : members[0]) {
+          if (used[a]) continue;
+          if (g[a] + g[*first_b] <= best_gain) break;
+          for (auto it = first_b; it != members[1].end(); ++it) {
+            const int32_t b = *it;
+            if (used[b]) continue;
+            const int bound = g[a] + g[b];
+            if (bound <= best_gain) break;
+            const int gain = bound - overlap(a, b);
+            if (gain > best_gain) best_gain = gain, best_a = a, best_b = b;
           }
-          if (bound - overlap > best_gain) best_gain = bound - overlap, best_a = a, best_b = b;
         }
+        if (best_a < 0) break;
+        const int exact = batch[0].move_gain(path(best_a), batch[1]) +
+                          batch[1].move_gain(path(best_b), batch[0]) - overlap(best_a, best_b);
+        used[best_a] = 1;  // swapped now, or its stale bound misled: either way, not again
+        if (exact <= 0) continue;
+        used[best_b] = 1;
+        batch[0].update(path(best_a), -1);
+        batch[1].update(path(best_b), -1);
+        batch[0].update(path(best_b), +1);
+        batch[1].update(path(best_a), +1);
+        side[best_a] = 1;
+        side[best_b] = 0;
+        ++result.swaps;
+        ++applied;
       }
-      if (best_a < 0) break;
-      batch[0].update(path(best_a), -1);
-      batch[1].update(path(best_b), -1);
-      batch[0].update(path(best_b), +1);
-      batch[1].update(path(best_a), +1);
-      side[best_a] = 1;
-      side[best_b] = 0;
-      ++result.swaps;
+      if (applied == 0) break;
     }
   }
   for (int32_t r = 0; r < num_requests; ++r) (side[r] ? result.second : result.first).push_back(r);
@@ -176,6 +213,7 @@ SplitResult split_two_batches(const uint64_t* paths, int32_t num_requests, int32
   return result;
 }
 
+EXPERTFLOW_POPCNT_CLONES
 RegroupResult regroup_batches(const uint64_t* paths, int32_t num_requests, int32_t words,
                               const std::vector<int32_t>& group, int32_t num_groups,
                               int32_t max_passes) {

@@ -22,9 +22,9 @@ struct SplitResult {
 //
 // Method: a balanced two-medoid assignment (the request with the most pairs and the one
 // farthest from it seed the batches; the others join, most decided first, the batch of the
-// nearer seed while it has room), then steepest-descent pair swaps, each evaluated exactly from
-// per-batch pair counts, until no swap lowers the cost. ExpertFlow uses balanced k-medoids on
-// Hamming similarity; the swaps optimise the quantity that matters (distinct pairs per batch).
+// nearer seed while it has room), then rounds of pair swaps, best first, each evaluated exactly
+// from per-batch pair counts, until no swap lowers the cost. ExpertFlow uses balanced k-medoids
+// on Hamming similarity; the swaps optimise the quantity that matters (distinct pairs per batch).
 SplitResult split_two_batches(const uint64_t* paths, int32_t num_requests, int32_t words,
                               int32_t first_size);
 
