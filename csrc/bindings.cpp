@@ -32,8 +32,9 @@ EvictionPolicy parse_policy(const std::string& name) {
   if (name == "lfu") return EvictionPolicy::kLfu;
   if (name == "expertflow") return EvictionPolicy::kExpertFlow;
   if (name == "belady") return EvictionPolicy::kBelady;
-  throw py::value_error("policy must be one of 'lru', 'lfu', 'expertflow', 'belady', got '" + name +
-                        "'");
+  if (name == "lrfu") return EvictionPolicy::kLrfu;
+  throw py::value_error(
+      "policy must be one of 'lru', 'lfu', 'lrfu', 'expertflow', 'belady', got '" + name + "'");
 }
 
 BudgetMode parse_budget(const std::string& name) {

@@ -23,6 +23,9 @@ std::string validate(const CacheOptions& o) {
                                               : " (top_k, global budget)") +
            " or a layer could never run, got " + std::to_string(o.num_slots);
   }
+  if (!(o.frequency_decay > 0.0 && o.frequency_decay < 1.0)) {
+    return "frequency_decay must be in (0, 1), got " + std::to_string(o.frequency_decay);
+  }
   return {};
 }
 
@@ -39,6 +42,8 @@ CachePolicy::CachePolicy(const CacheOptions& options) : options_(options) {
   slot_of_.assign(keys, -1);
   scores_.assign(keys, 0.0f);
   next_use_.assign(keys, -1);
+  frequency_order_.assign(keys, -std::numeric_limits<double>::infinity());
+  decay_rate_ = -std::log(options.frequency_decay) / options.num_layers;
   free_.resize(num_pools_);
   evictable_.resize(num_pools_);
   pinned_by_layer_.resize(options.num_layers);
@@ -87,6 +92,8 @@ CachePolicy::EvictKey CachePolicy::evict_key(int32_t slot) const {
       return {0, static_cast<double>(s.uses), s.last_use, slot};
     case EvictionPolicy::kExpertFlow:
       return {s.contradicted ? 0 : 1, scores_[key], s.last_use, slot};
+    case EvictionPolicy::kLrfu:
+      return {0, frequency_order_[key], s.last_use, slot};
     case EvictionPolicy::kBelady: {
       const int64_t next = next_use_[key];
       const double order = next < 0 ? -std::numeric_limits<double>::infinity()
@@ -95,6 +102,14 @@ CachePolicy::EvictKey CachePolicy::evict_key(int32_t slot) const {
     }
   }
   return {0, 0.0, s.last_use, slot};
+}
+
+void CachePolicy::count_request(size_t key) {
+  // count(t) = count(t0) * exp(-rate (t - t0)) + 1, kept as log(count) + rate * t.
+  const double now = decay_rate_ * static_cast<double>(tick_);
+  const double previous = frequency_order_[key];
+  const double decayed = std::isinf(previous) ? 0.0 : std::exp(previous - now);
+  frequency_order_[key] = std::log(decayed + 1.0) + now;
 }
 
 bool CachePolicy::evictable(int32_t slot) const {
@@ -239,6 +254,7 @@ void CachePolicy::acquire(int32_t layer, const int32_t* experts, int32_t n, int3
         ++stats_.hits;
         if (slots_[slot].prefetched_unused) ++stats_.prefetch_hits;
         update(slot, [&](Slot& s) {
+          count_request(key);  // inside: the entry's eviction key changes with it
           ++s.pins;
           s.last_use = tick_;
           ++s.uses;
@@ -249,6 +265,7 @@ void CachePolicy::acquire(int32_t layer, const int32_t* experts, int32_t n, int3
       } else {
         ++stats_.misses;
         const int32_t fresh = take_slot(pool);
+        count_request(key);
         Slot& s = slots_[fresh];
         s.layer = layer;
         s.expert = experts[i];

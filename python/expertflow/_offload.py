@@ -163,7 +163,9 @@ def offload(
         slots: total device slots for experts (exclusive with ``gpu_memory``).
         gpu_memory: a total budget ("24GiB" or bytes); slots are what remains after the
             resident weights, divided by the slot size.
-        policy: cache policy, ``"expertflow"``, ``"lru"``, ``"lfu"`` or ``"belady"``.
+        policy: cache policy, ``"expertflow"`` (prediction-aware), ``"lrfu"`` (decayed
+            request counts: the fewest bytes when no predictor prefetches), ``"lru"``, ``"lfu"``
+            or ``"belady"``.
         budget: ``"per_layer"`` or ``"global"`` slot pools.
         predictor: an :class:`expertflow.predictor.Predictor` (or the folder of a saved one):
             each decode step it scores every layer's experts before layer 0 runs and the

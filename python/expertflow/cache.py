@@ -25,7 +25,7 @@ import torch
 __all__ = ["ExpertCache"]
 
 _BUDGETS = ("per_layer", "global")
-_POLICIES = ("lru", "lfu", "expertflow", "belady")
+_POLICIES = ("lru", "lfu", "lrfu", "expertflow", "belady")
 
 
 class ExpertCache:
@@ -41,7 +41,9 @@ class ExpertCache:
         slots: total number of device slots (each the size of the largest expert).
         top_k: experts per token and layer: the least a pool must hold.
         budget: ``"per_layer"`` (``slots // num_layers`` reserved per layer) or ``"global"``.
-        policy: ``"lru"``, ``"lfu"``, ``"expertflow"`` (prediction-aware) or ``"belady"``.
+        policy: ``"lru"``, ``"lfu"``, ``"lrfu"`` (lowest decayed request count: each request
+            adds 1, halving in weight about every 70 tokens), ``"expertflow"``
+            (prediction-aware) or ``"belady"``.
     """
 
     def __init__(

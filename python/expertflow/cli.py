@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget_group = dp.add_mutually_exclusive_group()
     budget_group.add_argument("--slots", type=int, help="expert slots (default: a quarter)")
     budget_group.add_argument("--gpu-memory", help="total device budget, e.g. 20MiB")
-    dp.add_argument("--policies", default="lru,expertflow", help="comma-separated policies")
+    dp.add_argument("--policies", default="lru,lrfu,expertflow", help="comma-separated policies")
     dp.add_argument("--budget", default="per_layer", choices=["per_layer", "global"])
     dp.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     dp.add_argument("--json", action="store_true")
@@ -239,7 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("replay", help="replay a routing trace through a cache policy")
     rp.add_argument("--trace", required=True, help="trace .npz (see expertflow.trace)")
-    rp.add_argument("--policy", required=True, choices=["lru", "lfu", "expertflow", "belady"])
+    rp.add_argument(
+        "--policy", required=True, choices=["lru", "lfu", "lrfu", "expertflow", "belady"]
+    )
     budget = rp.add_mutually_exclusive_group(required=True)
     budget.add_argument("--slots-per-layer", type=int, help="per-layer budget")
     budget.add_argument("--slots", type=int, help="one pool shared by all layers")

@@ -76,7 +76,7 @@ def run_demo(
     max_new_tokens: int = 48,
     slots: int | None = None,
     gpu_memory: int | str | None = None,
-    policies: tuple[str, ...] = ("lru", "expertflow"),
+    policies: tuple[str, ...] = ("lru", "lrfu", "expertflow"),
     budget: str = "per_layer",
     device: str | None = None,
 ) -> dict:

@@ -24,7 +24,7 @@ from expertflow.trace import Trace, TraceError
 
 __all__ = ["ReplayResult", "replay", "load_predictions"]
 
-POLICIES = ("lru", "lfu", "expertflow", "belady")
+POLICIES = ("lru", "lfu", "lrfu", "expertflow", "belady")
 
 
 @dataclasses.dataclass
@@ -120,13 +120,21 @@ def _layer_experts(trace: Trace, tokens: np.ndarray, layer: int) -> list[int]:
 
 
 def _prefetch_plan(
-    cache, link: _Link | None, scores: np.ndarray, tokens: np.ndarray, top_k: int, now: float
+    cache,
+    link: _Link | None,
+    scores: np.ndarray,
+    tokens: np.ndarray,
+    top_k: int,
+    now: float,
+    prefetch: bool = True,
 ) -> None:
-    """Scores every layer (max over the step's tokens), then prefetches the predicted experts,
-    each token's top-k per layer, best first, in layer order."""
+    """Scores every layer (max over the step's tokens), then (with ``prefetch``) prefetches the
+    predicted experts, each token's top-k per layer, best first, in layer order."""
     step_scores = scores[tokens].max(axis=0)  # [L, E]
     for layer in range(step_scores.shape[0]):
         cache.set_scores(layer, step_scores[layer].tolist())
+    if not prefetch:
+        return
     for layer in range(step_scores.shape[0]):
         wanted = np.argsort(-scores[tokens, layer, :], axis=-1, kind="stable")[:, :top_k]
         for expert in sorted(set(wanted.ravel().tolist()), key=lambda e: -step_scores[layer, e]):
@@ -146,6 +154,7 @@ def replay(
     predictions: np.ndarray | None = None,
     bandwidth_gbps: float | None = None,
     layer_compute_ms: float | None = None,
+    prefetch: bool = True,
 ) -> ReplayResult:
     """Replays ``trace`` through the native policy; see the module docstring.
 
@@ -157,6 +166,8 @@ def replay(
         predictions: ``[T, L, E]`` predicted probabilities (used by ``expertflow``).
         bandwidth_gbps: host-to-device copy bandwidth, GB/s (timing model, with the next).
         layer_compute_ms: compute time of one layer step (timing model).
+        prefetch: copy the predicted experts ahead; without, predictions only rank evictions
+            (every copy is then a miss's, and no byte is spent on a wrong guess).
     """
     from expertflow import _C
 
@@ -184,7 +195,7 @@ def replay(
 
     for s, tokens in enumerate(steps):
         if predictions is not None and policy == "expertflow":
-            _prefetch_plan(cache, link, predictions, tokens, trace.top_k, now)
+            _prefetch_plan(cache, link, predictions, tokens, trace.top_k, now, prefetch)
         for layer in range(trace.num_layers):
             experts = _layer_experts(trace, tokens, layer)
             if not experts:

@@ -73,6 +73,37 @@ TEST(CachePolicy, LfuKeepsTheFrequentlyUsed) {
   EXPECT_EQ(cache.slot_of(0, 1), -1);
 }
 
+TEST(CachePolicy, LrfuKeepsTheFrequentlyUsedUntilTheirUseDecays) {
+  CacheOptions o = options(1, 8, 2, 1, BudgetMode::kGlobal, EvictionPolicy::kLrfu);
+  o.frequency_decay = 0.5;  // a request halves in weight every token (one layer here)
+  CachePolicy cache(o);
+  step(cache, 0, {0});
+  step(cache, 0, {0});
+  step(cache, 0, {1});
+  step(cache, 0, {2});  // 0 weighs 0.25 + 0.125, 1 weighs 0.5: 0 goes although used twice
+  EXPECT_EQ(cache.slot_of(0, 0), -1);
+  EXPECT_GE(cache.slot_of(0, 1), 0);
+
+  CachePolicy slow(options(1, 8, 2, 1, BudgetMode::kGlobal, EvictionPolicy::kLrfu));  // 0.99
+  step(slow, 0, {0});
+  step(slow, 0, {0});
+  step(slow, 0, {1});
+  step(slow, 0, {2});  // barely decayed, twice beats once: 1 goes although more recent
+  EXPECT_GE(slow.slot_of(0, 0), 0);
+  EXPECT_EQ(slow.slot_of(0, 1), -1);
+  // The count outlives eviction: 1 comes back with its history, 2 (once, older) goes.
+  step(slow, 0, {1});
+  EXPECT_EQ(slow.slot_of(0, 2), -1);
+}
+
+TEST(CachePolicy, LrfuRejectsADecayOutsideZeroOne) {
+  for (double decay : {0.0, 1.0, -0.5, 1.5}) {
+    CacheOptions o = options(1, 8, 2, 1, BudgetMode::kGlobal, EvictionPolicy::kLrfu);
+    o.frequency_decay = decay;
+    EXPECT_NE(validate(o).find("frequency_decay must be in (0, 1)"), std::string::npos);
+  }
+}
+
 TEST(CachePolicy, PinnedAndLoadingEntriesAreNeverEvicted) {
   CachePolicy cache(options(1, 8, 2, 1, BudgetMode::kGlobal, EvictionPolicy::kLru));
   std::vector<int32_t> slots(2);
@@ -280,7 +311,9 @@ TEST(CachePolicy, RandomTracesKeepInvariantsAndBeladyIsOptimal) {
     const int64_t lru = replay(EvictionPolicy::kLru, BudgetMode::kGlobal, slots, trace);
     const int64_t lfu = replay(EvictionPolicy::kLfu, BudgetMode::kGlobal, slots, trace);
     const int64_t flow = replay(EvictionPolicy::kExpertFlow, BudgetMode::kGlobal, slots, trace);
+    const int64_t lrfu = replay(EvictionPolicy::kLrfu, BudgetMode::kGlobal, slots, trace);
     const int64_t belady = replay(EvictionPolicy::kBelady, BudgetMode::kGlobal, slots, trace);
+    EXPECT_LE(belady, lrfu) << "trial " << trial;
     replay(EvictionPolicy::kLru, BudgetMode::kPerLayer, slots, trace);
     EXPECT_LE(belady, lru) << "trial " << trial;
     EXPECT_LE(belady, lfu) << "trial " << trial;

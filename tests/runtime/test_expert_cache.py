@@ -50,7 +50,7 @@ def test_store_layout_and_budget(device):
                 assert h.data_ptr() % 256 == 0
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu", "expertflow", "belady"])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "lrfu", "expertflow", "belady"])
 @pytest.mark.parametrize("budget", ["per_layer", "global"])
 def test_random_steps_every_slot_holds_the_requested_bytes(device, policy, budget):
     experts = make_experts()

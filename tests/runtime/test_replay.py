@@ -104,8 +104,25 @@ def test_lru_replay_equals_python_lru(trace, extra, per_layer):
 def test_belady_never_misses_more(trace, extra):
     slots = min_slots(trace) + extra
     belady = replay(trace, "belady", slots=slots).misses
-    for policy in ("lru", "lfu", "expertflow"):
+    for policy in ("lru", "lfu", "lrfu", "expertflow"):
         assert belady <= replay(trace, policy, slots=slots).misses, policy
+
+
+def test_lrfu_keeps_a_hot_expert_through_bursts_of_one_off_experts():
+    """Expert 0 every other token, a fresh expert between: with two slots LRU evicts 0 whenever
+    two one-offs arrive in a row, LRFU keeps it by its decayed request count."""
+    ids, fresh = [], 1
+    for _ in range(12):
+        ids += [0, 0, fresh, fresh + 1]  # 0 twice, then two experts seen once
+        fresh += 2
+    trace = Trace(
+        expert_ids=np.array(ids, dtype=np.int32).reshape(-1, 1, 1),
+        meta={"model": "hot", "num_experts": fresh, "top_k": 1, "expert_bytes": 4096},
+    )
+    lru, lrfu = (replay(trace, p, slots=2).misses for p in ("lru", "lrfu"))
+    assert lrfu == 1 + 24  # 0 once, every one-off once
+    assert lru == lrfu + 11  # 0 again after every burst but the first
+    assert replay(trace, "belady", slots=2).misses <= lrfu
 
 
 @settings(max_examples=40, deadline=None)
@@ -135,7 +152,7 @@ def test_policy_invariants_under_random_operations(data):
     k = data.draw(st.integers(1, experts))
     per_layer = data.draw(st.booleans())
     pool = k + data.draw(st.integers(0, 4))
-    policy = data.draw(st.sampled_from(["lru", "lfu", "expertflow", "belady"]))
+    policy = data.draw(st.sampled_from(["lru", "lfu", "lrfu", "expertflow", "belady"]))
     cache = _C.CachePolicy(
         layers,
         experts,
