@@ -154,13 +154,19 @@ def caching(stream: Trace, scores: dict, args) -> list[dict]:
         rows.append(
             {"share": share, "slots": slots, "results": results, "best": best, "fastest": fastest}
         )
+    print_caching(rows, args.bandwidth_gbps, args.layer_compute_ms)
+    return rows
+
+
+def print_caching(rows: list[dict], bandwidth_gbps: float, layer_compute_ms: float) -> None:
+    total = round(rows[0]["slots"] / rows[0]["share"]) if rows else 0
     print(
         "\n== caching, held-out text decoded token by token (replayed through the native "
         "policies) =="
     )
     print(
-        f"timing model: {args.bandwidth_gbps} GB/s link, {MIXTRAL_EXPERT_BYTES / 2**20:.0f} "
-        f"MiB experts, {args.layer_compute_ms} ms compute per layer"
+        f"timing model: {bandwidth_gbps} GB/s link, {MIXTRAL_EXPERT_BYTES / 2**20:.0f} "
+        f"MiB experts, {layer_compute_ms} ms compute per layer"
     )
     for row in rows:
         res = row["results"]
@@ -170,17 +176,9 @@ def caching(stream: Trace, scores: dict, args) -> list[dict]:
             f"  {'policy':40s} {'hits':>6s} {'vs LRU':>7s} {'GB moved':>9s} "
             f"{'x Belady':>8s} {'ms/token':>9s} {'stall':>6s}"
         )
-        for name in (
-            "LRU",
-            "LFU",
-            "LRFU, global",
-            "ExpertFlow paper (path, PLEC)",
-            row["best"],
-            row["fastest"],
-            "Belady (optimum)",
-        ):
-            if name == row["fastest"] and name in ("LRFU, global", row["best"]):
-                continue
+        names = ["LRU", "LFU", "LRFU, global", "ExpertFlow paper (path, PLEC)", row["best"]]
+        names += [row["fastest"], "Belady (optimum)"]
+        for name in dict.fromkeys(names):  # the fastest may be one of the others
             r = res[name]
             print(
                 f"  {name:40s} {r['hit_ratio']:6.3f} "
@@ -188,7 +186,6 @@ def caching(stream: Trace, scores: dict, args) -> list[dict]:
                 f"{r['bytes_moved'] / 1e9:9.1f} {r['bytes_moved'] / max(belady_bytes, 1):8.2f} "
                 f"{r['time_per_token_ms']:9.2f} {100 * r['stall_share']:5.1f}%"
             )
-    return rows
 
 
 def plot(rows, out: Path) -> None:

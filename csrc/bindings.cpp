@@ -170,29 +170,32 @@ void bind_expert_cache(py::module_& m) {
 
 }  // namespace
 
-static void check_packed_paths(const at::Tensor& paths, const char* name) {
+// Runs `solve(bits, num_requests, words)` over paths packed as int64 bitsets [requests, words],
+// without the GIL; the core's std::invalid_argument becomes a Python ValueError.
+template <typename Solve>
+static auto on_packed_paths(const at::Tensor& paths, const char* name, Solve solve) {
   TORCH_CHECK(paths.device().is_cpu() && paths.scalar_type() == at::kLong && paths.dim() == 2 &&
                   paths.size(1) >= 1,
               name, ": paths must be a CPU int64 tensor [requests, words] of packed bits, got ",
               paths.scalar_type(), paths.sizes());
+  const at::Tensor packed = paths.contiguous();
+  try {
+    py::gil_scoped_release no_gil;
+    return solve(reinterpret_cast<const uint64_t*>(packed.const_data_ptr<int64_t>()),
+                 static_cast<int32_t>(packed.size(0)), static_cast<int32_t>(packed.size(1)));
+  } catch (const std::invalid_argument& e) {
+    throw py::value_error(e.what());
+  }
 }
 
 void bind_scheduler(py::module_& m) {
   m.def(
       "split_two_batches",
       [](const at::Tensor& paths, int32_t first_size) {
-        check_packed_paths(paths, "split_two_batches");
-        const at::Tensor packed = paths.contiguous();
-        expertflow::core::SplitResult r;
-        try {
-          py::gil_scoped_release no_gil;
-          r = expertflow::core::split_two_batches(
-              reinterpret_cast<const uint64_t*>(packed.const_data_ptr<int64_t>()),
-              static_cast<int32_t>(packed.size(0)), static_cast<int32_t>(packed.size(1)),
-              first_size);
-        } catch (const std::invalid_argument& e) {
-          throw py::value_error(e.what());
-        }
+        const auto r = on_packed_paths(
+            paths, "split_two_batches", [&](const uint64_t* bits, int32_t n, int32_t words) {
+              return expertflow::core::split_two_batches(bits, n, words, first_size);
+            });
         return py::make_tuple(r.first, r.second, r.cost, r.swaps);
       },
       py::arg("paths"), py::arg("first_size"),
@@ -201,18 +204,11 @@ void bind_scheduler(py::module_& m) {
       "regroup_batches",
       [](const at::Tensor& paths, const std::vector<int32_t>& group, int32_t num_groups,
          int32_t max_passes) {
-        check_packed_paths(paths, "regroup_batches");
-        const at::Tensor packed = paths.contiguous();
-        expertflow::core::RegroupResult r;
-        try {
-          py::gil_scoped_release no_gil;
-          r = expertflow::core::regroup_batches(
-              reinterpret_cast<const uint64_t*>(packed.const_data_ptr<int64_t>()),
-              static_cast<int32_t>(packed.size(0)), static_cast<int32_t>(packed.size(1)), group,
-              num_groups, max_passes);
-        } catch (const std::invalid_argument& e) {
-          throw py::value_error(e.what());
-        }
+        const auto r = on_packed_paths(paths, "regroup_batches",
+                                       [&](const uint64_t* bits, int32_t n, int32_t words) {
+                                         return expertflow::core::regroup_batches(
+                                             bits, n, words, group, num_groups, max_passes);
+                                       });
         return py::make_tuple(r.group, r.cost, r.resplits);
       },
       py::arg("paths"), py::arg("group"), py::arg("num_groups"), py::arg("max_passes"),
