@@ -2,7 +2,8 @@
 
 :func:`generate_batch` keeps ``active_batches`` batches of up to ``batch_size`` requests and lets
 them take one decode step each in turn (continuous batching: a finished request leaves its batch
-and the next waiting one is prefilled into its place). Every request owns its rows of its
+and the next waiting one is prefilled into its place; prompts of equal length are prefilled
+together, unpadded). Every request owns its rows of its
 batch's KV cache: rows of different lengths are left-padded with zeros and masked, and each row
 gets its own positions, so a request decodes exactly as it would alone.
 
@@ -265,14 +266,16 @@ class _Generator:
 
     # -- model calls ------------------------------------------------------------------------
 
-    def _prefill(self, request: _Request) -> _Rows | None:
-        """Runs the prompt alone; the request's rows if it goes on."""
+    def _prefill(self, requests: list[_Request]) -> _Rows:
+        """Runs prompts of one length together (no padding, so each row is computed as it is
+        alone); returns the rows of those that go on. A failing group is retried one prompt at
+        a time, so that only the prompts that fail alone fail."""
         from transformers import DynamicCache
 
         started = time.perf_counter()
         if self.prefetcher is not None:
             self.prefetcher.reset()
-        ids = torch.tensor([request.ids], device=self.device)
+        ids = torch.tensor([r.ids for r in requests], device=self.device)
         cache = DynamicCache()  # full layers: rows of any length can then be concatenated
         self.tap.clear()
         try:
@@ -283,21 +286,28 @@ class _Generator:
                 use_cache=True,
                 **self.keep_last,
             )
-            token = int(out.logits[0, -1].argmax())
-            path = self.tap.routing()[-1]
+            tokens = out.logits[:, -1].argmax(dim=-1).tolist()
+            routing = self.tap.routing()
+            paths = routing.reshape(len(requests), ids.shape[1], *routing.shape[1:])[:, -1]
         except Exception as error:  # noqa: BLE001  (one request's failure must not stop the rest)
-            self._fail(request, error)
-            return None
-        finally:
             self.stats["prefill_seconds"] += time.perf_counter() - started
-        if not self._accept(request, token, path):
-            return None
-        return _Rows(
-            [request],
+            if len(requests) == 1:
+                self._fail(requests[0], error)
+                return _Rows.concat([])
+            return _Rows.concat([self._prefill([r]) for r in requests])
+        self.stats["prefill_seconds"] += time.perf_counter() - started
+        rows = _Rows(
+            requests,
             [layer.keys for layer in cache.layers],
             [layer.values for layer in cache.layers],
             torch.ones_like(ids),
         )
+        going_on = [
+            i
+            for i, (request, token, path) in enumerate(zip(requests, tokens, paths, strict=True))
+            if self._accept(request, token, path)
+        ]
+        return rows if len(going_on) == len(requests) else rows.select(going_on)
 
     def _step(self, rows: _Rows) -> _Rows:
         """One decode step of a batch; returns the rows still going on. A failing step is
@@ -355,12 +365,14 @@ class _Generator:
     # -- scheduling -------------------------------------------------------------------------
 
     def _admit(self, batch: int) -> None:
-        new = []
-        while len(self.batches[batch]) + len(new) < self.batch_size and self.waiting:
-            rows = self._prefill(self.waiting.popleft())
-            if rows is not None:
-                new.append(rows)
-        if new:
+        """Fills the batch with waiting requests, prefilling prompts of equal length together."""
+        while len(self.batches[batch]) < self.batch_size and self.waiting:
+            free = self.batch_size - len(self.batches[batch])
+            admitted = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
+            by_length: dict[int, list[_Request]] = {}
+            for request in admitted:
+                by_length.setdefault(len(request.ids), []).append(request)
+            new = [self._prefill(group) for group in by_length.values()]
             self.batches[batch] = _Rows.concat([self.batches[batch], *new])
 
     def _paths(self, requests: list[_Request]) -> np.ndarray:

@@ -182,6 +182,32 @@ def test_a_failing_request_does_not_corrupt_the_others():
         expertflow.generate_batch(model, [prompts[4]], max_new_tokens=2, batch_size=1)
 
 
+def test_equal_length_prompts_are_prefilled_together_and_a_bad_one_fails_alone():
+    model = without_eos("qwen2_moe")
+    gen = torch.Generator().manual_seed(4)
+    prompts = torch.randint(1, 90, (6, 5), generator=gen).tolist()
+    reference = [alone(model, p, 4) for p in prompts]
+    poison = 95  # in no prompt above (ids < 90)
+    prompts[3][2] = poison
+
+    def refuse(module, args, kwargs):
+        if bool((args[0] == poison).any()):
+            raise RuntimeError("poisoned token")
+
+    model.get_input_embeddings().register_forward_pre_hook(refuse, with_kwargs=True)
+    calls = []
+    model.register_forward_pre_hook(
+        lambda m, a, k: calls.append(tuple(k["input_ids"].shape)), with_kwargs=True
+    )
+    out = expertflow.generate_batch(model, prompts, max_new_tokens=4, batch_size=6)
+    assert out.finish_reasons[3] == "error" and out.sequences[3] == []
+    for i in (0, 1, 2, 4, 5):
+        assert out.sequences[i] == reference[i]
+    # One prefill of all six (it fails), then each prompt alone, then decode steps of five rows.
+    assert calls[0] == (6, 5) and calls[1:7] == [(1, 5)] * 6
+    assert all(shape == (5, 1) for shape in calls[7:])
+
+
 def test_regrouping_cuts_the_experts_a_batch_runs_on_clustered_requests():
     """Two kinds of prompt whose tokens route to disjoint experts, interleaved: FIFO batches
     mix them, the scheduler separates them, and each decode step runs fewer experts."""
