@@ -1,9 +1,10 @@
 """Decode throughput of an offloaded MoE model against the same model fully on the device.
 
 A randomly initialised Mixtral-style model (size set by the flags) generates greedily; measured:
-(a) expertflow's policy and (c) on-demand LRU with the same slots, at 25% and 50% of all experts,
-and (b) the whole model on the device; tokens/s and device memory of each, in one run. The
-accelerate ``device_map`` baseline runs only where accelerate is installed.
+(a) expertflow's policy, LRFU and (c) on-demand LRU with the same slots, at 25% and 50% of all
+experts, (b) the whole model on the device and (d) accelerate's ``device_map`` offloading with the
+experts on the host (every layer's experts copied in at each of its forwards); tokens/s and
+device memory of each, in one run. (d) is skipped where accelerate is not installed.
 
     python bench/bench_offload.py [--device cuda] [--layers 8] [--hidden 2048] [--out DIR]
 """
@@ -58,6 +59,52 @@ def device_memory(device):
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
+def experts_on_host_device_map(model, device) -> dict[str, str]:
+    """A device_map keeping every experts module on the host ("cpu") and everything else on
+    ``device``: accelerate then copies a layer's experts to the device at each of its forwards."""
+    from expertflow._offload import find_experts_modules
+
+    experts = {name for name, _ in find_experts_modules(model)}
+    device_map: dict[str, str] = {}
+
+    def assign(prefix: str, module) -> None:
+        holds_experts = not prefix or any(e.startswith(f"{prefix}.") for e in experts)
+        if prefix in experts:
+            device_map[prefix] = "cpu"
+        elif not holds_experts:
+            device_map[prefix] = str(device)
+        else:
+            if any(True for _ in module.parameters(recurse=False)) or any(
+                True for _ in module.buffers(recurse=False)
+            ):
+                raise ValueError(f"{prefix or 'the model'} holds tensors beside its experts")
+            for name, child in module.named_children():
+                assign(f"{prefix}.{name}" if prefix else name, child)
+
+    assign("", model)
+    return device_map
+
+
+def accelerate_row(args, device) -> dict:
+    """(d) transformers/accelerate offloading: accelerate's ``dispatch_model`` with the experts
+    mapped to the host, as ``from_pretrained(device_map=...)`` does for weights that do not fit."""
+    from accelerate import dispatch_model
+
+    model = build(args)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    dispatch_model(model, device_map=experts_on_host_device_map(model, device))
+    row = {
+        "config": "accelerate device_map",
+        "slots": 0,
+        "tokens_per_s": decode_tokens_per_s(model, device, args.new_tokens),
+        "device_bytes": device_memory(device),
+    }
+    del model
+    return row
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -87,7 +134,7 @@ def main(argv=None) -> int:
         del model
         for share in (0.25, 0.5):
             slots = max(2 * args.layers, int(total_experts * share))
-            for policy in ("expertflow", "lru"):
+            for policy in ("expertflow", "lrfu", "lru"):
                 model = build(args)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -106,10 +153,10 @@ def main(argv=None) -> int:
                     }
                 )
                 del model
-    try:
-        import accelerate  # noqa: F401
-    except ImportError:
-        print("accelerate is not installed: its device_map baseline is skipped")
+        try:
+            rows.append(accelerate_row(args, device))
+        except ImportError:
+            print("accelerate is not installed: its device_map baseline is skipped")
 
     print(
         f"decode, batch 1, {args.new_tokens} new tokens, {args.layers} layers x "

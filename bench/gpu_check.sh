@@ -48,7 +48,7 @@ done
 echo "-- transfer engine"
 tail -12 "$out/bench_transfer.txt"
 echo "-- offloaded decode"
-grep -vE "^\[transformers\]" "$out/bench_offload.txt" | tail -7
+grep -vE "^\[transformers\]" "$out/bench_offload.txt" | tail -9
 echo "-- expertflow demo on cuda"
 tail -10 "$out/demo_cuda.txt"
 echo "-- batched generation on cuda (fifo vs scheduler)"
