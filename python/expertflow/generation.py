@@ -62,6 +62,7 @@ class _Request:
     generated: list[int] = field(default_factory=list)
     previous: np.ndarray | None = None  # [L, K] routing of the last token run
     scores: np.ndarray | None = None  # [L, E] predicted for the next step, if predicted
+    generator: torch.Generator | None = None  # its own random stream, when sampling
 
 
 class _Rows:
@@ -200,6 +201,56 @@ def _prompt_ids(prompts, vocab: int | None, context: int | None) -> list[list[in
     return out
 
 
+@dataclass(frozen=True)
+class _Sampling:
+    """Greedy, or sampling with temperature / top-k / top-p from each request's own generator
+    (seeded with ``seed + request index``), so a request's tokens never depend on its batch."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+
+    def check(self) -> None:
+        if not isinstance(self.temperature, int | float) or not self.temperature > 0:
+            raise ValueError(f"generate_batch: temperature must be > 0, got {self.temperature!r}")
+        if self.top_k is not None and (
+            not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1
+        ):
+            raise ValueError(
+                f"generate_batch: top_k must be None or an int >= 1, got {self.top_k!r}"
+            )
+        if self.top_p is not None and (
+            not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1
+        ):
+            raise ValueError(f"generate_batch: top_p must be None or in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"generate_batch: seed must be an int, got {self.seed!r}")
+
+    def pick(self, logits: torch.Tensor, requests: list[_Request]) -> list[int]:
+        """The next token of each row of ``logits`` ``[B, vocab]``."""
+        if not self.do_sample:
+            return logits.argmax(dim=-1).tolist()
+        logits = logits.float() / self.temperature
+        if self.top_k is not None and self.top_k < logits.shape[-1]:
+            kth = logits.topk(self.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p is not None and self.top_p < 1:
+            ordered, order = logits.sort(dim=-1, descending=True)
+            before = ordered.softmax(dim=-1).cumsum(dim=-1) - ordered.softmax(dim=-1)
+            drop = (before >= self.top_p).scatter(-1, order, before >= self.top_p)
+            logits = logits.masked_fill(drop, float("-inf"))
+        probs = logits.softmax(dim=-1)
+        tokens = []
+        for row, request in zip(probs, requests, strict=True):
+            if request.generator is None:
+                request.generator = torch.Generator(device=row.device)
+                request.generator.manual_seed(self.seed + request.index)
+            tokens.append(int(torch.multinomial(row, 1, generator=request.generator)))
+        return tokens
+
+
 def _eos_ids(model: nn.Module, eos_token_id) -> set[int]:
     if eos_token_id is None:
         eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -214,10 +265,11 @@ class _Generator:
     """The state of one generate_batch call."""
 
     def __init__(self, model, requests, *, max_new_tokens, batch_size, schedule, active_batches,
-                 predictor, eos, context, tap):  # fmt: skip
+                 predictor, eos, context, tap, sampling):  # fmt: skip
         self.model, self.tap = model, tap
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.schedule, self.predictor, self.eos, self.context = schedule, predictor, eos, context
+        self.sampling = sampling
         self.device = next(model.parameters()).device
         self.waiting = deque(requests)
         self.batches = [_Rows.concat([]) for _ in range(active_batches)]
@@ -286,7 +338,7 @@ class _Generator:
                 use_cache=True,
                 **self.keep_last,
             )
-            tokens = out.logits[:, -1].argmax(dim=-1).tolist()
+            tokens = self.sampling.pick(out.logits[:, -1], requests)
             routing = self.tap.routing()
             paths = routing.reshape(len(requests), ids.shape[1], *routing.shape[1:])[:, -1]
         except Exception as error:  # noqa: BLE001  (one request's failure must not stop the rest)
@@ -359,7 +411,7 @@ class _Generator:
             use_cache=True,
             **self.keep_last,
         )
-        tokens = out.logits[:, -1].argmax(dim=-1).tolist()
+        tokens = self.sampling.pick(out.logits[:, -1], requests)
         return tokens, self.tap.routing(), cache, mask
 
     # -- scheduling -------------------------------------------------------------------------
@@ -433,11 +485,16 @@ def generate_batch(
     active_batches: int = 4,
     predictor: Predictor | str | None = None,
     eos_token_id: int | Sequence[int] | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
 ) -> BatchGeneration:
-    """Greedy generation for many requests, ``batch_size`` at a time.
+    """Generation for many requests, ``batch_size`` at a time: greedy, or sampled.
 
-    Every request's tokens are those it would get decoded alone (greedy on the model's logits),
-    whatever the batching and scheduling.
+    Every request's tokens are those it would get decoded alone, whatever the batching and
+    scheduling: greedy on the model's logits, or sampled from its own random stream.
 
     Args:
         model: a transformers causal LM, offloaded by :func:`expertflow.offload` or not.
@@ -453,6 +510,9 @@ def generate_batch(
         predictor: predicts the routing paths the scheduler groups by; default: the offloaded
             model's predictor, or else each request's previous routing.
         eos_token_id: ends a request; default: the model's ``generation_config``.
+        do_sample: sample instead of taking the most likely token; ``temperature`` divides the
+            logits, ``top_k`` keeps the k most likely tokens, ``top_p`` the smallest set whose
+            probability reaches p. Request i samples from a generator seeded ``seed + i``.
 
     Returns:
         A :class:`BatchGeneration`. Its ``stats``: ``seconds``, ``tokens_per_second`` (all new
@@ -470,6 +530,8 @@ def generate_batch(
     ):
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise ValueError(f"generate_batch: {name} must be an int >= {least}, got {value!r}")
+    sampling = _Sampling(bool(do_sample), temperature, top_k, top_p, seed)
+    sampling.check()
     if schedule not in SCHEDULES:
         raise ValueError(f"generate_batch: schedule must be one of {SCHEDULES}, got {schedule!r}")
     if schedule == "expertflow" and active_batches < 2:
@@ -514,6 +576,7 @@ def generate_batch(
             eos=_eos_ids(model, eos_token_id),
             context=context,
             tap=tap,
+            sampling=sampling,
         )
         try:
             run.run()

@@ -100,6 +100,34 @@ def test_with_the_models_own_predictor_and_prefetching():
     assert alone(model, prompts[0], 7) == reference[0]
 
 
+def test_sampling_gives_each_request_its_own_stream_whatever_the_batching():
+    model = without_eos("mixtral", seed=4)
+    expertflow.offload(model, device="cpu", slots=4, policy="lrfu")
+    prompts = random_prompts(8, 7)
+    kwargs = dict(max_new_tokens=8, do_sample=True, temperature=1.5, top_p=0.95, seed=11)
+    alone_each = [
+        expertflow.generate_batch(model, [p], batch_size=1, **kwargs).sequences[0] for p in prompts
+    ]
+    batched = expertflow.generate_batch(
+        model, prompts, batch_size=3, schedule="expertflow", active_batches=2, **kwargs
+    )
+    # Request i draws from seed + i: alone it would be request 0, so shift the seed to match.
+    shifted = [
+        expertflow.generate_batch(model, [p], batch_size=1, **{**kwargs, "seed": 11 + i}).sequences[
+            0
+        ]
+        for i, p in enumerate(prompts)
+    ]
+    assert batched.sequences == shifted
+    assert alone_each[1:] != shifted[1:]  # other seeds, other draws (8 tokens, 96 ids)
+    greedy = expertflow.generate_batch(model, prompts, max_new_tokens=8, batch_size=3)
+    for narrow in (dict(top_k=1), dict(top_p=1e-9)):
+        only_best = expertflow.generate_batch(
+            model, prompts, max_new_tokens=8, batch_size=3, do_sample=True, **narrow
+        )
+        assert only_best.sequences == greedy.sequences
+
+
 def test_deterministic():
     model = without_eos("olmoe")
     expertflow.offload(model, device="cpu", slots=4, policy="lru")
@@ -140,6 +168,10 @@ def test_bad_input():
         (dict(schedule="random"), "schedule must be one of"),
         (dict(schedule="expertflow", active_batches=1), "needs active_batches >= 2"),
         (dict(predictor=HistoryPredictor(3, 8, 2)), "predictor is for 3 layers x 8 experts"),
+        (dict(do_sample=True, temperature=0), "temperature must be > 0"),
+        (dict(do_sample=True, top_k=0), "top_k must be None or an int >= 1"),
+        (dict(do_sample=True, top_p=1.5), r"top_p must be None or in \(0, 1\]"),
+        (dict(seed="x"), "seed must be an int"),
     ]
     for overrides, message in cases:
         kwargs = {"prompts": ok, "max_new_tokens": 2, "batch_size": 1, **overrides}
