@@ -13,8 +13,9 @@
    configuration (path predictor + one global pool, PLEC), expertflow's configuration with the
    most hits, the fastest under the timing model, and Belady (global pool, the optimum). With a
    trace
-   recorded with ``--lookahead``, gate lookahead joins the candidates; its replay prefetches
-   at the step's start, which is optimistic for a one-layer horizon. Timing model: an
+   recorded with ``--lookahead``, path + gate lookahead joins the candidates: the path
+   predictor's picks at the step's start, each layer's lookahead picks when the layer before it
+   starts. Timing model: an
    H200-class PCIe Gen5 link (``--bandwidth-gbps``, default 55) and a Mixtral-8x7B-sized bf16
    expert (3 x 4096 x 14336 x 2 bytes = 336 MiB), ``--layer-compute-ms`` per layer (default
    0.2: one Mixtral layer's weights read once from HBM at batch 1).
@@ -141,7 +142,10 @@ def caching(stream: Trace, scores: dict, args) -> list[dict]:
         configs.append(("Belady (optimum)", "belady", dict(slots=slots), None))
         results = {}
         for name, policy, kw, pred in configs:
-            r = replay(stream, policy, predictions=scores.get(pred), **kw, **timing)
+            given = dict(predictions=scores.get(pred))
+            if pred == "path + lookahead":  # lookahead picks arrive one layer ahead only
+                given = dict(predictions=scores["path"], lookahead=scores["path + lookahead"])
+            r = replay(stream, policy, **given, **kw, **timing)
             results[name] = dataclasses.asdict(r) | {"hit_ratio": r.hit_ratio}
         best = max(
             (n for n in results if n.startswith("expertflow:")),

@@ -15,6 +15,16 @@ def _replay(args: argparse.Namespace) -> int:
 
     trace = load_trace(args.trace)
     predictions = load_predictions(args.predictions, trace) if args.predictions else None
+    lookahead = None
+    if args.lookahead:
+        if trace.lookahead_ids is None:
+            raise TraceError(
+                f"{args.trace}: --lookahead needs a trace recorded with `expertflow trace "
+                "--lookahead` (it has no lookahead_ids)"
+            )
+        from expertflow.predictor import multi_hot
+
+        lookahead = multi_hot(trace.lookahead_ids, trace.num_experts)
     result = replay(
         trace,
         args.policy,
@@ -23,6 +33,7 @@ def _replay(args: argparse.Namespace) -> int:
         predictions=predictions,
         bandwidth_gbps=args.bandwidth_gbps,
         layer_compute_ms=args.layer_compute_ms,
+        lookahead=lookahead,
     )
     if args.json:
         print(json.dumps(result.as_dict(), indent=1))
@@ -246,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--slots-per-layer", type=int, help="per-layer budget")
     budget.add_argument("--slots", type=int, help="one pool shared by all layers")
     rp.add_argument("--predictions", help=".npz with scores float [T, L, E]")
+    rp.add_argument(
+        "--lookahead",
+        action="store_true",
+        help="also prefetch the trace's recorded gate-lookahead picks, each layer's when the "
+        "layer before it starts (trace recorded with --lookahead)",
+    )
     rp.add_argument("--bandwidth-gbps", type=float, help="timing model: copy bandwidth")
     rp.add_argument("--layer-compute-ms", type=float, help="timing model: compute per layer")
     rp.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -3,8 +3,10 @@
 Every step (see :mod:`expertflow.trace`) runs its layers in order: the layer's experts (the union
 over the step's tokens) are acquired from the cache, missing ones load at once, then the layer
 is released. With predictions and ``policy="expertflow"``, each step starts by scoring every
-layer's experts and prefetching the predicted ones in layer order. Belady is told each expert's
-next use from the trace itself (the optimum no real policy can reach).
+layer's experts and prefetching the predicted ones in layer order. With ``lookahead`` scores
+(gate lookahead: layer l's router applied to layer l-1's hidden states), layer l's are scored
+and prefetched only when layer l-1 starts, as they are in a real forward pass. Belady is told
+each expert's next use from the trace itself (the optimum no real policy can reach).
 
 Timing model (with ``bandwidth_gbps`` and ``layer_compute_ms``): one host-to-device link of that
 bandwidth moves one expert at a time; prefetches queue on it in issue order, and an urgent load
@@ -145,6 +147,23 @@ def _prefetch_plan(
                 cache.loaded(load[0])  # the policy may reuse it; the link model has its timing
 
 
+def _prefetch_layer(
+    cache, link: _Link | None, scores: np.ndarray, tokens: np.ndarray, layer: int, top_k: int,
+    now: float,
+) -> None:  # fmt: skip
+    """Gate lookahead for one layer: its scores (max over the step's tokens), then each token's
+    top-k experts prefetched, best first."""
+    layer_scores = scores[tokens, layer].max(axis=0)  # [E]
+    cache.set_scores(layer, layer_scores.tolist())
+    wanted = np.argsort(-scores[tokens, layer, :], axis=-1, kind="stable")[:, :top_k]
+    for expert in sorted(set(wanted.ravel().tolist()), key=lambda e: -layer_scores[e]):
+        load = cache.prefetch(layer, expert)
+        if load is not None:
+            if link is not None:
+                link.prefetch(load[0], now)
+            cache.loaded(load[0])
+
+
 def replay(
     trace: Trace,
     policy: str,
@@ -155,6 +174,7 @@ def replay(
     bandwidth_gbps: float | None = None,
     layer_compute_ms: float | None = None,
     prefetch: bool = True,
+    lookahead: np.ndarray | None = None,
 ) -> ReplayResult:
     """Replays ``trace`` through the native policy; see the module docstring.
 
@@ -168,6 +188,8 @@ def replay(
         layer_compute_ms: compute time of one layer step (timing model).
         prefetch: copy the predicted experts ahead; without, predictions only rank evictions
             (every copy is then a miss's, and no byte is spent on a wrong guess).
+        lookahead: ``[T, L, E]`` gate-lookahead scores (used by ``expertflow``): layer l's are
+            applied when layer l-1 starts (layer 0 has none).
     """
     from expertflow import _C
 
@@ -179,6 +201,13 @@ def replay(
         raise ValueError("the timing model needs both bandwidth_gbps and layer_compute_ms")
     if bandwidth_gbps is not None and (bandwidth_gbps <= 0 or layer_compute_ms < 0):
         raise ValueError("bandwidth_gbps must be > 0 and layer_compute_ms >= 0")
+    want = (trace.num_tokens, trace.num_layers, trace.num_experts)
+    for name, scores in (("predictions", predictions), ("lookahead", lookahead)):
+        if scores is not None and np.shape(scores) != want:
+            raise ValueError(
+                f"{name} must be [T, L, E] = {list(want)} to match the trace, got "
+                f"{list(np.shape(scores))}"
+            )
     budget = "per_layer" if slots_per_layer is not None else "global"
     total = slots_per_layer * trace.num_layers if slots_per_layer is not None else slots
     cache = _C.CachePolicy(
@@ -197,6 +226,8 @@ def replay(
         if predictions is not None and policy == "expertflow":
             _prefetch_plan(cache, link, predictions, tokens, trace.top_k, now, prefetch)
         for layer in range(trace.num_layers):
+            if lookahead is not None and policy == "expertflow" and layer + 1 < trace.num_layers:
+                _prefetch_layer(cache, link, lookahead, tokens, layer + 1, trace.top_k, now)
             experts = _layer_experts(trace, tokens, layer)
             if not experts:
                 continue

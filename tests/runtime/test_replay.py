@@ -246,6 +246,26 @@ def test_prefetch_overlaps_compute_in_the_timing_model():
     assert flow.time_per_token_ms == pytest.approx(300.0)  # layer 1's copy hides under compute
 
 
+def test_gate_lookahead_prefetches_one_layer_ahead_not_at_the_step_start():
+    # Token 0 warms every layer with expert 0; token 1 needs expert 1 at layer 2 only. Its copy
+    # (150 ms) is longer than a layer (100 ms): issued when layer 1 starts it is 50 ms late,
+    # issued at the step's start (an oracle path prediction) it is on time.
+    ids = np.array([[[0], [0], [0]], [[0], [0], [1]]], dtype=np.int32)
+    trace = Trace(
+        expert_ids=ids, meta={"model": "m", "num_experts": 2, "top_k": 1, "expert_bytes": 10**9}
+    )
+    timing = dict(slots_per_layer=1, bandwidth_gbps=1 / 0.15, layer_compute_ms=100.0)
+    picks = np.zeros((2, 3, 2), dtype=np.float32)
+    picks[np.arange(2)[:, None], np.arange(3)[None, :], ids[..., 0]] = 1.0
+    lru = replay(trace, "lru", **timing)
+    ahead = replay(trace, "expertflow", lookahead=picks, **timing)
+    oracle = replay(trace, "expertflow", predictions=picks, **timing)
+    assert ahead.misses < lru.misses
+    assert oracle.time_per_token_ms < ahead.time_per_token_ms < lru.time_per_token_ms
+    with pytest.raises(ValueError, match=r"lookahead must be \[T, L, E\] = \[2, 3, 2\]"):
+        replay(trace, "expertflow", lookahead=picks[:1], **timing)
+
+
 def test_command_line(tmp_path, capsys):
     rng = np.random.default_rng(0)
     ids = np.stack([rng.permutation(8)[:2] for _ in range(40)]).reshape(20, 2, 2).astype(np.int32)
@@ -285,6 +305,19 @@ def test_command_line(tmp_path, capsys):
         main(["replay", "--trace", str(tmp_path / "t.npz"), "--policy", "lru", "--slots", "1"]) == 2
     )
     assert "num_slots must be at least 2" in capsys.readouterr().err
+    flow = ["replay", "--policy", "expertflow", "--slots", "4", "--lookahead", "--json"]
+    assert main(flow + ["--trace", str(tmp_path / "t.npz")]) == 2
+    assert "needs a trace recorded with `expertflow trace --lookahead`" in capsys.readouterr().err
+    save_trace(
+        Trace(
+            expert_ids=ids,
+            lookahead_ids=ids,
+            meta={"model": "m", "num_experts": 8, "top_k": 2, "expert_bytes": 2**20},
+        ),
+        tmp_path / "ahead.npz",
+    )
+    assert main(flow + ["--trace", str(tmp_path / "ahead.npz")]) == 0
+    assert json.loads(capsys.readouterr().out)["prefetches"] > 0
 
 
 def test_unrecorded_entries_and_mismatched_predictions(tmp_path):
