@@ -238,8 +238,10 @@ class _Sampling:
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if self.top_p is not None and self.top_p < 1:
             ordered, order = logits.sort(dim=-1, descending=True)
-            before = ordered.softmax(dim=-1).cumsum(dim=-1) - ordered.softmax(dim=-1)
-            drop = (before >= self.top_p).scatter(-1, order, before >= self.top_p)
+            sorted_probs = ordered.softmax(dim=-1)
+            # Probability of the tokens ranked above each one: past top_p, it is not needed.
+            beyond = sorted_probs.cumsum(dim=-1) - sorted_probs >= self.top_p
+            drop = beyond.scatter(-1, order, beyond)
             logits = logits.masked_fill(drop, float("-inf"))
         probs = logits.softmax(dim=-1)
         tokens = []
@@ -277,7 +279,6 @@ class _Generator:
         self.errors: dict[int, Exception] = {}
         state = getattr(model, "_expertflow", None)
         self.prefetcher = state["prefetcher"] if state is not None else None
-        self.cache = state["cache"] if state is not None else None
         forward = inspect.signature(model.forward).parameters
         self.keep_last = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
         self.stats = {

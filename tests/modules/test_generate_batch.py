@@ -272,3 +272,28 @@ def test_regrouping_cuts_the_experts_a_batch_runs_on_clustered_requests():
     ours = runs["expertflow"].stats["distinct_experts_per_layer"]
     # FIFO batches mix both kinds at every step; separated batches run half the experts.
     assert ours <= 0.5 * fifo + 1e-9, (fifo, ours)
+
+
+def test_top_k_and_top_p_keep_the_right_tokens():
+    from expertflow.generation import _Request, _Sampling
+
+    probs = torch.tensor([[0.05, 0.5, 0.3, 0.15]])
+    logits = probs.log()
+
+    def draws(sampling, n=4000):
+        request = _Request(0, [1])
+        counts = torch.zeros(4)
+        for _ in range(n):
+            counts[sampling.pick(logits, [request])[0]] += 1
+        return counts / n
+
+    # top_p=0.7: 0.5 alone is short of it, 0.5 + 0.3 reaches it: tokens 1 and 2, renormalised.
+    nucleus = draws(_Sampling(do_sample=True, top_p=0.7))
+    assert nucleus[0] == 0 and nucleus[3] == 0
+    assert abs(nucleus[1] - 0.5 / 0.8) < 0.04
+    top2 = draws(_Sampling(do_sample=True, top_k=2))
+    assert top2[0] == 0 and top2[3] == 0
+    hot = draws(_Sampling(do_sample=True, temperature=0.25))  # sharper: token 1 dominates
+    assert hot[1] > 0.85
+    plain = draws(_Sampling(do_sample=True))
+    assert (plain - probs[0]).abs().max() < 0.04
