@@ -3,12 +3,13 @@
     python bench/bench_scheduler.py --held-out HELD.npz --predictor DIR
 
 Workload: the held-out sequences of all domains interleaved in arrival order (a mixed-domain
-stream of requests). Every decode step j, pairs of consecutive batches of B requests decode
-their j-th tokens. FIFO keeps arrival order; the scheduler re-splits each pair of batches by
-the paths the predictor predicts for those tokens (``expertflow.scheduler``), and, as the bound
-of what any scheduler could do with perfect prediction, by the true paths. Reported: distinct
-experts per batch per layer under the routers' real choices, for B = 4, 16, 64, and the
-scheduler's decision time. End to end (real batched generation, KV rows moving, bytes and
+stream of requests). Every decode step j, groups of 2 (ExpertFlow's pair) or 4 consecutive
+batches of B requests decode their j-th tokens. FIFO keeps arrival order; the scheduler
+regroups each group of batches by the paths the predictor predicts for those tokens
+(``expertflow.scheduler``: one two-batch split for a pair, ``regroup`` for 4), and, as the
+bound of what this scheduler could do with perfect prediction, by the true paths. Reported:
+distinct experts per batch per layer under the routers' real choices, for B = 4, 16, 64, and
+the scheduler's decision time. End to end (real batched generation, KV rows moving, bytes and
 throughput): ``bench/bench_generate_batch.py``.
 """
 
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from expertflow.predictor import load_predictor, multi_hot
-from expertflow.scheduler import paths_from_scores, split_two_batches
+from expertflow.scheduler import paths_from_scores, regroup, split_two_batches
 from expertflow.trace import load_trace
 
 
@@ -40,26 +41,34 @@ def interleaved(trace):
     return np.stack([r[:length] for r in order])  # [requests, steps] token rows
 
 
-def measure(true_paths, pred_paths, rows, batch):
-    """Mean distinct experts per batch per layer for fifo, predicted and oracle splits."""
+def measure(true_paths, pred_paths, rows, batch, groups=2):
+    """Mean distinct experts per batch per layer for fifo, predicted and oracle regrouping of
+    ``groups`` consecutive batches (2: ExpertFlow's pair, one two-batch split)."""
     requests, steps = rows.shape
-    pairs = requests // (2 * batch)
+    chunks = requests // (groups * batch)
     totals = {"fifo": 0.0, "scheduled": 0.0, "oracle": 0.0}
     seconds, decisions = 0.0, 0
     layers = true_paths.shape[1]
+    fifo = [r // batch for r in range(groups * batch)]
     for step in range(steps):
-        for p in range(pairs):
-            group = np.arange(2 * batch * p, 2 * batch * (p + 1))
-            true = true_paths[rows[group, step]]
-            splits = {"fifo": (list(range(batch)), list(range(batch, 2 * batch)))}
+        for c in range(chunks):
+            members = rows[np.arange(groups * batch * c, groups * batch * (c + 1)), step]
+            true = true_paths[members]
+            assignments = {"fifo": fifo}
             started = time.perf_counter()
-            splits["scheduled"] = split_two_batches(pred_paths[rows[group, step]], batch)
+            if groups == 2:
+                first, _ = split_two_batches(pred_paths[members], batch)
+                assignments["scheduled"] = [0 if r in first else 1 for r in range(2 * batch)]
+            else:
+                assignments["scheduled"] = regroup(pred_paths[members], fifo, groups)
             seconds += time.perf_counter() - started
             decisions += 1
-            splits["oracle"] = split_two_batches(true, batch)
-            for name, (a, b) in splits.items():
-                totals[name] += (true[a].any(0).sum() + true[b].any(0).sum()) / (2 * layers)
-    n = steps * pairs
+            assignments["oracle"] = regroup(true, fifo, groups)
+            for name, assignment in assignments.items():
+                assignment = np.asarray(assignment)
+                distinct = sum(true[assignment == g].any(0).sum() for g in range(groups))
+                totals[name] += distinct / (groups * layers)
+    n = steps * chunks
     return {k: v / n for k, v in totals.items()} | {"decision_us": 1e6 * seconds / decisions}
 
 
@@ -84,17 +93,21 @@ def main(argv=None) -> int:
         f"{'decision':>9s}   (distinct experts per batch per layer)"
     )
     results = {}
-    for batch in (4, 16, 64):
-        if rows.shape[0] < 2 * batch:
-            print(f"{batch:5d}  (needs {2 * batch} requests, the trace has {rows.shape[0]})")
-            continue
-        r = measure(true_paths, pred_paths, rows, batch)
-        results[batch] = r
-        print(
-            f"{batch:5d} {r['fifo']:7.2f} {r['scheduled']:10.2f} "
-            f"{100 * (1 - r['scheduled'] / r['fifo']):6.1f}% {r['oracle']:7.2f} "
-            f"{r['decision_us']:7.0f} us"
-        )
+    for groups in (2, 4):
+        print(f"-- {groups} batches regrouped together")
+        for batch in (4, 16, 64):
+            if rows.shape[0] < groups * batch:
+                print(
+                    f"{batch:5d}  (needs {groups * batch} requests, the trace has {rows.shape[0]})"
+                )
+                continue
+            r = measure(true_paths, pred_paths, rows, batch, groups)
+            results[f"{groups}x{batch}"] = r
+            print(
+                f"{batch:5d} {r['fifo']:7.2f} {r['scheduled']:10.2f} "
+                f"{100 * (1 - r['scheduled'] / r['fifo']):6.1f}% {r['oracle']:7.2f} "
+                f"{r['decision_us']:7.0f} us"
+            )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
