@@ -13,7 +13,9 @@ sizes, so that the batches need as few distinct (layer, expert) pairs as possibl
 predicted routing paths: every pair of batches is re-split with the native two-batch split
 (:func:`expertflow.scheduler.regroup`). Their KV rows move with them. With two active batches
 this is ExpertFlow's re-split of two consecutive batches; more active batches give the
-scheduler more requests to match (measured in ``bench/bench_generate_batch.py``).
+scheduler more requests to match (measured in ``bench/bench_generate_batch.py``). The round
+then runs each batch after the one it shares most predicted experts with, starting from the
+batch that ran last, so that the slots one batch filled serve the next.
 """
 
 from __future__ import annotations
@@ -291,6 +293,8 @@ class _Generator:
             "regroups": 0,
         }
         self._distinct: list[float] = []  # per decode step: mean distinct experts per layer
+        self._last_union: np.ndarray | None = None  # [L, E] experts of the last decode step
+        self._order: list[int] = []  # the batches' turns this round
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -380,6 +384,7 @@ class _Generator:
         self._distinct.append(
             float(np.mean([len(np.unique(routing[:, layer])) for layer in range(routing.shape[1])]))
         )
+        self._last_union = multi_hot(routing, self.tap.modules[0].num_experts).any(axis=0) > 0
         rows.keys = [layer.keys for layer in cache.layers]
         rows.values = [layer.values for layer in cache.layers]
         rows.mask = mask
@@ -448,7 +453,8 @@ class _Generator:
         started = time.perf_counter()
         requests = [r for b in live for r in self.batches[b].requests]
         current = [k for k, b in enumerate(live) for _ in self.batches[b].requests]
-        new = regroup(self._paths(requests), current, len(live))
+        paths = self._paths(requests)
+        new = regroup(paths, current, len(live))
         changed = sorted({g for old, g in zip(current, new, strict=True) if old != g})
         if changed:
             # Rows of the changed batches, in the order concat lays them out.
@@ -460,15 +466,28 @@ class _Generator:
                 1 for old, g in zip(current, new, strict=True) if old != g
             )
             self.stats["regroups"] += 1
+        # Order the round: each batch after the one whose experts it shares most with, starting
+        # from the batch that ran last, so that slots filled by one batch serve the next.
+        unions = {live[k]: paths[np.asarray(new) == k].any(axis=0) for k in range(len(live))}
+        previous = self._last_union
+        order = []
+        while unions:
+            best = max(
+                unions, key=lambda b: -1 if previous is None else int((unions[b] & previous).sum())
+            )
+            order.append(best)
+            previous = unions.pop(best)
+        self._order = order
         self.stats["schedule_seconds"] += time.perf_counter() - started
 
     def run(self) -> None:
         while self.waiting or any(len(b) for b in self.batches):
             for batch in range(len(self.batches)):
                 self._admit(batch)
+            self._order = list(range(len(self.batches)))
             if self.schedule == "expertflow":
                 self._regroup()
-            for batch in range(len(self.batches)):
+            for batch in self._order:
                 if len(self.batches[batch]):
                     self.batches[batch] = self._step(self.batches[batch])
 

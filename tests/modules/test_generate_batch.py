@@ -240,9 +240,10 @@ def test_equal_length_prompts_are_prefilled_together_and_a_bad_one_fails_alone()
     assert all(shape == (5, 1) for shape in calls[7:])
 
 
-def test_regrouping_cuts_the_experts_a_batch_runs_on_clustered_requests():
-    """Two kinds of prompt whose tokens route to disjoint experts, interleaved: FIFO batches
-    mix them, the scheduler separates them, and each decode step runs fewer experts."""
+def two_kinds_model_and_prompts(count: int):
+    """A Mixtral whose routers read one hidden unit, set by the token's half of the vocabulary:
+    tokens < 48 use experts 0-3, the others 4-7, and generation stays in the prompt's half.
+    Prompts alternate between the halves."""
     model = without_eos("mixtral", seed=3)
     with torch.no_grad():  # layer routers that read one hidden unit: its sign picks the half
         for layer in model.model.layers:
@@ -257,10 +258,17 @@ def test_regrouping_cuts_the_experts_a_batch_runs_on_clustered_requests():
         model.lm_head.weight.zero_()
         model.lm_head.weight[:48, 0] = 1.0  # argmax stays in the prompt's half
         model.lm_head.weight[48:, 0] = -1.0
-    low = random_prompts(1, 8, longest=6)
+    low = random_prompts(1, count, longest=6)
     prompts = [
         [t % 48 for t in p] if i % 2 == 0 else [48 + t % 48 for t in p] for i, p in enumerate(low)
     ]
+    return model, prompts
+
+
+def test_regrouping_cuts_the_experts_a_batch_runs_on_clustered_requests():
+    """Two kinds of prompt whose tokens route to disjoint experts, interleaved: FIFO batches
+    mix them, the scheduler separates them, and each decode step runs fewer experts."""
+    model, prompts = two_kinds_model_and_prompts(8)
     runs = {
         s: expertflow.generate_batch(
             model, prompts, max_new_tokens=4, batch_size=4, schedule=s, active_batches=2
@@ -272,6 +280,26 @@ def test_regrouping_cuts_the_experts_a_batch_runs_on_clustered_requests():
     ours = runs["expertflow"].stats["distinct_experts_per_layer"]
     # FIFO batches mix both kinds at every step; separated batches run half the experts.
     assert ours <= 0.5 * fifo + 1e-9, (fifo, ours)
+
+
+def test_batches_of_a_kind_take_their_turns_one_after_another():
+    """Four batches, two of each kind once regrouped: each round runs both batches of one kind,
+    then both of the other (the slots one fills serve the next), never alternating kinds."""
+    model, prompts = two_kinds_model_and_prompts(8)
+    kinds = []
+    model.register_forward_pre_hook(
+        lambda m, a, k: kinds.append({int(t) >= 48 for t in k["input_ids"][:, -1]}),
+        with_kwargs=True,
+    )
+    expertflow.generate_batch(
+        model, prompts, max_new_tokens=5, batch_size=2, schedule="expertflow", active_batches=4
+    )
+    decode = kinds[-16:]  # the last four rounds: four single-kind steps each
+    assert all(len(k) == 1 for k in decode)
+    for start in range(0, 16, 4):
+        turn = [k.pop() for k in decode[start : start + 4]]
+        switches = sum(a != b for a, b in zip(turn, turn[1:], strict=False))
+        assert switches == 1, turn
 
 
 def test_top_k_and_top_p_keep_the_right_tokens():
