@@ -37,8 +37,13 @@ cp "$work"/demo-moe-2/{config.json,generation_config.json,model.safetensors,toke
 "$py" -m expertflow trace --text "$corpus"/*.txt --skip-fraction 0.9 --prompt-tokens 128 \
   --max-sequences 64 --batch-size 16 --lookahead --out "$work/held.npz"
 
+# Path + history for the benchmarks (bench_predictor reads its path part, predictor/part0);
+# the bundled default is the warm-started history predictor: as accurate at top-k, a fifth of
+# the bytes moved less, and 0.2 ms per step instead of 1.9 (README, "Routing predictor").
 "$py" -m expertflow train-predictor --kind combined --traces "$work/train.npz" \
   --out "$work/predictor" | tee "$work/train_predictor.log"
+"$py" -m expertflow train-predictor --kind history --traces "$work/train.npz" \
+  --out "$work/history-predictor"
 rm -rf "$assets/demo-moe-predictor"
-cp -r "$work/predictor" "$assets/demo-moe-predictor"
+cp -r "$work/history-predictor" "$assets/demo-moe-predictor"
 echo "assets written to $assets (traces and logs in $work)"
