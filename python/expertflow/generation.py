@@ -91,16 +91,20 @@ class _Rows:
             return F.pad(t, (0, 0, pad, 0)) if pad else t
 
         pads = [length - p.mask.shape[1] for p in parts]
-        keys = [
-            torch.cat([left_pad(p.keys[i], pad) for p, pad in zip(parts, pads, strict=True)])
-            for i in range(len(parts[0].keys))
-        ]
-        values = [
-            torch.cat([left_pad(p.values[i], pad) for p, pad in zip(parts, pads, strict=True)])
-            for i in range(len(parts[0].values))
-        ]
+
+        def stacked(per_part: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+            return [
+                torch.cat([left_pad(t, pad) for t, pad in zip(layer, pads, strict=True)])
+                for layer in zip(*per_part, strict=True)
+            ]
+
         mask = torch.cat([F.pad(p.mask, (pad, 0)) for p, pad in zip(parts, pads, strict=True)])
-        return _Rows([r for p in parts for r in p.requests], keys, values, mask)
+        return _Rows(
+            [r for p in parts for r in p.requests],
+            stacked([p.keys for p in parts]),
+            stacked([p.values for p in parts]),
+            mask,
+        )
 
     def select(self, rows: list[int]) -> _Rows:
         """The given rows, without the columns that are padding in all of them."""
@@ -384,7 +388,8 @@ class _Generator:
         self._distinct.append(
             float(np.mean([len(np.unique(routing[:, layer])) for layer in range(routing.shape[1])]))
         )
-        self._last_union = multi_hot(routing, self.tap.modules[0].num_experts).any(axis=0) > 0
+        if self.schedule == "expertflow":  # the next round's turn order starts from it
+            self._last_union = multi_hot(routing, self.tap.modules[0].num_experts).any(axis=0) > 0
         rows.keys = [layer.keys for layer in cache.layers]
         rows.values = [layer.values for layer in cache.layers]
         rows.mask = mask

@@ -12,7 +12,7 @@ prefetch the router did not use becomes the first to be evicted: real-time corre
 
 With ``background=True`` the path prediction runs on a worker thread while the step's first
 layers compute (off the critical path); its plan then starts at the first layer whose experts
-have not run yet, and the step waits for it, if still running, only after its last layer.
+have not run yet, and the step waits for it, if still running, only before its last layer.
 """
 
 from __future__ import annotations

@@ -135,16 +135,11 @@ def _prefetch_plan(
     step_scores = scores[tokens].max(axis=0)  # [L, E]
     for layer in range(step_scores.shape[0]):
         cache.set_scores(layer, step_scores[layer].tolist())
-    if not prefetch:
-        return
-    for layer in range(step_scores.shape[0]):
-        wanted = np.argsort(-scores[tokens, layer, :], axis=-1, kind="stable")[:, :top_k]
-        for expert in sorted(set(wanted.ravel().tolist()), key=lambda e: -step_scores[layer, e]):
-            load = cache.prefetch(layer, expert)
-            if load is not None:
-                if link is not None:
-                    link.prefetch(load[0], now)
-                cache.loaded(load[0])  # the policy may reuse it; the link model has its timing
+    if prefetch:
+        for layer in range(step_scores.shape[0]):
+            _prefetch_top_k(
+                cache, link, scores[tokens, layer], step_scores[layer], top_k, layer, now
+            )
 
 
 def _prefetch_layer(
@@ -155,13 +150,19 @@ def _prefetch_layer(
     top-k experts prefetched, best first."""
     layer_scores = scores[tokens, layer].max(axis=0)  # [E]
     cache.set_scores(layer, layer_scores.tolist())
-    wanted = np.argsort(-scores[tokens, layer, :], axis=-1, kind="stable")[:, :top_k]
+    _prefetch_top_k(cache, link, scores[tokens, layer], layer_scores, top_k, layer, now)
+
+
+def _prefetch_top_k(cache, link, token_scores, layer_scores, top_k, layer, now) -> None:
+    """Prefetches each token's ``top_k`` experts of one layer (``token_scores`` ``[tokens, E]``),
+    the best ``layer_scores`` first."""
+    wanted = np.argsort(-token_scores, axis=-1, kind="stable")[:, :top_k]
     for expert in sorted(set(wanted.ravel().tolist()), key=lambda e: -layer_scores[e]):
         load = cache.prefetch(layer, expert)
         if load is not None:
             if link is not None:
                 link.prefetch(load[0], now)
-            cache.loaded(load[0])
+            cache.loaded(load[0])  # the policy may reuse it; the link model has its timing
 
 
 def replay(
