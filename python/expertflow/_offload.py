@@ -325,7 +325,9 @@ def restore(model: nn.Module) -> nn.Module:
 
 
 def _device_totals(device: torch.device) -> dict | None:
-    """Used and total memory of the GPU from NVML, where nvidia-ml-py and a GPU exist."""
+    """Used and total memory of the GPU from NVML, where nvidia-ml-py and a GPU exist. The
+    GPU is found by its UUID: NVML numbers every GPU of the machine, CUDA only the visible ones
+    (``CUDA_VISIBLE_DEVICES``), so the two indices can differ."""
     if device.type != "cuda":
         return None
     try:
@@ -334,11 +336,19 @@ def _device_totals(device: torch.device) -> dict | None:
         return None
     try:
         pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+    except pynvml.NVMLError:
+        return None
+    try:
+        uuid = str(torch.cuda.get_device_properties(device).uuid)
+        if not uuid.startswith(("GPU-", "MIG-")):  # torch prints the bare UUID
+            uuid = f"GPU-{uuid}"
+        handle = pynvml.nvmlDeviceGetHandleByUUID(uuid)
         info = pynvml.nvmlDeviceGetMemoryInfo(handle)
         return {"device_used_bytes": int(info.used), "device_total_bytes": int(info.total)}
     except pynvml.NVMLError:
         return None
+    finally:
+        pynvml.nvmlShutdown()
 
 
 def memory_report(model: nn.Module) -> dict:

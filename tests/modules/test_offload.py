@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import types
+
 import pytest
 import torch
 
@@ -237,6 +240,70 @@ def test_memory_report():
     assert 0 < report["saving_percent"] < 100
     with pytest.raises(ValueError, match="was not offloaded"):
         expertflow.memory_report(build("mixtral"))
+
+
+class _FakeNvml(types.ModuleType):
+    """Stands in for nvidia-ml-py: records the calls, serves one GPU by UUID."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, uuid, fail_init=False):
+        super().__init__("pynvml")
+        self.uuid, self.fail_init, self.calls = uuid, fail_init, []
+
+    def nvmlInit(self):
+        self.calls.append("init")
+        if self.fail_init:
+            raise self.NVMLError("driver not loaded")
+
+    def nvmlShutdown(self):
+        self.calls.append("shutdown")
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        self.calls.append(uuid)
+        if uuid != f"GPU-{self.uuid}":
+            raise self.NVMLError("not found")
+        return "handle"
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        assert handle == "handle"
+        return types.SimpleNamespace(used=3 << 30, total=141 << 30)
+
+
+def test_device_totals_find_the_gpu_by_uuid_and_shut_nvml_down(monkeypatch):
+    from expertflow._offload import _device_totals
+
+    props = types.SimpleNamespace(uuid="58c5a5d5-0000-1111-2222-333344445555")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    nvml = _FakeNvml(props.uuid)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    totals = _device_totals(torch.device("cuda", 1))
+    assert totals == {"device_used_bytes": 3 << 30, "device_total_bytes": 141 << 30}
+    assert nvml.calls == ["init", f"GPU-{props.uuid}", "shutdown"]
+    assert _device_totals(torch.device("cpu")) is None
+
+    props.uuid = "another-gpu"  # NVML does not know it: no figures, NVML still shut down
+    nvml.calls.clear()
+    assert _device_totals(torch.device("cuda", 0)) is None
+    assert nvml.calls[-1] == "shutdown"
+
+    monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml(props.uuid, fail_init=True))
+    assert _device_totals(torch.device("cuda", 0)) is None
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed
+    assert _device_totals(torch.device("cuda", 0)) is None
+
+
+@pytest.mark.cuda
+def test_memory_report_on_cuda_has_the_device_totals_from_nvml():
+    pytest.importorskip("pynvml", reason="nvidia-ml-py is not installed")
+    model = build("mixtral")
+    expertflow.offload(model, device="cuda", slots=4)
+    report = expertflow.memory_report(model)
+    total = torch.cuda.get_device_properties(0).total_memory
+    # NVML counts memory CUDA reserves for itself, so its total is at least CUDA's.
+    assert total <= report["device_total_bytes"] <= 1.1 * total
+    assert report["device_bytes"] <= report["device_used_bytes"] <= report["device_total_bytes"]
 
 
 @pytest.mark.cuda
