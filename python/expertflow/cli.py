@@ -85,9 +85,10 @@ def _load_model(spec: str, device: str):
     return model.to(device), tokenizer
 
 
-def _text_prompts(tokenizer, files, skip_fraction, prompt_tokens, max_sequences):
-    """Consecutive ``prompt_tokens``-long windows of each file (from ``skip_fraction`` of its
-    length on), at most ``max_sequences`` per file, labelled with the file's stem."""
+def _text_prompts(tokenizer, files, skip_fraction, end_fraction, prompt_tokens, max_sequences):
+    """Consecutive ``prompt_tokens``-long windows of each file (between ``skip_fraction`` and
+    ``end_fraction`` of its length), at most ``max_sequences`` per file, labelled with the
+    file's stem."""
     from pathlib import Path
 
     prompts, sources = [], []
@@ -96,7 +97,7 @@ def _text_prompts(tokenizer, files, skip_fraction, prompt_tokens, max_sequences)
         if not path.is_file():
             raise ValueError(f"--text: {name} is not a file")
         text = path.read_text(encoding="utf-8", errors="replace")
-        text = text[int(len(text) * skip_fraction) :]
+        text = text[int(len(text) * skip_fraction) : int(len(text) * end_fraction)]
         ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         windows = [ids[i : i + prompt_tokens] for i in range(0, len(ids), prompt_tokens)]
         windows = [w for w in windows if len(w) == prompt_tokens][:max_sequences]
@@ -113,14 +114,22 @@ def _trace(args: argparse.Namespace) -> int:
     from expertflow.recording import record_routing
     from expertflow.trace import save_trace
 
-    if not 0 <= args.skip_fraction < 1:
-        raise ValueError(f"--skip-fraction must be in [0, 1), got {args.skip_fraction}")
+    if not 0 <= args.skip_fraction < args.end_fraction <= 1:
+        raise ValueError(
+            "--skip-fraction and --end-fraction must satisfy 0 <= skip < end <= 1, got "
+            f"{args.skip_fraction} and {args.end_fraction}"
+        )
     for name in ("prompt_tokens", "max_sequences", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     model, tokenizer = _load_model(args.model, args.device)
     prompts, sources = _text_prompts(
-        tokenizer, args.text, args.skip_fraction, args.prompt_tokens, args.max_sequences
+        tokenizer,
+        args.text,
+        args.skip_fraction,
+        args.end_fraction,
+        args.prompt_tokens,
+        args.max_sequences,
     )
     bar = tqdm(total=len(prompts), unit="seq", desc="tracing", file=sys.stderr)
 
@@ -201,7 +210,12 @@ def _train_predictor(args: argparse.Namespace) -> int:
             if t.token_ids is not None
         )
         path = PathPredictor(
-            *shape, vocab_size=vocab, d_model=args.d_model, depth=args.depth, context=args.context
+            *shape,
+            vocab_size=vocab,
+            d_model=args.d_model,
+            depth=args.depth,
+            context=args.context,
+            use_previous=args.use_previous,
         )
         path.fit(traces, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
     if args.kind == "combined":
@@ -282,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="start reading each file at this fraction (0.9: a corpus file's held-out 10%%)",
     )
+    tp.add_argument(
+        "--end-fraction",
+        type=float,
+        default=1.0,
+        help="stop reading each file at this fraction (0.9: the training part, no held-out text)",
+    )
     tp.add_argument("--device", default="cpu")
     tp.add_argument(
         "--lookahead", action="store_true", help="also record what gate lookahead would pick"
@@ -299,12 +319,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--history-weight", type=float, default=0.5)
     tr.add_argument("--exclude-source", help="leave this source (domain) out of training")
-    tr.add_argument("--epochs", type=int, default=4)
+    tr.add_argument("--epochs", type=int, default=10)
     tr.add_argument("--batch-size", type=int, default=32)
     tr.add_argument("--lr", type=float, default=2e-3)
     tr.add_argument("--context", type=int, default=64, help="token ids the path predictor sees")
     tr.add_argument("--d-model", type=int, default=96)
     tr.add_argument("--depth", type=int, default=2)
+    tr.add_argument(
+        "--use-previous",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the path predictor also reads the previous token's routing (default: yes)",
+    )
     tr.add_argument("--vocab-size", type=int, help="default: the traces' meta.vocab_size")
     tr.set_defaults(run=_train_predictor)
 

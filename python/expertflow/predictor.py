@@ -14,7 +14,9 @@ from earlier routing and ids up to its own) and is what evaluation and replay us
   token ids that predicts every layer's experts at once, trained with binary cross-entropy on
   multi-hot routing from traces. It is a causal (decoder-only) stack rather than the paper's
   T5 encoder-decoder: each token's path is predicted from the ids up to it, which is exactly
-  what is known at decode time, and a single stack needs half the parameters.
+  what is known at decode time, and a single stack needs half the parameters. Its head also
+  reads the routing the previous token really took (known once that token has run), which
+  the paper's predictor does not.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from expertflow.trace import Trace
@@ -213,9 +217,14 @@ class HistoryPredictor(Predictor):
 
 
 class _PathNet(nn.Module):
-    """Token + position embeddings, a causal transformer stack, one logit per (layer, expert)."""
+    """Token + position embeddings, a causal transformer stack, one logit per (layer, expert).
+    With ``use_previous`` the routing the previous token really took (known at decode time)
+    joins each position's features before the head: the ids say which context this is, the
+    last routing says where in it the model's hidden state just was."""
 
-    def __init__(self, vocab_size, num_layers, num_experts, d_model, depth, heads, context):
+    def __init__(
+        self, vocab_size, num_layers, num_experts, d_model, depth, heads, context, use_previous
+    ):
         super().__init__()
         self.context = context
         self.embed = nn.Embedding(vocab_size, d_model)
@@ -225,21 +234,85 @@ class _PathNet(nn.Module):
         )
         self.stack = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d_model)
+        self.previous = None
+        if use_previous:
+            self.previous = nn.Linear(num_layers * num_experts, d_model)
+            self.fuse = nn.Sequential(
+                nn.Linear(d_model, 2 * d_model), nn.GELU(), nn.Linear(2 * d_model, d_model)
+            )
         self.head = nn.Linear(d_model, num_layers * num_experts)
         self.out_shape = (num_layers, num_experts)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """``ids [B, T]`` (T <= context) -> logits ``[B, T, L, E]``."""
+    def features(self, ids: torch.Tensor) -> torch.Tensor:
+        """``ids [B, T]`` (T <= context) -> ``[B, T, d_model]``, each position causal."""
         t = ids.shape[1]
         x = self.embed(ids) + self.position(torch.arange(t, device=ids.device))
         mask = nn.Transformer.generate_square_subsequent_mask(t, device=ids.device)
-        x = self.stack(x, mask=mask, is_causal=True)
-        return self.head(self.norm(x)).view(*ids.shape, *self.out_shape)
+        return self.norm(self.stack(x, mask=mask, is_causal=True))
+
+    def extend(self, ids, positions, past=None, past_valid=None):
+        """The stack run on new ids after cached keys/values, so a decode step costs one
+        token, not a whole window. ``ids``/``positions`` ``[B, n]``; ``past`` the cached keys
+        and values ``[B, depth, 2, H, T, d / H]`` (None: nothing cached); ``past_valid``
+        ``[B, T]`` which cached columns are real where rows of different lengths were padded
+        (None: all). Returns features ``[B, n, d_model]`` (equal to :meth:`features` on the
+        whole window) and the new ids' keys/values ``[B, depth, 2, H, n, d / H]``.
+
+        Functional calls on the layers' weights rather than module calls: at one token the
+        cost is per-op overhead, not arithmetic."""
+        b, n = ids.shape
+        x = F.embedding(ids, self.embed.weight) + F.embedding(positions, self.position.weight)
+        mask, causal = None, past is None and n > 1
+        if past is not None and (n > 1 or past_valid is not None):
+            seen = torch.ones((b, past.shape[4]), dtype=torch.bool)
+            seen = seen if past_valid is None else past_valid
+            mask = torch.cat(
+                [
+                    seen[:, None, :].expand(b, n, seen.shape[1]),
+                    torch.ones((n, n), dtype=torch.bool).tril().expand(b, n, n),
+                ],
+                dim=2,
+            )[:, None]
+        new = []
+        for i, layer in enumerate(self.stack.layers):
+            attn, n1, n2 = layer.self_attn, layer.norm1, layer.norm2
+            h = F.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps)
+            qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
+            q, k, v = qkv.view(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            new += (k, v)
+            if past is not None:
+                k = torch.cat([past[:, i, 0], k], dim=2)
+                v = torch.cat([past[:, i, 1], v], dim=2)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+            a = a.transpose(1, 2).reshape(b, n, -1)
+            x = x + F.linear(a, attn.out_proj.weight, attn.out_proj.bias)
+            h = F.layer_norm(x, n2.normalized_shape, n2.weight, n2.bias, n2.eps)
+            h = layer.activation(F.linear(h, layer.linear1.weight, layer.linear1.bias))
+            x = x + F.linear(h, layer.linear2.weight, layer.linear2.bias)
+        x = F.layer_norm(
+            x, self.norm.normalized_shape, self.norm.weight, self.norm.bias, self.norm.eps
+        )
+        kv = torch.stack(new, dim=1)  # [B, depth * 2, H, n, d / H]
+        return x, kv.view(b, len(self.stack.layers), 2, *kv.shape[2:])
+
+    def head_logits(self, x: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+        """Features ``[..., d]`` and the previous token's multi-hot routing ``[..., L * E]``
+        (zeros where there is none) -> logits ``[..., L, E]``."""
+        if self.previous is not None:
+            x = x + self.previous(previous)
+            x = x + self.fuse(x)
+        return self.head(x).view(*x.shape[:-1], *self.out_shape)
+
+    def forward(self, ids: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """``ids [B, T]``, ``previous [B, T, L * E]`` -> logits ``[B, T, L, E]``."""
+        return self.head_logits(self.features(ids), previous)
 
 
 class PathPredictor(Predictor):
     """ExpertFlow's routing path predictor (see the module docstring). Sees the last
-    ``context`` ids of the sequence."""
+    ``context`` ids of the sequence and, with ``use_previous`` (the default), the routing the
+    previous token took: on the bundled model that lifts held-out top-k recall by about six
+    points, since the router's choice depends on the hidden state more than on the ids."""
 
     kind = "path"
 
@@ -254,16 +327,28 @@ class PathPredictor(Predictor):
         depth=2,
         heads=4,
         context=64,
+        use_previous=True,
         seed=0,
     ):
         super().__init__(num_layers, num_experts, top_k)
         torch.manual_seed(seed)
         self.hparams = dict(
-            vocab_size=vocab_size, d_model=d_model, depth=depth, heads=heads, context=context
+            vocab_size=vocab_size,
+            d_model=d_model,
+            depth=depth,
+            heads=heads,
+            context=context,
+            use_previous=bool(use_previous),
         )
-        self.net = _PathNet(vocab_size, num_layers, num_experts, d_model, depth, heads, context)
+        self.net = _PathNet(
+            vocab_size, num_layers, num_experts, d_model, depth, heads, context, use_previous
+        )
         self.net.eval()
         self.history: list[dict] = []
+        # Windows' keys/values for predict_step, least recently used first; a few hundred
+        # rows (every active request of a batched run) at about 100 KB each.
+        self.kv_rows = 512
+        self._kv: OrderedDict[bytes, torch.Tensor] = OrderedDict()
 
     def _check_vocab(self, trace: Trace) -> None:
         if trace.token_ids is None:
@@ -281,30 +366,45 @@ class PathPredictor(Predictor):
     def context(self) -> int:
         return self.hparams["context"]
 
+    @property
+    def uses_previous(self) -> bool:
+        return self.hparams.get("use_previous", False)
+
+    @staticmethod
+    def _shifted(hot: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """``[len(rows), L * E]``: for each row of a sequence, the routing of the row before
+        it (zeros for the sequence's first token)."""
+        flat = hot[rows].reshape(len(rows), -1)
+        return np.concatenate([np.zeros_like(flat[:1]), flat[:-1]])
+
     def _windows(self, traces):
-        """Training windows ``(ids [N, C], targets [N, C, L, E], valid [N, C])``: every
-        sequence cut into consecutive windows of ``context`` tokens."""
-        ids, targets, valid = [], [], []
+        """Training windows ``(ids [N, C], previous [N, C, L * E], targets [N, C, L, E],
+        valid [N, C])``: every sequence cut into consecutive windows of ``context`` tokens."""
+        ids, previous, targets, valid = [], [], [], []
         c = self.context
         for trace in traces:
             self.check_trace(trace)
             self._check_vocab(trace)
             hot = multi_hot(trace.expert_ids, self.num_experts)
             for rows in trace.sequence_rows():
+                before = self._shifted(hot, rows)
                 for start in range(0, len(rows), c):
                     r = rows[start : start + c]
                     pad = c - len(r)
                     ids.append(np.pad(trace.token_ids[r], (0, pad)))
+                    previous.append(np.pad(before[start : start + c], ((0, pad), (0, 0))))
                     targets.append(np.pad(hot[r], ((0, pad), (0, 0), (0, 0))))
                     valid.append(np.arange(c) < len(r))
         return (
             torch.from_numpy(np.stack(ids).astype(np.int64)),
+            torch.from_numpy(np.stack(previous)),
             torch.from_numpy(np.stack(targets)),
             torch.from_numpy(np.stack(valid)),
         )
 
     def fit(self, traces, *, epochs=3, batch_size=32, lr=2e-3, log=print) -> PathPredictor:
-        ids, targets, valid = self._windows(traces)
+        self._kv.clear()  # the weights change
+        ids, previous, targets, valid = self._windows(traces)
         gen = torch.Generator().manual_seed(0)
         optim = torch.optim.AdamW(self.net.parameters(), lr=lr, weight_decay=0.01)
         steps = epochs * math.ceil(len(ids) / batch_size)
@@ -316,7 +416,7 @@ class PathPredictor(Predictor):
             total = count = 0.0
             for i in range(0, len(ids), batch_size):
                 b = order[i : i + batch_size]
-                logits = self.net(ids[b])
+                logits = self.net(ids[b], previous[b])
                 loss = nn.functional.binary_cross_entropy_with_logits(
                     logits, targets[b], reduction="none"
                 ).mean(dim=(2, 3))
@@ -340,19 +440,82 @@ class PathPredictor(Predictor):
         self.net.eval()
         return self
 
+    def _cached(self, window: np.ndarray) -> torch.Tensor | None:
+        """Keys/values ``[depth, 2, H, T, d / H]`` of a window run before, if still kept."""
+        return self._kv.get(window.tobytes())
+
+    def _remember(self, window: np.ndarray, kv: torch.Tensor) -> None:
+        self._kv[window.tobytes()] = kv
+        self._kv.move_to_end(window.tobytes())
+        while len(self._kv) > self.kv_rows:
+            self._kv.popitem(last=False)
+
+    def window_start(self, index: int) -> int:
+        """Where the window that scores token ``index`` of a sequence starts: windows of
+        ``context`` ids overlapping by half, as :meth:`predict_trace` cuts them, so every
+        token sees at least ``context / 2`` ids before it and a step scores like the trace."""
+        c = self.context
+        if index < c:
+            return 0
+        step = c - c // 2
+        return ((index - c) // step + 1) * step
+
     @torch.no_grad()
     def predict_step(self, histories, previous) -> np.ndarray:
-        width = min(self.context, max(len(h) for h in histories))
-        # Left-aligned windows of each row's last ids; a shorter row is padded on the right
-        # and read at its own last position (causal attention never sees the padding).
-        ids = torch.zeros((len(histories), width), dtype=torch.long)
-        last = []
-        for b, h in enumerate(histories):
-            window = list(h)[-width:]
-            ids[b, : len(window)] = torch.as_tensor(window)
-            last.append(len(window) - 1)
-        logits = self.net(ids)[torch.arange(len(histories)), torch.as_tensor(last)]
-        return torch.sigmoid(logits).numpy()
+        # Each row's window keys/values are cached under the window's ids (whatever sequence
+        # or batch row they belong to), so a row that grew by one id since the last step
+        # runs one token through the stack; a new window (every context / 2 ids, or a row
+        # never seen) runs whole.
+        rows = len(histories)
+        features = [None] * rows
+        windows = [
+            np.asarray(h[self.window_start(len(h) - 1) :], dtype=np.int64) for h in histories
+        ]
+        grow, past = [], []
+        for b, window in enumerate(windows):
+            cached = self._cached(window[:-1]) if len(window) > 1 else None
+            if cached is not None:
+                grow.append(b)
+                past.append(cached)
+                continue
+            n = len(histories[b])
+            if n > 1 and self.window_start(n - 2) != self.window_start(n - 1):
+                # The row just moved past its previous window: that one is not asked for again.
+                self._kv.pop(
+                    np.asarray(histories[b][self.window_start(n - 2) : -1]).tobytes(), None
+                )
+            ids = torch.from_numpy(window)[None]
+            x, kv = self.net.extend(ids, torch.arange(ids.shape[1])[None])
+            features[b] = x[0, -1]
+            self._remember(window, kv[0])
+        if grow:
+            lengths = [p.shape[3] for p in past]
+            if len(set(lengths)) == 1:
+                cached, valid = torch.stack(past), None
+            else:  # rows of different lengths: pad, and mask the padding
+                cached = torch.zeros(
+                    (len(grow), *past[0].shape[:3], max(lengths), past[0].shape[4])
+                )
+                valid = torch.zeros((len(grow), max(lengths)), dtype=torch.bool)
+                for j, p in enumerate(past):
+                    cached[j, :, :, :, : lengths[j]] = p
+                    valid[j, : lengths[j]] = True
+            ids = torch.as_tensor([[int(windows[b][-1])] for b in grow])
+            positions = torch.as_tensor([[length] for length in lengths])
+            x, kv = self.net.extend(ids, positions, cached, valid)
+            for j, b in enumerate(grow):
+                features[b] = x[j, -1]
+                self._remember(windows[b], torch.cat([past[j], kv[j]], dim=3))
+            for b in grow:  # a grown window's shorter self is not asked for again
+                self._kv.pop(windows[b][:-1].tobytes(), None)
+        x = torch.stack(features)
+        before = None
+        if self.uses_previous:
+            before = torch.zeros((rows, self.num_layers * self.num_experts))
+            if previous is not None:
+                hot = multi_hot(np.asarray(previous), self.num_experts)
+                before = torch.from_numpy(hot.reshape(rows, -1))
+        return torch.sigmoid(self.net.head_logits(x, before)).numpy()
 
     @torch.no_grad()
     def predict_trace(self, trace: Trace) -> np.ndarray:
@@ -363,13 +526,16 @@ class PathPredictor(Predictor):
         self._check_vocab(trace)
         scores = np.zeros((trace.num_tokens, self.num_layers, self.num_experts), np.float32)
         c, half = self.context, self.context // 2
+        hot = multi_hot(trace.expert_ids, self.num_experts)
         for rows in trace.sequence_rows():
             ids = torch.from_numpy(trace.token_ids[rows].astype(np.int64))
+            before = torch.from_numpy(self._shifted(hot, rows))
             done = 0
             start = 0
             while done < len(rows):
                 window = ids[start : start + c]
-                probs = torch.sigmoid(self.net(window[None])[0]).numpy()
+                logits = self.net(window[None], before[None, start : start + c])[0]
+                probs = torch.sigmoid(logits).numpy()
                 take = slice(done - start, len(window))
                 scores[rows[done : start + len(window)]] = probs[take]
                 done = start + len(window)
@@ -385,7 +551,8 @@ class PathPredictor(Predictor):
 
     @classmethod
     def _load(cls, path: Path, meta: dict) -> PathPredictor:
-        p = cls(meta["num_layers"], meta["num_experts"], meta["top_k"], **meta["hparams"])
+        hparams = {"use_previous": False} | meta["hparams"]  # saved before it existed
+        p = cls(meta["num_layers"], meta["num_experts"], meta["top_k"], **hparams)
         state = torch.load(path / "path_predictor.pt", map_location="cpu", weights_only=True)
         p.net.load_state_dict(state)
         p.history = meta.get("history", [])

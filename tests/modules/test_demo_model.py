@@ -10,7 +10,12 @@ import torch
 
 import expertflow
 from expertflow import cli
-from expertflow.demo_model import DEMO_MODEL_DIR, domain_texts, load_demo_model
+from expertflow.demo_model import (
+    DEMO_MODEL_DIR,
+    domain_texts,
+    load_demo_model,
+    load_demo_tokenizer,
+)
 from expertflow.trace import load_trace
 
 pytest.importorskip("transformers")
@@ -99,6 +104,24 @@ def test_trace_and_routing_stats_commands(tmp_path, capsys):
     assert cli.main(["routing-stats", "--trace", str(out), "--json"]) == 0
     stats = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert stats["tokens"] == trace.num_tokens
+
+
+def test_trace_reads_only_the_given_part_of_each_file(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("alpha " * 400 + "omega " * 100)  # "omega" only in the last 20%
+    out = tmp_path / "t.npz"
+    common = ["trace", "--text", str(text), "--out", str(out), "--prompt-tokens", "16"]
+    common += ["--max-sequences", "1000"]
+    tokenizer = load_demo_tokenizer()
+    assert cli.main([*common, "--end-fraction", "0.8"]) == 0
+    before = load_trace(out)
+    assert "omega" not in tokenizer.decode(before.token_ids.tolist())
+    assert cli.main([*common, "--skip-fraction", "0.8"]) == 0
+    after = load_trace(out)
+    assert "alpha" not in tokenizer.decode(after.token_ids.tolist())
+    assert after.num_tokens < before.num_tokens
+    assert cli.main([*common, "--skip-fraction", "0.5", "--end-fraction", "0.5"]) == 2
+    assert "skip < end" in capsys.readouterr().err
 
 
 def test_trace_command_bad_input(tmp_path, capsys):

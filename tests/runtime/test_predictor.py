@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from expertflow.predictor import (
     HistoryPredictor,
@@ -91,14 +92,87 @@ def test_history_predictor_learns_online_without_training():
     assert late.mean() > 0.9 and late.mean() > early.mean()
 
 
-def test_path_predictor_single_steps_match_the_whole_trace_scoring():
+@pytest.mark.parametrize("use_previous", [True, False])
+def test_path_predictor_single_steps_match_the_whole_trace_scoring(use_previous):
     trace = token_routed_trace(4, sequences=2, length=40)
-    predictor = PathPredictor(LAYERS, EXPERTS, 2, vocab_size=VOCAB, d_model=16, context=16)
+    predictor = PathPredictor(
+        LAYERS, EXPERTS, 2, vocab_size=VOCAB, d_model=16, context=16, use_previous=use_previous
+    )
     whole = predictor.predict_trace(trace)
     ids = trace.token_ids[:40].tolist()
-    # Within the first window, step-by-step prediction sees exactly the same ids.
-    for i in (0, 7, 15):
+    # Within the first window, step-by-step prediction sees exactly the same ids (and, once
+    # each token's routing is observed, the same previous routing).
+    predictor.reset()
+    for i in range(16):
         np.testing.assert_allclose(predictor.predict(ids[: i + 1]), whole[i], atol=1e-5)
+        predictor.observe(trace.expert_ids[i])
+
+
+def test_path_predictor_batched_cached_steps_match_the_whole_trace_scoring():
+    """Rows of different lengths, reordered every step, past several windows: each step runs
+    one token on cached keys/values and must score exactly as whole-trace scoring does."""
+    trace = token_routed_trace(5, sequences=3, length=50)
+    predictor = PathPredictor(LAYERS, EXPERTS, 2, vocab_size=VOCAB, d_model=16, context=12)
+    for param in predictor.net.parameters():  # not trained: make every weight matter
+        param.data.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+    whole = predictor.predict_trace(trace)
+    rng = np.random.default_rng(0)
+    rows = trace.sequence_rows()
+    offsets = [0, 7, 19]  # the rows are at different lengths at every step
+    for t in range(1, 50 - max(offsets)):
+        order = rng.permutation(3)
+        at = [rows[s][t + offsets[s]] for s in order]
+        histories = [trace.token_ids[rows[s][: t + offsets[s] + 1]].tolist() for s in order]
+        scores = predictor.predict_step(histories, trace.expert_ids[np.asarray(at) - 1])
+        np.testing.assert_allclose(scores, whole[at], atol=2e-5)
+    assert len(predictor._kv) <= 2 * 3  # grown windows' shorter selves are dropped
+
+
+def markov_routed_trace(seed, sequences=60, length=24):
+    """Routing that the ids say nothing about: each token takes the experts that follow its
+    predecessor's in a fixed random permutation per layer (the first token starts anywhere)."""
+    rng = np.random.default_rng(seed)
+    step = np.random.default_rng(7).permuted(np.tile(np.arange(EXPERTS), (LAYERS, 1)), axis=-1)
+    routing = np.zeros((sequences, length, LAYERS, 2), np.int64)
+    routing[:, 0] = np.stack(
+        [rng.choice(EXPERTS, (LAYERS, 2), replace=False) for _ in range(sequences)]
+    )
+    for t in range(1, length):
+        routing[:, t] = step[np.arange(LAYERS)[None, :, None], routing[:, t - 1]]
+    return Trace(
+        expert_ids=routing.reshape(-1, LAYERS, 2),
+        token_ids=rng.integers(0, VOCAB, size=sequences * length),
+        sequence_ids=np.repeat(np.arange(sequences), length),
+        meta={"model": "synthetic", "num_experts": EXPERTS, "top_k": 2, "expert_bytes": 10},
+    )
+
+
+def test_path_predictor_learns_from_the_previous_tokens_routing():
+    train, held = markov_routed_trace(1, sequences=100), markov_routed_trace(2, sequences=30)
+    recall = {}
+    for use_previous in (True, False):
+        predictor = PathPredictor(
+            LAYERS, EXPERTS, 2, vocab_size=VOCAB, d_model=32, context=16, use_previous=use_previous
+        )
+        predictor.fit([train], epochs=10, batch_size=8, lr=1e-2, log=None)
+        result = evaluate_predictor(predictor, held, batch_sizes=(1,), multiples=(1.0,))
+        recall[use_previous] = result["results"][0]["mean_recall"]
+    # Only the previous routing tells: ids alone are no better than a guess (2 of 8 experts).
+    assert recall[True] >= 0.9 and recall[False] < 0.5, recall
+
+
+def test_path_predictor_saved_before_use_previous_still_loads(tmp_path):
+    import json
+
+    old = PathPredictor(LAYERS, EXPERTS, 2, vocab_size=VOCAB, d_model=16, use_previous=False)
+    old.save(tmp_path)
+    meta = json.loads((tmp_path / "predictor.json").read_text())
+    del meta["hparams"]["use_previous"]
+    (tmp_path / "predictor.json").write_text(json.dumps(meta))
+    held = token_routed_trace(2, sequences=2)
+    loaded = load_predictor(tmp_path)
+    assert not loaded.uses_previous
+    np.testing.assert_allclose(loaded.predict_trace(held), old.predict_trace(held), atol=1e-6)
 
 
 def test_bad_input(tmp_path):
