@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from expertflow.predictor import PathPredictor
+from expertflow.predictor import PathPredictor, multi_hot
 
 
 def whole_window_step(predictor: PathPredictor, histories, previous) -> np.ndarray:
@@ -31,10 +31,7 @@ def whole_window_step(predictor: PathPredictor, histories, previous) -> np.ndarr
         x = predictor.net.features(ids)[torch.arange(len(histories)), last]
         before = None
         if predictor.uses_previous:
-            hot = np.zeros(
-                (len(histories), predictor.num_layers, predictor.num_experts), np.float32
-            )
-            np.put_along_axis(hot, previous, 1.0, axis=-1)
+            hot = multi_hot(np.asarray(previous), predictor.num_experts)
             before = torch.from_numpy(hot.reshape(len(histories), -1))
         return torch.sigmoid(predictor.net.head_logits(x, before)).numpy()
 

@@ -264,8 +264,9 @@ class _PathNet(nn.Module):
         x = F.embedding(ids, self.embed.weight) + F.embedding(positions, self.position.weight)
         mask, causal = None, past is None and n > 1
         if past is not None and (n > 1 or past_valid is not None):
-            seen = torch.ones((b, past.shape[4]), dtype=torch.bool)
-            seen = seen if past_valid is None else past_valid
+            seen = past_valid
+            if seen is None:
+                seen = torch.ones((b, past.shape[4]), dtype=torch.bool)
             mask = torch.cat(
                 [
                     seen[:, None, :].expand(b, n, seen.shape[1]),
