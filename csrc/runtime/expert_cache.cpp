@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 #include <stdexcept>
 
@@ -61,7 +62,8 @@ void ExpertCache::issue(const core::Load& load) {
   counters_.bytes_copied += src.numel();
 }
 
-void ExpertCache::plan(const at::Tensor& layer_scores, int32_t per_layer, int32_t first_layer) {
+void ExpertCache::plan(const at::Tensor& layer_scores, int32_t per_layer, int32_t first_layer,
+                       float min_score) {
   const core::CacheOptions& o = policy_.options();
   TORCH_CHECK(layer_scores.dim() == 2 && layer_scores.size(0) == o.num_layers &&
                   layer_scores.size(1) == o.num_experts,
@@ -71,6 +73,8 @@ void ExpertCache::plan(const at::Tensor& layer_scores, int32_t per_layer, int32_
   TORCH_CHECK(first_layer >= 0 && first_layer <= o.num_layers,
               "ExpertCache.plan: first_layer must be in [0, ", o.num_layers, "], got ",
               first_layer);
+  TORCH_CHECK(std::isfinite(min_score) && min_score >= 0.0f,
+              "ExpertCache.plan: min_score must be a finite number >= 0, got ", min_score);
   const at::Tensor scores = layer_scores.to(at::kFloat).cpu().contiguous();
   const float* s = scores.const_data_ptr<float>();
   std::lock_guard<std::mutex> lock(mutex_);
@@ -84,7 +88,7 @@ void ExpertCache::plan(const at::Tensor& layer_scores, int32_t per_layer, int32_
     std::partial_sort(
         order.begin(), order.begin() + take, order.end(),
         [row](int32_t a, int32_t b) { return row[a] > row[b] || (row[a] == row[b] && a < b); });
-    for (int32_t i = 0; i < take && row[order[i]] > 0.0f; ++i) {
+    for (int32_t i = 0; i < take && row[order[i]] > 0.0f && row[order[i]] >= min_score; ++i) {
       if (const auto load = policy_.prefetch(l, order[i])) issue(*load);
     }
   }

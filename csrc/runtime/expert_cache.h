@@ -34,9 +34,12 @@ class ExpertCache {
   ExpertCache(std::shared_ptr<const HostExpertStore> store, int32_t num_slots, int32_t top_k,
               core::BudgetMode budget, core::EvictionPolicy policy, const at::Device& device);
 
-  // layer_scores: float [num_layers, num_experts] predicted demand. Sets the policy's scores and
-  // prefetches, in layer order, each layer's best `per_layer` experts with a positive score.
-  void plan(const at::Tensor& layer_scores, int32_t per_layer, int32_t first_layer = 0);
+  // layer_scores: float [num_layers, num_experts] predicted demand. Sets every layer's eviction
+  // scores and prefetches, in layer order from `first_layer`, each layer's best `per_layer`
+  // experts whose score is positive and at least `min_score`: a low-confidence guess then costs
+  // no copy but still ranks evictions.
+  void plan(const at::Tensor& layer_scores, int32_t per_layer, int32_t first_layer = 0,
+            float min_score = 0.0f);
   // Prefetches these experts of one layer (e.g. the next layer's router applied one layer
   // early). `scores` (float [num_experts], optional) first replace that layer's eviction scores.
   // Returns how many copies were issued.

@@ -11,6 +11,8 @@ the same interface needs no code here.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 
 import torch
@@ -141,6 +143,29 @@ class OffloadedExperts(nn.Module):
         return f"layer={self.layer}, num_experts={self.num_experts}, pool_size={self.pool_size}"
 
 
+@dataclasses.dataclass
+class PrefetchSettings:
+    """What drives prefetching in an offloaded model (see :func:`offload`)."""
+
+    predictor: object = None
+    lookahead: bool = False
+    background: bool = False
+    threshold: float = 0.0
+
+    def __post_init__(self):
+        number = isinstance(self.threshold, int | float) and not isinstance(self.threshold, bool)
+        if not (number and math.isfinite(self.threshold)):
+            raise ValueError(
+                f"prefetch_threshold must be a finite number >= 0, got {self.threshold!r}"
+            )
+        if self.threshold < 0:
+            raise ValueError(f"prefetch_threshold must be >= 0, got {self.threshold}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.predictor is not None or self.lookahead
+
+
 def offload(
     model: nn.Module,
     *,
@@ -152,6 +177,7 @@ def offload(
     predictor=None,
     lookahead: bool = False,
     background: bool = False,
+    prefetch_threshold: float = 0.0,
 ) -> nn.Module:
     """Moves ``model``'s routed experts into host memory behind one expert cache.
 
@@ -174,15 +200,19 @@ def offload(
             hidden states) during decoding and prefetch what it picks.
         background: run the predictor on a worker thread while each step's first layers
             compute, instead of before layer 0 (:mod:`expertflow.prefetch`).
+        prefetch_threshold: copy ahead only the predicted experts scored at least this; the
+            others still rank evictions. 0 (default) prefetches every positive score; about
+            0.7 with the path predictor copies fewer bytes for nearly the same hits.
 
     Returns:
         The same model, modified in place. ``restore(model)`` undoes it.
     """
+    prefetch = PrefetchSettings(predictor, lookahead, background, prefetch_threshold)
     found = _offloadable_modules(model)
     experts = [[_expert_tensors(m, e) for e in range(m.num_experts)] for _, m in found]
     cache = _build_cache(model, found, experts, device, slots, gpu_memory, budget, policy)
     del experts
-    return _install(model, found, cache, budget, predictor, lookahead, background)
+    return _install(model, found, cache, budget, prefetch)
 
 
 def _offloadable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -239,9 +269,7 @@ def _install(
     found,
     cache: ExpertCache,
     budget: str,
-    predictor=None,
-    lookahead=False,
-    background=False,
+    prefetch: PrefetchSettings,
 ):
     """Swaps every experts module for an OffloadedExperts over ``cache``; moves the rest of the
     model to the cache's device."""
@@ -257,10 +285,11 @@ def _install(
         originals.append((parent_name, child, module))
     model.to(cache.device)
     model._expertflow = {"cache": cache, "originals": originals, "prefetcher": None}
-    if predictor is not None or lookahead:
+    if prefetch.enabled:
         from expertflow.predictor import Predictor, load_predictor
         from expertflow.prefetch import PredictivePrefetcher
 
+        predictor = prefetch.predictor
         try:
             if predictor is not None and not isinstance(predictor, Predictor):
                 predictor = load_predictor(predictor)
@@ -269,14 +298,22 @@ def _install(
                 getattr(parent, c) for parent, (_, c, _) in zip(parents, originals, strict=True)
             ]
             routers = None
-            if lookahead:
+            if prefetch.lookahead:
                 routers = [
                     _router_of(parent, p)
                     for parent, (p, _, _) in zip(parents, originals, strict=True)
                 ]
             top_k = int(getattr(getattr(model, "config", None), "num_experts_per_tok", 1) or 1)
             model._expertflow["prefetcher"] = PredictivePrefetcher(
-                model, cache, predictor, modules, top_k, pool_size, routers, background
+                model,
+                cache,
+                predictor,
+                modules,
+                top_k,
+                pool_size,
+                routers,
+                prefetch.background,
+                prefetch.threshold,
             )
         except ValueError:
             restore(model)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from expertflow._offload import (
+    PrefetchSettings,
     _build_cache,
     _expert_tensors,
     _install,
@@ -231,6 +232,7 @@ def from_pretrained(
     predictor=None,
     lookahead: bool = False,
     background: bool = False,
+    prefetch_threshold: float = 0.0,
 ) -> nn.Module:
     """Loads a local transformers checkpoint (``config.json`` + safetensors, sharded or not)
     as an offloaded model: like ``offload(AutoModelForCausalLM.from_pretrained(path))`` but
@@ -238,13 +240,14 @@ def from_pretrained(
 
     Args:
         path: the checkpoint folder (as written by ``save_pretrained``).
-        device, slots, gpu_memory, policy, budget, predictor, lookahead, background: as for
-            :func:`expertflow.offload`.
+        device, slots, gpu_memory, policy, budget, predictor, lookahead, background,
+            prefetch_threshold: as for :func:`expertflow.offload`.
         dtype: the weights' dtype on the device and in the host store (default: the
             checkpoint's ``dtype`` in its config, else float32).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    prefetch = PrefetchSettings(predictor, lookahead, background, prefetch_threshold)
     path = Path(path)
     files = _checkpoint_files(path)
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
@@ -286,7 +289,7 @@ def from_pretrained(
                 shard.close()
     model.tie_weights()
     _check_complete(model, found, filled, path)
-    return _install(model, found, cache, budget, predictor, lookahead, background)
+    return _install(model, found, cache, budget, prefetch)
 
 
 def _fill_expert_piece(cache, shard: _Shard, key, layer, part, piece, filled) -> None:

@@ -102,7 +102,13 @@ class ExpertCache:
             f"slot_bytes={self.slot_bytes}, host_bytes={self.host_bytes})"
         )
 
-    def plan(self, layer_scores: torch.Tensor, per_layer: int, first_layer: int = 0) -> None:
+    def plan(
+        self,
+        layer_scores: torch.Tensor,
+        per_layer: int,
+        first_layer: int = 0,
+        min_score: float = 0.0,
+    ) -> None:
         """Prefetches predicted experts, layer by layer.
 
         Args:
@@ -111,8 +117,10 @@ class ExpertCache:
             per_layer: how many of each layer's best positive-score experts to prefetch.
             first_layer: prefetch from this layer on (a plan made while the step already
                 runs skips the layers it is too late for); every layer's scores are set.
+            min_score: prefetch only experts scored at least this (a confidence threshold:
+                fewer wasted copies); lower-scored ones still rank evictions.
         """
-        self._native.plan(layer_scores, per_layer, first_layer)
+        self._native.plan(layer_scores, per_layer, first_layer, float(min_score))
 
     def prefetch(
         self, layer: int, experts: Sequence[int], scores: torch.Tensor | None = None

@@ -34,6 +34,7 @@ def _replay(args: argparse.Namespace) -> int:
         bandwidth_gbps=args.bandwidth_gbps,
         layer_compute_ms=args.layer_compute_ms,
         lookahead=lookahead,
+        prefetch_threshold=args.prefetch_threshold,
     )
     if args.json:
         print(json.dumps(result.as_dict(), indent=1))
@@ -276,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also prefetch the trace's recorded gate-lookahead picks, each layer's when the "
         "layer before it starts (trace recorded with --lookahead)",
+    )
+    rp.add_argument(
+        "--prefetch-threshold",
+        type=float,
+        default=0.0,
+        help="prefetch only predictions scored at least this (the others still rank evictions)",
     )
     rp.add_argument("--bandwidth-gbps", type=float, help="timing model: copy bandwidth")
     rp.add_argument("--layer-compute-ms", type=float, help="timing model: compute per layer")

@@ -48,6 +48,7 @@ class PredictivePrefetcher:
         pool_size: int,
         routers: list[nn.Module] | None = None,
         background: bool = False,
+        min_score: float = 0.0,
     ):
         layers, experts = len(modules), modules[0].num_experts
         if predictor is None and routers is None:
@@ -62,6 +63,7 @@ class PredictivePrefetcher:
             )
         self.cache, self.predictor, self.routers = cache, predictor, routers
         self.top_k, self.pool_size, self.num_layers = top_k, pool_size, layers
+        self.min_score = min_score
         self.histories: list[list[int]] | None = None
         self.previous: np.ndarray | None = None
         self._routing: list[torch.Tensor | None] = [None] * layers
@@ -183,7 +185,7 @@ class PredictivePrefetcher:
 
     def _send_plan(self, scores: np.ndarray, per_layer: int, first_layer: int) -> None:
         best = torch.from_numpy(np.ascontiguousarray(scores.max(axis=0)))
-        self.cache.plan(best, per_layer, first_layer)
+        self.cache.plan(best, per_layer, first_layer, self.min_score)
 
     def _predict_and_plan(self, histories, previous, per_layer: int) -> None:
         started = time.perf_counter()

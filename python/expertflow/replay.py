@@ -129,16 +129,18 @@ def _prefetch_plan(
     top_k: int,
     now: float,
     prefetch: bool = True,
+    min_score: float = 0.0,
 ) -> None:
     """Scores every layer (max over the step's tokens), then (with ``prefetch``) prefetches the
-    predicted experts, each token's top-k per layer, best first, in layer order."""
+    predicted experts, each token's top-k per layer scored at least ``min_score``, best first,
+    in layer order."""
     step_scores = scores[tokens].max(axis=0)  # [L, E]
     for layer in range(step_scores.shape[0]):
         cache.set_scores(layer, step_scores[layer].tolist())
     if prefetch:
         for layer in range(step_scores.shape[0]):
             _prefetch_top_k(
-                cache, link, scores[tokens, layer], step_scores[layer], top_k, layer, now
+                cache, link, scores[tokens, layer], step_scores[layer], top_k, layer, now, min_score
             )
 
 
@@ -153,11 +155,14 @@ def _prefetch_layer(
     _prefetch_top_k(cache, link, scores[tokens, layer], layer_scores, top_k, layer, now)
 
 
-def _prefetch_top_k(cache, link, token_scores, layer_scores, top_k, layer, now) -> None:
-    """Prefetches each token's ``top_k`` experts of one layer (``token_scores`` ``[tokens, E]``),
-    the best ``layer_scores`` first."""
+def _prefetch_top_k(
+    cache, link, token_scores, layer_scores, top_k, layer, now, min_score=0.0
+) -> None:
+    """Prefetches each token's ``top_k`` experts of one layer (``token_scores`` ``[tokens, E]``)
+    that it scores at least ``min_score``, the best ``layer_scores`` first."""
     wanted = np.argsort(-token_scores, axis=-1, kind="stable")[:, :top_k]
-    for expert in sorted(set(wanted.ravel().tolist()), key=lambda e: -layer_scores[e]):
+    sure = np.take_along_axis(token_scores, wanted, axis=-1) >= min_score
+    for expert in sorted(set(wanted[sure].tolist()), key=lambda e: -layer_scores[e]):
         load = cache.prefetch(layer, expert)
         if load is not None:
             if link is not None:
@@ -176,6 +181,7 @@ def replay(
     layer_compute_ms: float | None = None,
     prefetch: bool = True,
     lookahead: np.ndarray | None = None,
+    prefetch_threshold: float = 0.0,
 ) -> ReplayResult:
     """Replays ``trace`` through the native policy; see the module docstring.
 
@@ -191,6 +197,8 @@ def replay(
             (every copy is then a miss's, and no byte is spent on a wrong guess).
         lookahead: ``[T, L, E]`` gate-lookahead scores (used by ``expertflow``): layer l's are
             applied when layer l-1 starts (layer 0 has none).
+        prefetch_threshold: prefetch only predictions scored at least this (as
+            ``offload(..., prefetch_threshold=)``); the others still rank evictions.
     """
     from expertflow import _C
 
@@ -202,6 +210,10 @@ def replay(
         raise ValueError("the timing model needs both bandwidth_gbps and layer_compute_ms")
     if bandwidth_gbps is not None and (bandwidth_gbps <= 0 or layer_compute_ms < 0):
         raise ValueError("bandwidth_gbps must be > 0 and layer_compute_ms >= 0")
+    if not (np.isfinite(prefetch_threshold) and prefetch_threshold >= 0):
+        raise ValueError(
+            f"prefetch_threshold must be a finite number >= 0, got {prefetch_threshold}"
+        )
     want = (trace.num_tokens, trace.num_layers, trace.num_experts)
     for name, scores in (("predictions", predictions), ("lookahead", lookahead)):
         if scores is not None and np.shape(scores) != want:
@@ -225,7 +237,9 @@ def replay(
 
     for s, tokens in enumerate(steps):
         if predictions is not None and policy == "expertflow":
-            _prefetch_plan(cache, link, predictions, tokens, trace.top_k, now, prefetch)
+            _prefetch_plan(
+                cache, link, predictions, tokens, trace.top_k, now, prefetch, prefetch_threshold
+            )
         for layer in range(trace.num_layers):
             if lookahead is not None and policy == "expertflow" and layer + 1 < trace.num_layers:
                 _prefetch_layer(cache, link, lookahead, tokens, layer + 1, trace.top_k, now)

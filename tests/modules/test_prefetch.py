@@ -105,6 +105,43 @@ def test_real_predictors_never_change_the_tokens(kind, budget):
     assert not offloaded._forward_pre_hooks
 
 
+class UnsureOracle(OraclePredictor):
+    """Right about every expert, but only 0.3 sure."""
+
+    def predict_step(self, histories, previous):
+        return 0.3 * super().predict_step(histories, previous)
+
+
+def test_a_prefetch_threshold_copies_only_confident_predictions():
+    reference = build("mixtral")
+    ids = prompt()
+    trace = record_routing(reference, [ids[0].tolist()], generate=NEW)
+    with torch.no_grad():
+        expected = reference.generate(
+            input_ids=ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0
+        )
+    prefetches = {}
+    for threshold in (0.2, 0.5):
+        model = expertflow.offload(
+            build("mixtral"),
+            device="cpu",
+            slots=2 * trace.num_layers,
+            predictor=UnsureOracle(trace),
+            prefetch_threshold=threshold,
+        )
+        out, stats = decode_stats(model, ids)
+        assert torch.equal(out, expected)
+        assert model._expertflow["prefetcher"].steps == NEW - 1
+        prefetches[threshold] = stats["prefetches"]
+    assert prefetches[0.2] > 0 and prefetches[0.5] == 0
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), True, "0.5"])
+def test_a_bad_prefetch_threshold_is_refused(bad):
+    with pytest.raises(ValueError, match="prefetch_threshold must be"):
+        expertflow.offload(build("mixtral"), device="cpu", slots=4, prefetch_threshold=bad)
+
+
 class ThreadRecordingOracle(OraclePredictor):
     """The oracle, noting on which thread each prediction ran and whether learning ever
     overlapped a prediction."""

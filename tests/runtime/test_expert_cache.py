@@ -118,6 +118,31 @@ def test_a_late_plan_skips_the_layers_it_is_too_late_for(device):
         cache.plan(torch.ones(3, 6), per_layer=2, first_layer=4)
 
 
+def test_min_score_prefetches_only_confident_experts_and_the_rest_still_rank_evictions(device):
+    cache = ExpertCache(make_experts(), device=device, slots=9, top_k=2, policy="expertflow")
+    scores = torch.zeros(3, 6)
+    scores[0, :3] = torch.tensor([0.9, 0.2, 0.4])
+    cache.plan(scores, per_layer=3, min_score=0.5)
+    cache.synchronize()
+    assert cache.stats()["prefetches"] == 1  # expert 0 only
+    for experts in ([0, 2], [0, 1]):  # expert 2 is now the least recently used
+        cache.acquire(0, experts)
+        cache.release(0)
+    assert cache.stats()["prefetch_hits"] == 1 and cache.stats()["misses"] == 2
+    cache.acquire(0, [3])  # full layer: evicts the lowest score (1), not the LRU (2)
+    cache.release(0)
+    misses = cache.stats()["misses"]
+    cache.acquire(0, [2])
+    cache.release(0)
+    assert cache.stats()["misses"] == misses
+    cache.acquire(0, [1])
+    cache.release(0)
+    assert cache.stats()["misses"] == misses + 1
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(RuntimeError, match="min_score must be a finite number >= 0"):
+            cache.plan(scores, per_layer=1, min_score=bad)
+
+
 def test_a_pool_full_of_copies_in_flight_waits_for_one_not_for_all(device):
     # Experts large enough (32 MiB) that two queued prefetches are still copying when the
     # acquire comes: it must wait for the oldest copy only, then evict it.

@@ -145,6 +145,31 @@ def test_oracle_predictions_remove_every_miss(trace, extra):
     assert result.bytes_moved == (result.prefetches + result.misses) * 4096
 
 
+@settings(max_examples=40, deadline=None)
+@given(traces(max_tokens=25), st.integers(0, 3), st.integers(0, 2**32 - 1))
+def test_a_prefetch_threshold_between_none_and_all(trace, extra, seed):
+    """Threshold 0 prefetches as before; one above every score prefetches nothing and equals
+    ranking evictions only; in between, only predictions at or above it are copied."""
+    scores = np.random.default_rng(seed).random(
+        (trace.num_tokens, trace.num_layers, trace.num_experts), dtype=np.float32
+    )
+    kwargs = dict(slots_per_layer=min_slots(trace) + extra, predictions=scores)
+    plain = replay(trace, "expertflow", **kwargs)
+    assert replay(trace, "expertflow", prefetch_threshold=0.0, **kwargs) == plain
+    none = replay(trace, "expertflow", prefetch_threshold=1.01, **kwargs)
+    assert none == replay(trace, "expertflow", prefetch=False, **kwargs)
+    assert none.prefetches == 0
+    sure = 0  # (step, layer, expert) some token ranks in its top-k with a score >= 0.5
+    for tokens in trace.steps():
+        top = np.argsort(-scores[tokens], axis=-1, kind="stable")[..., : trace.top_k]
+        confident = np.take_along_axis(scores[tokens], top, axis=-1) >= 0.5
+        for layer in range(trace.num_layers):
+            sure += len(set(top[:, layer][confident[:, layer]].tolist()))
+    assert replay(trace, "expertflow", prefetch_threshold=0.5, **kwargs).prefetches <= sure
+    with pytest.raises(ValueError, match="prefetch_threshold must be a finite number >= 0"):
+        replay(trace, "expertflow", prefetch_threshold=-1.0, **kwargs)
+
+
 @settings(max_examples=50, deadline=None)
 @given(st.data())
 def test_policy_invariants_under_random_operations(data):
@@ -318,6 +343,12 @@ def test_command_line(tmp_path, capsys):
     )
     assert main(flow + ["--trace", str(tmp_path / "ahead.npz")]) == 0
     assert json.loads(capsys.readouterr().out)["prefetches"] > 0
+    np.savez(tmp_path / "p.npz", scores=np.full((20, 2, 8), 0.6, dtype=np.float32))
+    flow = ["replay", "--trace", str(tmp_path / "t.npz"), "--policy", "expertflow", "--slots"]
+    flow += ["4", "--predictions", str(tmp_path / "p.npz"), "--json"]
+    for threshold, prefetching in (("0.5", True), ("0.7", False)):
+        assert main(flow + ["--prefetch-threshold", threshold]) == 0
+        assert (json.loads(capsys.readouterr().out)["prefetches"] > 0) == prefetching
 
 
 def test_unrecorded_entries_and_mismatched_predictions(tmp_path):
