@@ -26,6 +26,9 @@ std::string validate(const CacheOptions& o) {
   if (!(o.frequency_decay > 0.0 && o.frequency_decay < 1.0)) {
     return "frequency_decay must be in (0, 1), got " + std::to_string(o.frequency_decay);
   }
+  if (!(std::isfinite(o.score_weight) && o.score_weight >= 0.0)) {
+    return "score_weight must be a finite number >= 0, got " + std::to_string(o.score_weight);
+  }
   return {};
 }
 
@@ -91,7 +94,7 @@ CachePolicy::EvictKey CachePolicy::evict_key(int32_t slot) const {
     case EvictionPolicy::kLfu:
       return {0, static_cast<double>(s.uses), s.last_use, slot};
     case EvictionPolicy::kExpertFlow:
-      return {s.contradicted ? 0 : 1, scores_[key], s.last_use, slot};
+      return {s.contradicted ? 0 : 1, flow_value(key, s.last_use), s.last_use, slot};
     case EvictionPolicy::kLrfu:
       return {0, frequency_order_[key], s.last_use, slot};
     case EvictionPolicy::kBelady: {
@@ -102,6 +105,16 @@ CachePolicy::EvictKey CachePolicy::evict_key(int32_t slot) const {
     }
   }
   return {0, 0.0, s.last_use, slot};
+}
+
+double CachePolicy::flow_value(size_t key, int64_t tick) const {
+  const double score = scores_[key];
+  if (std::isinf(score)) return score;  // "never needed" (a NaN score) or "surely needed"
+  // An entry prefetched but never requested counts as one request at `tick` (its prefetch),
+  // not as log(0): a confident prediction must still protect it.
+  const double order = std::isinf(frequency_order_[key]) ? decay_rate_ * static_cast<double>(tick)
+                                                         : frequency_order_[key];
+  return options_.score_weight * score + order;
 }
 
 void CachePolicy::count_request(size_t key) {
@@ -194,9 +207,11 @@ std::optional<Load> CachePolicy::prefetch(int32_t layer, int32_t expert) {
   if (free_[pool].empty()) {
     if (evictable_[pool].empty()) return std::nullopt;
     if (options_.policy == EvictionPolicy::kExpertFlow) {
-      // Never trade a cached expert for one predicted no more likely to be needed.
+      // Never trade a cached expert for one valued no higher.
       const EvictKey& victim = *evictable_[pool].begin();
-      if (std::get<0>(victim) != 0 && !(std::get<1>(victim) < scores_[key])) return std::nullopt;
+      if (std::get<0>(victim) != 0 && !(std::get<1>(victim) < flow_value(key, tick_))) {
+        return std::nullopt;
+      }
     }
   }
   const int32_t slot = take_slot(pool);

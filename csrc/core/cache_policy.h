@@ -18,7 +18,8 @@ namespace expertflow::core {
 enum class EvictionPolicy {
   kLru,         // least recently used
   kLfu,         // least frequently used, then least recently used
-  kExpertFlow,  // contradicted prefetches first, then lowest predicted score, then LRU
+  kExpertFlow,  // contradicted prefetches first, then the lowest CacheOptions::score_weight x
+                // predicted score + log(decayed request count, as kLrfu's), then LRU
   kBelady,      // farthest next use (needs the future: replay only), then LRU
   kLrfu,        // lowest decayed request count (each request adds 1, decaying by
                 // CacheOptions::frequency_decay per token), then LRU
@@ -39,6 +40,12 @@ struct CacheOptions {
   // kLrfu: what a request weighs one token (num_layers acquires) later. Replayed on the demo
   // model's held-out routing, 0.97-0.99 moved the fewest bytes; 0.9 recalls too little.
   double frequency_decay = 0.99;
+  // kExpertFlow: how much a predicted score (a probability of use in the next step) weighs
+  // against the long-run demand. A score of 1 is worth e^4 ~ 55 times the decayed request
+  // count. The next-step score alone (an infinite weight) evicts experts needed again two
+  // tokens later: replayed on the demo model's held-out routing it moved 2-15x Belady's bytes
+  // where 1-8 moved 1.5-2.3x; 4 kept the most hits among those (bench/bench_predictor.py).
+  double score_weight = 4.0;
 };
 
 // Empty when the options are usable, else a message naming the field and the minimum.
@@ -117,6 +124,9 @@ class CachePolicy {
 
   int32_t pool_of(int32_t layer) const;
   EvictKey evict_key(int32_t slot) const;
+  // kExpertFlow's eviction value of (layer, expert) `key` (lowest goes first): see
+  // CacheOptions::score_weight. `tick` stands in for the request of an entry never requested.
+  double flow_value(size_t key, int64_t tick) const;
   bool evictable(int32_t slot) const;
   // Re-files `slot` in its pool's eviction set after `change` mutates it.
   template <typename Change>

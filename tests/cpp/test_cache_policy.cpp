@@ -159,6 +159,27 @@ TEST(CachePolicy, ExpertFlowEvictsLowScoresAndRefusesWorsePrefetches) {
   EXPECT_GE(cache.slot_of(0, 0), 0);
 }
 
+TEST(CachePolicy, ExpertFlowWeighsPredictedScoresAgainstDecayedRequestCounts) {
+  // Expert 0 is requested five times but scored 0.1 for the next step, expert 1 once and scored
+  // 0.3: with the default weight (4) the long-run demand keeps 0 (4 x 0.1 + log 5 > 4 x 0.3 +
+  // log 1); with a huge weight only the next-step score counts and 0 goes.
+  for (const double weight : {4.0, 1e6}) {
+    CacheOptions o = options(1, 8, 2, 1, BudgetMode::kGlobal, EvictionPolicy::kExpertFlow);
+    o.score_weight = weight;
+    CachePolicy cache(o);
+    std::vector<float> scores = {0.1f, 0.3f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    cache.set_scores(0, scores.data());
+    for (int i = 0; i < 5; ++i) step(cache, 0, {0});
+    step(cache, 0, {1});
+    step(cache, 0, {2});
+    EXPECT_EQ(cache.slot_of(0, weight < 10 ? 1 : 0), -1) << weight;
+    EXPECT_GE(cache.slot_of(0, weight < 10 ? 0 : 1), 0) << weight;
+  }
+  CacheOptions bad = options(1, 8, 2, 1, BudgetMode::kGlobal, EvictionPolicy::kExpertFlow);
+  bad.score_weight = -1.0;
+  EXPECT_EQ(validate(bad), "score_weight must be a finite number >= 0, got -1.000000");
+}
+
 TEST(CachePolicy, ContradictedPrefetchesGoFirst) {
   CachePolicy cache(options(1, 8, 3, 1, BudgetMode::kGlobal, EvictionPolicy::kExpertFlow));
   std::vector<float> scores(8, 0.5f);
