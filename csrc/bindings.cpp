@@ -129,7 +129,8 @@ void bind_expert_cache(py::module_& m) {
            py::arg("experts"), py::arg("device"), py::arg("num_slots"), py::arg("top_k"),
            py::arg("budget") = "per_layer", py::arg("policy") = "lru")
       .def("plan", &ExpertCache::plan, py::arg("layer_scores"), py::arg("per_layer"),
-           py::arg("first_layer") = 0, py::arg("min_score") = 0.0f, py::call_guard<py::gil_scoped_release>())
+           py::arg("first_layer") = 0, py::arg("min_score") = 0.0f,
+           py::call_guard<py::gil_scoped_release>())
       .def("prefetch", &ExpertCache::prefetch, py::arg("layer"), py::arg("experts"),
            py::arg("scores") = std::nullopt)
       .def(
