@@ -5,6 +5,7 @@
 #include <torch/csrc/utils/pybind.h>  // at::Tensor <-> torch.Tensor
 
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -61,8 +62,10 @@ void bind_cache_policy(py::module_& m) {
   py::class_<CachePolicy>(m, "CachePolicy",
                           "Which expert lives in which slot (csrc/core/cache_policy.h).")
       .def(py::init([](int32_t num_layers, int32_t num_experts, int32_t num_slots, int32_t top_k,
-                       const std::string& budget, const std::string& policy) {
+                       const std::string& budget, const std::string& policy,
+                       std::optional<double> score_weight) {
              CacheOptions o;
+             if (score_weight.has_value()) o.score_weight = *score_weight;
              o.num_layers = num_layers;
              o.num_experts = num_experts;
              o.num_slots = num_slots;
@@ -72,7 +75,8 @@ void bind_cache_policy(py::module_& m) {
              return CachePolicy(o);
            }),
            py::arg("num_layers"), py::arg("num_experts"), py::arg("num_slots"), py::arg("top_k"),
-           py::arg("budget") = "per_layer", py::arg("policy") = "lru")
+           py::arg("budget") = "per_layer", py::arg("policy") = "lru",
+           py::arg("score_weight") = std::nullopt)
       .def(
           "set_scores",
           [](CachePolicy& c, int32_t layer, const std::vector<float>& scores) {

@@ -182,6 +182,7 @@ def replay(
     prefetch: bool = True,
     lookahead: np.ndarray | None = None,
     prefetch_threshold: float = 0.0,
+    score_weight: float | None = None,
 ) -> ReplayResult:
     """Replays ``trace`` through the native policy; see the module docstring.
 
@@ -199,6 +200,9 @@ def replay(
             applied when layer l-1 starts (layer 0 has none).
         prefetch_threshold: prefetch only predictions scored at least this (as
             ``offload(..., prefetch_threshold=)``); the others still rank evictions.
+        score_weight: ``expertflow``'s weight of a predicted score against the decayed request
+            count (csrc/core/cache_policy.h; None: the native default). A huge weight evicts by
+            next-step scores alone, as the ExpertFlow paper's PLEC does.
     """
     from expertflow import _C
 
@@ -224,7 +228,13 @@ def replay(
     budget = "per_layer" if slots_per_layer is not None else "global"
     total = slots_per_layer * trace.num_layers if slots_per_layer is not None else slots
     cache = _C.CachePolicy(
-        trace.num_layers, trace.num_experts, total, trace.top_k, budget=budget, policy=policy
+        trace.num_layers,
+        trace.num_experts,
+        total,
+        trace.top_k,
+        budget=budget,
+        policy=policy,
+        score_weight=score_weight,
     )
     steps = trace.steps()
     next_uses = _next_uses(trace, steps) if policy == "belady" else None

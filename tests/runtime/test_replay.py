@@ -368,3 +368,5 @@ def test_unrecorded_entries_and_mismatched_predictions(tmp_path):
         replay(trace, "lru")
     with pytest.raises(ValueError, match="needs both bandwidth_gbps and layer_compute_ms"):
         replay(trace, "lru", slots=2, bandwidth_gbps=1.0)
+    with pytest.raises(ValueError, match="score_weight must be a finite number >= 0, got -1"):
+        replay(trace, "expertflow", slots=2, score_weight=-1.0)
