@@ -42,8 +42,9 @@ class ExpertCache:
         top_k: experts per token and layer: the least a pool must hold.
         budget: ``"per_layer"`` (``slots // num_layers`` reserved per layer) or ``"global"``.
         policy: ``"lru"``, ``"lfu"``, ``"lrfu"`` (lowest decayed request count: each request
-            adds 1, halving in weight about every 70 tokens), ``"expertflow"``
-            (prediction-aware) or ``"belady"``.
+            adds 1, halving in weight about every 70 tokens), ``"expertflow"`` (unused
+            prefetches first, then the lowest 4 x predicted score + log(decayed request count))
+            or ``"belady"``.
     """
 
     def __init__(
