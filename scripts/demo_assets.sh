@@ -41,8 +41,8 @@ cp "$work"/demo-moe-2/{config.json,generation_config.json,model.safetensors,toke
 # Path + history for the benchmarks (bench_predictor reads its path part, predictor/part0);
 # the bundled default is the warm-started history predictor: as accurate at top-k, a fifth of
 # the bytes moved less, and 0.2 ms per step instead of 1.9 (README, "Routing predictor").
-"$py" -m expertflow train-predictor --kind combined --traces "$work/train.npz" --epochs 4 \
-  --out "$work/predictor" | tee "$work/train_predictor.log"
+"$py" -m expertflow train-predictor --kind combined --traces "$work/train.npz" --epochs 6 \
+  --d-model 128 --depth 3 --out "$work/predictor" | tee "$work/train_predictor.log"
 "$py" -m expertflow train-predictor --kind history --traces "$work/train.npz" \
   --out "$work/history-predictor"
 rm -rf "$assets/demo-moe-predictor"

@@ -108,6 +108,17 @@ def test_belady_never_misses_more(trace, extra):
         assert belady <= replay(trace, policy, slots=slots).misses, policy
 
 
+@settings(max_examples=40, deadline=None)
+@given(traces(), st.integers(0, 6), st.booleans())
+def test_expertflow_without_predictions_is_lrfu(trace, extra, per_layer):
+    """With every score 0 only the decayed request counts rank evictions: no predictor costs
+    nothing against LRFU."""
+    need = min_slots(trace) + extra
+    budget = dict(slots_per_layer=need) if per_layer else dict(slots=need)
+    flow, lrfu = (replay(trace, p, **budget) for p in ("expertflow", "lrfu"))
+    assert (flow.hits, flow.misses, flow.bytes_moved) == (lrfu.hits, lrfu.misses, lrfu.bytes_moved)
+
+
 def test_lrfu_keeps_a_hot_expert_through_bursts_of_one_off_experts():
     """Expert 0 every other token, a fresh expert between: with two slots LRU evicts 0 whenever
     two one-offs arrive in a row, LRFU keeps it by its decayed request count."""
