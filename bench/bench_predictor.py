@@ -243,13 +243,16 @@ def predictor_cost(args, held: Trace) -> dict:
     from expertflow.demo_model import load_demo_model
 
     predictor = load_predictor(args.predictor)
-    ids = held.token_ids[: predictor.context if hasattr(predictor, "context") else 64].tolist()
-    for _ in range(3):
-        predictor.predict_step([ids], None)
+    # One sequence decoding: its history grows by one id per step, so the predictor runs as it
+    # does in a model (cached window keys/values; a whole window every context / 2 ids).
+    ids, previous = held.token_ids.tolist(), held.expert_ids[:1]
+    for n in range(1, 21):
+        predictor.predict_step([ids[:n]], previous)
+    steps = 128
     started = time.perf_counter()
-    for _ in range(50):
-        predictor.predict_step([ids], None)
-    predict_ms = (time.perf_counter() - started) / 50 * 1e3
+    for n in range(21, 21 + steps):
+        predictor.predict_step([ids[:n]], previous)
+    predict_ms = (time.perf_counter() - started) / steps * 1e3
     model, _ = load_demo_model()
     prompt = torch.tensor([held.token_ids[:32].tolist()])
     with torch.no_grad():

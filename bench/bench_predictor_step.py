@@ -3,8 +3,9 @@ through the stack) against scoring the whole window each step, measured in the s
 
     python bench/bench_predictor_step.py [--steps 200] [--threads 1]
 
-Untrained weights of the bundled model's shape (6 layers x 16 experts, vocab 4096, d 96,
-2 layers, context 64): the cost does not depend on the weights. Each row's history grows by
+Untrained weights of the demo model's shape (6 layers x 16 experts, vocab 4096, context 64)
+at the path predictor's size in scripts/demo_assets.sh (d 128, 3 layers; ``--d-model``,
+``--depth``): the cost does not depend on the weights. Each row's history grows by
 one id per step, as in decoding, from 100 prompt ids.
 """
 
@@ -56,14 +57,27 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--depth", type=int, default=3)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"path predictor, ms per decode step ({args.threads} thread(s), {args.steps} steps)")
+    print(
+        f"path predictor d {args.d_model}, {args.depth} layers: ms per decode step "
+        f"({args.threads} thread(s), {args.steps} steps)"
+    )
     print(f"{'variant':34s} {'batch':>5s} {'cached':>8s} {'whole window':>13s} {'speed-up':>9s}")
     for use_previous in (False, True):
         name = "ids + previous routing" if use_previous else "ids only"
         for batch in (1, 16):
-            predictor = PathPredictor(6, 16, 2, vocab_size=4096, use_previous=use_previous)
+            predictor = PathPredictor(
+                6,
+                16,
+                2,
+                vocab_size=4096,
+                d_model=args.d_model,
+                depth=args.depth,
+                use_previous=use_previous,
+            )
             cached = ms_per_step(predictor.predict_step, batch, args.steps)
             whole = ms_per_step(
                 lambda h, prev, pr=predictor: whole_window_step(pr, h, prev), batch, args.steps
