@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 
@@ -40,7 +42,8 @@ def without_eos(family: str, seed: int = 0):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_every_request_decodes_as_it_would_alone(family):
     model = without_eos(family)
-    prompts = random_prompts(hash(family) % 1000, 7)
+    # A stable seed per family (str hashes change from process to process).
+    prompts = random_prompts(zlib.crc32(family.encode()) % 1000, 7)
     reference = [alone(model, p, 6) for p in prompts]
     plain = expertflow.generate_batch(model, prompts, max_new_tokens=6, batch_size=3)
     assert plain.sequences == reference

@@ -128,6 +128,7 @@ def test_min_score_prefetches_only_confident_experts_and_the_rest_still_rank_evi
     for experts in ([0, 2], [0, 1]):  # expert 2 is now the least recently used
         cache.acquire(0, experts)
         cache.release(0)
+        cache.synchronize()  # a copy still in flight could not be evicted
     assert cache.stats()["prefetch_hits"] == 1 and cache.stats()["misses"] == 2
     cache.acquire(0, [3])  # full layer: evicts the lowest score (1), not the LRU (2)
     cache.release(0)
