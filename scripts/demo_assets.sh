@@ -39,8 +39,8 @@ cp "$work"/demo-moe-2/{config.json,generation_config.json,model.safetensors,toke
   --max-sequences 64 --batch-size 16 --lookahead --out "$work/held.npz"
 
 # Path + history for the benchmarks (bench_predictor reads its path part, predictor/part0);
-# the bundled default is the warm-started history predictor: as accurate at top-k, a fifth of
-# the bytes moved less, and 0.2 ms per step instead of 1.9 (README, "Routing predictor").
+# the bundled default is the warm-started history predictor: less accurate than the path
+# predictor, but about a quarter of its cost per step on a CPU (README, "Routing predictor").
 "$py" -m expertflow train-predictor --kind combined --traces "$work/train.npz" --epochs 6 \
   --d-model 128 --depth 3 --out "$work/predictor" | tee "$work/train_predictor.log"
 "$py" -m expertflow train-predictor --kind history --traces "$work/train.npz" \

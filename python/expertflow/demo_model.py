@@ -105,8 +105,8 @@ def load_demo_model(dtype: torch.dtype = torch.float32, path: str | Path | None 
 
 def load_demo_predictor(path: str | Path | None = None):
     """The routing predictor shipped with the demo model: a history predictor warm-started on
-    its routing traces of the corpus's training part (as accurate at top-k as path + history
-    on this model, at an eighth of the cost per step; see README, "Routing predictor")."""
+    its routing traces of the corpus's training part. The path predictor is more accurate but
+    costs about four times as much per step on a CPU (README, "Routing predictor")."""
     from expertflow.predictor import load_predictor
 
     return load_predictor(Path(path) if path is not None else DEMO_PREDICTOR_DIR)
