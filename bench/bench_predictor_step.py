@@ -1,5 +1,6 @@
-"""Cost of one decode step of the path predictor: cached window keys/values (one new token
-through the stack) against scoring the whole window each step, measured in the same run.
+"""Cost of one decode step of the path predictor, measured in the same run three ways: the
+native decoder on cached window keys/values (the default), the torch network op by op on the
+same cache, and the torch network scoring the whole window each step (no cache).
 
     python bench/bench_predictor_step.py [--steps 200] [--threads 1]
 
@@ -65,7 +66,10 @@ def main() -> None:
         f"path predictor d {args.d_model}, {args.depth} layers: ms per decode step "
         f"({args.threads} thread(s), {args.steps} steps)"
     )
-    print(f"{'variant':34s} {'batch':>5s} {'cached':>8s} {'whole window':>13s} {'speed-up':>9s}")
+    print(
+        f"{'variant':24s} {'batch':>5s} {'native':>7s} {'torch':>7s} {'torch, whole window':>20s}"
+        f" {'native vs torch':>16s}"
+    )
     for use_previous in (False, True):
         name = "ids + previous routing" if use_previous else "ids only"
         for batch in (1, 16):
@@ -78,11 +82,16 @@ def main() -> None:
                 depth=args.depth,
                 use_previous=use_previous,
             )
+            native = ms_per_step(predictor.predict_step, batch, args.steps)
+            predictor.native = False
             cached = ms_per_step(predictor.predict_step, batch, args.steps)
             whole = ms_per_step(
                 lambda h, prev, pr=predictor: whole_window_step(pr, h, prev), batch, args.steps
             )
-            print(f"{name:34s} {batch:5d} {cached:8.2f} {whole:13.2f} {whole / cached:8.1f}x")
+            print(
+                f"{name:24s} {batch:5d} {native:7.3f} {cached:7.3f} {whole:20.3f}"
+                f" {cached / native:15.1f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -1,16 +1,20 @@
 // PYBIND11_MODULE(_C): stateful runtime classes and build facts. Tensor ops are not bound here;
 // they are TORCH_LIBRARY operators (registration.cpp), reached through torch.ops.expertflow.
+#include <ATen/ops/empty.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <torch/csrc/utils/pybind.h>  // at::Tensor <-> torch.Tensor
 
+#include <map>
 #include <memory>
 #include <optional>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "core/cache_policy.h"
+#include "core/path_decoder.h"
 #include "core/scheduler.h"
 #include "runtime/expert_cache.h"
 #include "runtime/host_store.h"
@@ -220,6 +224,154 @@ void bind_scheduler(py::module_& m) {
       "Token scheduler (csrc/core/scheduler.h): (group, cost, resplits).");
 }
 
+// A CPU float32 tensor of `dims` dimensions, made contiguous, or a ValueError naming it.
+static at::Tensor float_cpu(const at::Tensor& t, int64_t dims, const std::string& name) {
+  if (!t.device().is_cpu() || t.scalar_type() != at::kFloat || t.dim() != dims) {
+    std::ostringstream s;
+    s << name << " must be a CPU float32 tensor of " << dims << " dimension(s), got "
+      << t.scalar_type() << " " << t.sizes() << " on " << t.device();
+    throw py::value_error(s.str());
+  }
+  return t.contiguous();
+}
+
+// PathDecoder::extend over rows of new ids, each after its window's cached keys/values
+// (None = none): (features [rows, d_model] of each row's last id, each row's keys/values
+// [past + new, depth, 2, d_model], fresh tensors: the pasts are not modified).
+static std::pair<at::Tensor, std::vector<at::Tensor>> extend_rows(
+    const expertflow::core::PathDecoder& dec, const std::vector<std::vector<int64_t>>& ids,
+    const std::vector<std::optional<at::Tensor>>& pasts) {
+  using NewToken = expertflow::core::PathDecoder::NewToken;
+  const auto& s = dec.shape();
+  if (ids.size() != pasts.size()) {
+    throw py::value_error(
+        "PathDecoder.extend_rows: ids and pasts must have one entry per row, "
+        "got " +
+        std::to_string(ids.size()) + " and " + std::to_string(pasts.size()));
+  }
+  std::vector<at::Tensor> before(ids.size()), kv(ids.size());
+  std::vector<NewToken> tokens;
+  std::vector<int64_t> last;  // each row's last new token
+  for (size_t r = 0; r < ids.size(); ++r) {
+    int64_t cached = 0;
+    if (pasts[r].has_value()) {
+      before[r] = float_cpu(*pasts[r], 4, "PathDecoder.extend: past");
+      cached = before[r].size(0);
+      if (before[r].size(1) != s.depth || before[r].size(2) != 2 ||
+          before[r].size(3) != s.d_model) {
+        std::ostringstream e;
+        e << "PathDecoder.extend: past must be [tokens, depth=" << s.depth
+          << ", 2, d_model=" << s.d_model << "], got " << before[r].sizes();
+        throw py::value_error(e.str());
+      }
+    }
+    const auto count = static_cast<int64_t>(ids[r].size());
+    if (count == 0 || cached + count > s.context) {
+      throw py::value_error("PathDecoder.extend: a window holds 1 to context (" +
+                            std::to_string(s.context) + ") ids, got " + std::to_string(cached) +
+                            " cached + " + std::to_string(count) + " new");
+    }
+    kv[r] = at::empty({cached + count, s.depth, 2, s.d_model});
+    for (int64_t j = 0; j < count; ++j) {
+      tokens.push_back({ids[r][j], static_cast<int32_t>(cached + j), kv[r].data_ptr<float>()});
+    }
+    last.push_back(static_cast<int64_t>(tokens.size()) - 1);
+  }
+  at::Tensor all = at::empty({static_cast<int64_t>(tokens.size()), s.d_model});
+  try {
+    py::gil_scoped_release no_gil;
+    for (size_t r = 0; r < ids.size(); ++r) {
+      if (before[r].defined()) kv[r].narrow(0, 0, before[r].size(0)).copy_(before[r]);
+    }
+    dec.extend(tokens, all.data_ptr<float>());
+  } catch (const std::invalid_argument& e) {
+    throw py::value_error(e.what());
+  }
+  at::Tensor features = at::empty({static_cast<int64_t>(ids.size()), s.d_model});
+  for (size_t r = 0; r < ids.size(); ++r) features[static_cast<int64_t>(r)].copy_(all[last[r]]);
+  return {features, kv};
+}
+
+void bind_path_decoder(py::module_& m) {
+  using expertflow::core::PathDecoder;
+  using expertflow::core::PathNetShape;
+  using expertflow::core::WeightView;
+  py::class_<PathDecoder>(m, "PathDecoder",
+                          "One decode step of the path predictor (csrc/core/path_decoder.h).")
+      .def(py::init([](const std::map<std::string, at::Tensor>& state, int32_t vocab_size,
+                       int32_t context, int32_t d_model, int32_t depth, int32_t heads, int32_t ffn,
+                       int32_t outputs, bool use_previous, float norm_eps) {
+             std::vector<at::Tensor> kept;  // contiguous float32 copies alive while copied
+             std::map<std::string, WeightView> views;
+             for (const auto& [name, tensor] : state) {
+               if (!tensor.is_floating_point()) continue;
+               kept.push_back(tensor.detach().to(at::kCPU, at::kFloat).contiguous());
+               views[name] =
+                   WeightView{kept.back().const_data_ptr<float>(), kept.back().sizes().vec()};
+             }
+             const PathNetShape shape{vocab_size, context, d_model,      depth,   heads,
+                                      ffn,        outputs, use_previous, norm_eps};
+             try {
+               return PathDecoder(shape, views);
+             } catch (const std::invalid_argument& e) {
+               throw py::value_error(e.what());
+             }
+           }),
+           py::arg("state"), py::kw_only(), py::arg("vocab_size"), py::arg("context"),
+           py::arg("d_model"), py::arg("depth"), py::arg("heads"), py::arg("ffn"),
+           py::arg("outputs"), py::arg("use_previous"), py::arg("norm_eps") = 1e-5f)
+      .def(
+          "extend",
+          [](const PathDecoder& dec, const std::vector<int64_t>& ids,
+             const std::optional<at::Tensor>& past) {
+            auto [features, kv] = extend_rows(dec, {ids}, {past});
+            return py::make_tuple(features[0], kv[0]);
+          },
+          py::arg("ids"), py::arg("past") = std::nullopt,
+          "Runs new ids of a window after its cached keys/values (past [tokens, depth, 2, "
+          "d_model], None = none): (features [d_model] of the last id, keys/values of the whole "
+          "window so far). `past` is not modified.")
+      .def(
+          "extend_rows",
+          [](const PathDecoder& dec, const std::vector<std::vector<int64_t>>& ids,
+             const std::vector<std::optional<at::Tensor>>& pasts) {
+            auto [features, kv] = extend_rows(dec, ids, pasts);
+            return py::make_tuple(features, kv);
+          },
+          py::arg("ids"), py::arg("pasts"),
+          "extend for many windows at once (each weight read once for all their new ids): "
+          "(features [rows, d_model] of each row's last id, each row's keys/values).")
+      .def(
+          "scores",
+          [](const PathDecoder& dec, const at::Tensor& features,
+             const std::optional<at::Tensor>& previous) {
+            const auto& s = dec.shape();
+            const at::Tensor x = float_cpu(features, 2, "PathDecoder.scores: features");
+            if (x.size(1) != s.d_model) {
+              throw py::value_error("PathDecoder.scores: features must be [rows, d_model=" +
+                                    std::to_string(s.d_model) + "]");
+            }
+            at::Tensor before;
+            if (previous.has_value()) {
+              before = float_cpu(*previous, 2, "PathDecoder.scores: previous");
+              if (before.size(0) != x.size(0) || before.size(1) != s.outputs) {
+                throw py::value_error(
+                    "PathDecoder.scores: previous must be [rows=" + std::to_string(x.size(0)) +
+                    ", outputs=" + std::to_string(s.outputs) + "]");
+              }
+            }
+            at::Tensor out = at::empty({x.size(0), s.outputs});
+            py::gil_scoped_release no_gil;
+            dec.scores(x.const_data_ptr<float>(),
+                       before.defined() ? before.const_data_ptr<float>() : nullptr,
+                       static_cast<int32_t>(x.size(0)), out.data_ptr<float>());
+            return out;
+          },
+          py::arg("features"), py::arg("previous") = std::nullopt,
+          "features [rows, d_model], previous routing [rows, outputs] (multi-hot; None = "
+          "none) -> probabilities [rows, outputs].");
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "expertflow native extension";
   m.def("build_info", [] {
@@ -235,4 +387,5 @@ PYBIND11_MODULE(_C, m) {
   bind_cache_policy(m);
   bind_expert_cache(m);
   bind_scheduler(m);
+  bind_path_decoder(m);
 }

@@ -350,6 +350,8 @@ class PathPredictor(Predictor):
         # rows (every active request of a batched run) at about 100 KB each.
         self.kv_rows = 512
         self._kv: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self._native = True
+        self._native_decoder = None
 
     def _check_vocab(self, trace: Trace) -> None:
         if trace.token_ids is None:
@@ -405,6 +407,7 @@ class PathPredictor(Predictor):
 
     def fit(self, traces, *, epochs=3, batch_size=32, lr=2e-3, log=print) -> PathPredictor:
         self._kv.clear()  # the weights change
+        self._native_decoder = None
         ids, previous, targets, valid = self._windows(traces)
         gen = torch.Generator().manual_seed(0)
         optim = torch.optim.AdamW(self.net.parameters(), lr=lr, weight_decay=0.01)
@@ -461,6 +464,45 @@ class PathPredictor(Predictor):
         step = c - c // 2
         return ((index - c) // step + 1) * step
 
+    @property
+    def native(self) -> bool:
+        """Whether :meth:`predict_step` runs the native decoder (``csrc/core/path_decoder``,
+        the default) or the torch network op by op (the reference it is tested against).
+        Both give the same scores to float rounding; at one token per step the native one
+        costs a fraction (``bench/bench_predictor_step.py``)."""
+        return self._native
+
+    @native.setter
+    def native(self, value: bool) -> None:
+        self._native = bool(value)
+        self._kv.clear()  # the two keep keys/values in different layouts
+
+    def _decoder(self):
+        """The native decoder, built from the weights on first use (after fit or load)."""
+        if self._native_decoder is None:
+            from expertflow._extension import load_extension
+
+            h = self.hparams
+            self._native_decoder = load_extension().PathDecoder(
+                self.net.state_dict(),
+                vocab_size=h["vocab_size"],
+                context=h["context"],
+                d_model=h["d_model"],
+                depth=h["depth"],
+                heads=h["heads"],
+                ffn=self.net.stack.layers[0].linear1.out_features,
+                outputs=self.num_layers * self.num_experts,
+                use_previous=self.uses_previous,
+                norm_eps=self.net.norm.eps,
+            )
+        return self._native_decoder
+
+    def _forget_left_window(self, history) -> None:
+        """Drops the cached window a row just moved past: it is not asked for again."""
+        n = len(history)
+        if n > 1 and self.window_start(n - 2) != self.window_start(n - 1):
+            self._kv.pop(np.asarray(history[self.window_start(n - 2) : -1]).tobytes(), None)
+
     @torch.no_grad()
     def predict_step(self, histories, previous) -> np.ndarray:
         # Each row's window keys/values are cached under the window's ids (whatever sequence
@@ -468,10 +510,45 @@ class PathPredictor(Predictor):
         # runs one token through the stack; a new window (every context / 2 ids, or a row
         # never seen) runs whole.
         rows = len(histories)
-        features = [None] * rows
         windows = [
             np.asarray(h[self.window_start(len(h) - 1) :], dtype=np.int64) for h in histories
         ]
+        step = self._native_features if self._native else self._torch_features
+        x = step(histories, windows)
+        before = None
+        if self.uses_previous and previous is not None:
+            hot = multi_hot(np.asarray(previous), self.num_experts)
+            before = torch.from_numpy(hot.reshape(rows, -1))
+        if self._native:
+            probs = self._decoder().scores(x, before)
+        else:
+            if self.uses_previous and before is None:
+                before = torch.zeros((rows, self.num_layers * self.num_experts))
+            probs = torch.sigmoid(self.net.head_logits(x, before))
+        return probs.numpy().reshape(rows, self.num_layers, self.num_experts)
+
+    def _native_features(self, histories, windows) -> torch.Tensor:
+        """``[rows, d_model]``: every row's new ids through the native decoder in one call."""
+        ids, pasts, grown = [], [], []
+        for b, window in enumerate(windows):
+            past = self._cached(window[:-1]) if len(window) > 1 else None
+            if past is None:
+                self._forget_left_window(histories[b])
+                ids.append(window.tolist())
+            else:
+                ids.append([int(window[-1])])
+                grown.append(window)
+            pasts.append(past)
+        features, kvs = self._decoder().extend_rows(ids, pasts)
+        for window, kv in zip(windows, kvs, strict=True):
+            self._remember(window, kv)
+        for window in grown:  # after the loop: rows with equal windows share the shorter one
+            self._kv.pop(window[:-1].tobytes(), None)
+        return features
+
+    def _torch_features(self, histories, windows) -> torch.Tensor:
+        """``[rows, d_model]``: the reference, :meth:`_PathNet.extend` batched over rows."""
+        features = [None] * len(windows)
         grow, past = [], []
         for b, window in enumerate(windows):
             cached = self._cached(window[:-1]) if len(window) > 1 else None
@@ -479,12 +556,7 @@ class PathPredictor(Predictor):
                 grow.append(b)
                 past.append(cached)
                 continue
-            n = len(histories[b])
-            if n > 1 and self.window_start(n - 2) != self.window_start(n - 1):
-                # The row just moved past its previous window: that one is not asked for again.
-                self._kv.pop(
-                    np.asarray(histories[b][self.window_start(n - 2) : -1]).tobytes(), None
-                )
+            self._forget_left_window(histories[b])
             ids = torch.from_numpy(window)[None]
             x, kv = self.net.extend(ids, torch.arange(ids.shape[1])[None])
             features[b] = x[0, -1]
@@ -509,14 +581,7 @@ class PathPredictor(Predictor):
                 self._remember(windows[b], torch.cat([past[j], kv[j]], dim=3))
             for b in grow:  # a grown window's shorter self is not asked for again
                 self._kv.pop(windows[b][:-1].tobytes(), None)
-        x = torch.stack(features)
-        before = None
-        if self.uses_previous:
-            before = torch.zeros((rows, self.num_layers * self.num_experts))
-            if previous is not None:
-                hot = multi_hot(np.asarray(previous), self.num_experts)
-                before = torch.from_numpy(hot.reshape(rows, -1))
-        return torch.sigmoid(self.net.head_logits(x, before)).numpy()
+        return torch.stack(features)
 
     @torch.no_grad()
     def predict_trace(self, trace: Trace) -> np.ndarray:
@@ -556,6 +621,7 @@ class PathPredictor(Predictor):
         p = cls(meta["num_layers"], meta["num_experts"], meta["top_k"], **hparams)
         state = torch.load(path / "path_predictor.pt", map_location="cpu", weights_only=True)
         p.net.load_state_dict(state)
+        p._native_decoder = None
         p.history = meta.get("history", [])
         return p
 

@@ -92,12 +92,14 @@ def test_history_predictor_learns_online_without_training():
     assert late.mean() > 0.9 and late.mean() > early.mean()
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
 @pytest.mark.parametrize("use_previous", [True, False])
-def test_path_predictor_single_steps_match_the_whole_trace_scoring(use_previous):
+def test_path_predictor_single_steps_match_the_whole_trace_scoring(use_previous, native):
     trace = token_routed_trace(4, sequences=2, length=40)
     predictor = PathPredictor(
         LAYERS, EXPERTS, 2, vocab_size=VOCAB, d_model=16, context=16, use_previous=use_previous
     )
+    predictor.native = native
     whole = predictor.predict_trace(trace)
     ids = trace.token_ids[:40].tolist()
     # Within the first window, step-by-step prediction sees exactly the same ids (and, once
@@ -108,11 +110,13 @@ def test_path_predictor_single_steps_match_the_whole_trace_scoring(use_previous)
         predictor.observe(trace.expert_ids[i])
 
 
-def test_path_predictor_batched_cached_steps_match_the_whole_trace_scoring():
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+def test_path_predictor_batched_cached_steps_match_the_whole_trace_scoring(native):
     """Rows of different lengths, reordered every step, past several windows: each step runs
     one token on cached keys/values and must score exactly as whole-trace scoring does."""
     trace = token_routed_trace(5, sequences=3, length=50)
     predictor = PathPredictor(LAYERS, EXPERTS, 2, vocab_size=VOCAB, d_model=16, context=12)
+    predictor.native = native
     for param in predictor.net.parameters():  # not trained: make every weight matter
         param.data.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
     whole = predictor.predict_trace(trace)

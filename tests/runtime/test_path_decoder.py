@@ -1,0 +1,131 @@
+"""The native path decoder (csrc/core/path_decoder) against the torch network it mirrors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from expertflow import _C
+from expertflow.predictor import PathPredictor, _PathNet
+
+
+def random_net(d_model, heads, depth, context, use_previous, layers=3, experts=5, seed=0):
+    torch.manual_seed(seed)
+    net = _PathNet(50, layers, experts, d_model, depth, heads, context, use_previous)
+    for param in net.parameters():  # untrained weights are too small to test anything
+        torch.nn.init.normal_(param, std=0.3)
+    return net.eval()
+
+
+def decoder_of(net: _PathNet, **override):
+    sizes = dict(
+        vocab_size=net.embed.num_embeddings,
+        context=net.context,
+        d_model=net.embed.embedding_dim,
+        depth=len(net.stack.layers),
+        heads=net.stack.layers[0].self_attn.num_heads,
+        ffn=net.stack.layers[0].linear1.out_features,
+        outputs=net.head.out_features,
+        use_previous=net.previous is not None,
+    )
+    return _C.PathDecoder(net.state_dict(), **(sizes | override))
+
+
+SHAPES = [  # d_model, heads, depth, context, use_previous
+    (16, 4, 2, 12, True),
+    (20, 5, 1, 9, False),  # 4-wide heads, one layer, odd context
+    (12, 1, 3, 16, True),  # one head
+    (40, 8, 2, 33, False),
+]
+
+
+@pytest.mark.parametrize(("d_model", "heads", "depth", "context", "use_previous"), SHAPES)
+def test_extend_and_scores_match_the_torch_network(d_model, heads, depth, context, use_previous):
+    net = random_net(d_model, heads, depth, context, use_previous)
+    decoder = decoder_of(net)
+    rng = np.random.default_rng(d_model + depth)
+    for trial in range(4):
+        length = int(rng.integers(1, context + 1)) if trial else context  # a full window too
+        ids = rng.integers(0, 50, length)
+        with torch.no_grad():
+            reference = net.features(torch.from_numpy(ids)[None])[0]  # [length, d]
+        # Fed in random chunks: every chunk's last feature equals the whole window's.
+        cuts = np.sort(rng.choice(np.arange(1, length), min(3, length - 1), replace=False))
+        kv, start = None, 0
+        for end in [*cuts.tolist(), length]:
+            feature, kv = decoder.extend(ids[start:end].tolist(), kv)
+            torch.testing.assert_close(feature, reference[end - 1], atol=2e-5, rtol=1e-5)
+            start = end
+        assert kv.shape == (length, depth, 2, d_model)
+        previous = torch.from_numpy((rng.random((2, net.head.out_features)) < 0.3).astype("f4"))
+        features = reference[-2:] if length > 1 else reference[-1:].expand(2, -1)
+        with torch.no_grad():
+            zeros = torch.zeros_like(previous)
+            expected = torch.sigmoid(net.head_logits(features, previous)).flatten(1)
+            without = torch.sigmoid(net.head_logits(features, zeros)).flatten(1)
+        torch.testing.assert_close(decoder.scores(features, previous), expected, atol=2e-6, rtol=0)
+        torch.testing.assert_close(decoder.scores(features, None), without, atol=2e-6, rtol=0)
+
+
+def test_extend_leaves_the_cached_keys_values_as_they_were():
+    """Two rows may share one cached window (equal histories) and grow it differently."""
+    decoder = decoder_of(random_net(16, 4, 2, 12, True))
+    _, past = decoder.extend([1, 2, 3], None)
+    kept = past.clone()
+    first, longer = decoder.extend([4], past)
+    second, _ = decoder.extend([5], past)
+    assert torch.equal(past, kept) and longer.shape[0] == 4
+    assert not torch.allclose(first, second)
+
+
+def test_predict_step_with_equal_rows_matches_the_torch_reference():
+    predictor = PathPredictor(3, 5, 2, vocab_size=50, d_model=16, context=12)
+    for param in predictor.net.parameters():
+        torch.nn.init.normal_(param, std=0.3)
+    reference = PathPredictor(3, 5, 2, vocab_size=50, d_model=16, context=12)
+    reference.net.load_state_dict(predictor.net.state_dict())
+    reference.native = False
+    histories = [[1, 2, 3], [1, 2, 3], [7]]
+    previous = np.array([[[0, 1]] * 3, [[2, 3]] * 3, [[4, 0]] * 3])
+    for token in (9, 9, 4, 11, 2, 8, 8, 30, 1, 2, 3, 4, 5):  # past a window boundary
+        expected = reference.predict_step(histories, previous)
+        np.testing.assert_allclose(predictor.predict_step(histories, previous), expected, atol=2e-5)
+        for h in histories:
+            h.append(token)
+
+
+def test_bad_input_is_refused_naming_what_is_wrong():
+    net = random_net(16, 4, 2, 12, True)
+    decoder = decoder_of(net)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        decoder.extend([3, 50])
+    with pytest.raises(ValueError, match="context"):
+        decoder.extend(list(range(13)))
+    _, past = decoder.extend(list(range(12)))
+    with pytest.raises(ValueError, match="context"):
+        decoder.extend([1], past)
+    with pytest.raises(ValueError, match="past must be"):
+        decoder.extend([1], torch.zeros(3, 2, 2, 8))
+    with pytest.raises(ValueError, match="past must be a CPU float32"):
+        decoder.extend([1], torch.zeros(3, 2, 2, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match="features must be"):
+        decoder.scores(torch.zeros(2, 8))
+    with pytest.raises(ValueError, match="previous must be"):
+        decoder.scores(torch.zeros(2, 16), torch.zeros(2, 7))
+    with pytest.raises(ValueError, match=r"'previous.weight' must be \[16, 14\], got \[16, 15\]"):
+        decoder_of(net, outputs=14)
+    with pytest.raises(ValueError, match="'previous.weight' is missing"):
+        _C.PathDecoder(
+            {k: v for k, v in net.state_dict().items() if not k.startswith("previous")},
+            vocab_size=50,
+            context=12,
+            d_model=16,
+            depth=2,
+            heads=4,
+            ffn=64,
+            outputs=15,
+            use_previous=True,
+        )
+    with pytest.raises(ValueError, match="divisible by heads"):
+        decoder_of(net, heads=3)
