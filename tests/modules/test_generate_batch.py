@@ -328,3 +328,75 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     assert hot[1] > 0.85
     plain = draws(_Sampling(do_sample=True))
     assert (plain - probs[0]).abs().max() < 0.04
+
+
+def random_rows(gen: torch.Generator, size: int, length: int, first_index: int):
+    """A batch of ``size`` requests, keys/values of 2 layers left-padded to ``length``."""
+    from expertflow.generation import _Request, _Rows
+
+    real = torch.randint(1, length + 1, (size,), generator=gen)
+    mask = (torch.arange(length)[None] >= length - real[:, None]).long()
+    keys = [torch.randn(size, 2, length, 3, generator=gen) * mask[:, None, :, None] for _ in "ab"]
+    values = [torch.randn(size, 2, length, 3, generator=gen) * mask[:, None, :, None] for _ in "ab"]
+    requests = [_Request(first_index + r, [0]) for r in range(size)]
+    return _Rows(requests, keys, values, mask)
+
+
+def real_rows(batches) -> dict[int, tuple]:
+    """Each request's real (unpadded) keys, values and batch, by request index."""
+    found = {}
+    for b, rows in enumerate(batches):
+        for r, request in enumerate(rows.requests):
+            real = rows.mask[r].bool()
+            assert real.flip(0).cumprod(0).sum() == real.sum()  # left padding only
+            found[request.index] = (
+                b,
+                [k[r][:, real] for k in rows.keys],
+                [v[r][:, real] for v in rows.values],
+            )
+    return found
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_exchanging_rows_in_place_moves_each_request_with_its_kv(seed):
+    """Batches of different lengths, requests moved along random size-keeping regroupings
+    (cycles through three batches, longer rows into shorter batches): every request ends in
+    its new batch with exactly its keys/values, and only moving rows' slots change."""
+    from expertflow.generation import _exchange_rows, _regroup_moves
+
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [4, 3, 4]
+    batches = [
+        random_rows(gen, size, int(torch.randint(1, 9, (1,), generator=gen)), 10 * b)
+        for b, size in enumerate(sizes)
+    ]
+    before = real_rows(batches)
+    current = [b for b, size in enumerate(sizes) for _ in range(size)]
+    new = [current[i] for i in torch.randperm(len(current), generator=gen).tolist()]
+    moves = _regroup_moves(sizes, current, new)
+    assert len(moves) == sum(o != n for o, n in zip(current, new, strict=True))
+    staying = {
+        (b, r): rows.requests[r].index
+        for b, rows in enumerate(batches)
+        for r in range(len(rows))
+        if (b, r) not in {(m[0], m[1]) for m in moves}
+    }
+    _exchange_rows(batches, moves)
+    after = real_rows(batches)
+    requests = [rows.requests[r].index for rows in batches for r in range(len(rows))]
+    assert sorted(requests) == sorted(before) and [len(b) for b in batches] == sizes
+    listed = [i for b in range(3) for i in sorted(before) if before[i][0] == b]  # as `current`
+    for position, index in enumerate(listed):
+        assert after[index][0] == new[position]
+    for index, (_, keys, values) in before.items():
+        for got, expected in zip(after[index][1] + after[index][2], keys + values, strict=True):
+            assert torch.equal(got, expected)
+    for (b, r), index in staying.items():
+        assert batches[b].requests[r].index == index
+
+
+def test_a_regrouping_that_changes_batch_sizes_is_refused():
+    from expertflow.generation import _regroup_moves
+
+    with pytest.raises(ValueError, match="keep every batch's size"):
+        _regroup_moves([2, 2], [0, 0, 1, 1], [0, 1, 1, 1])
