@@ -42,18 +42,44 @@ const float* take(const std::map<std::string, WeightView>& weights, const std::s
   return it->second.data;
 }
 
+// Round to nearest even, as torch's float -> bfloat16 conversion (NaN stays NaN).
+uint16_t float_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
 std::vector<float> copy_of(const float* data, int64_t count) {
   return std::vector<float>(data, data + count);
 }
 
 // 8 floats: one AVX register in the AVX2 clone, two SSE registers in the baseline one.
 using Floats8 = float __attribute__((vector_size(32)));
+using Bf16x8 = uint16_t __attribute__((vector_size(16)));
+using Words8 = uint32_t __attribute__((vector_size(32)));
+
+// 8 bfloat16 weights widened to floats: the high half of each float's bits. (An out
+// parameter: returning a 32-byte vector from a function built without AVX changes the ABI.)
+[[gnu::always_inline]] inline void load_bf16x8(const uint16_t* p, Floats8& out) {
+  Bf16x8 h;
+  std::memcpy(&h, p, sizeof(h));
+  out = reinterpret_cast<Floats8>(__builtin_convertvector(h, Words8) << 16);
+}
+
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
 
 // y[R rows, 8 V outputs from o0] = bias + x . W for W stored transposed [in, out]: R x V
 // accumulators stay in registers over the whole input loop, each weight vector loaded once for
 // all R rows. R x V is chosen so that enough independent multiply-adds are in flight.
 template <int R, int V>
-[[gnu::always_inline]] inline void matmul_tile(const float* weight_t, const float* bias,
+[[gnu::always_inline]] inline void matmul_tile(const uint16_t* weight_t, const float* bias,
                                                const float* x, int32_t in, int32_t out, int32_t o0,
                                                float* y) {
   Floats8 acc[R][V];
@@ -63,12 +89,13 @@ template <int R, int V>
     for (int r = 0; r < R; ++r) acc[r][v] = b;
   }
   for (int32_t i = 0; i < in; ++i) {
-    const float* w = weight_t + static_cast<int64_t>(i) * out + o0;
-    Floats8 wv[V];
-    for (int v = 0; v < V; ++v) std::memcpy(&wv[v], w + 8 * v, sizeof(Floats8));
-    for (int r = 0; r < R; ++r) {
-      const float xi = x[static_cast<int64_t>(r) * in + i];
-      for (int v = 0; v < V; ++v) acc[r][v] += xi * wv[v];
+    const uint16_t* w = weight_t + static_cast<int64_t>(i) * out + o0;
+    float xi[R];
+    for (int r = 0; r < R; ++r) xi[r] = x[static_cast<int64_t>(r) * in + i];
+    for (int v = 0; v < V; ++v) {
+      Floats8 wv;
+      load_bf16x8(w + 8 * v, wv);
+      for (int r = 0; r < R; ++r) acc[r][v] += xi[r] * wv;
     }
   }
   for (int r = 0; r < R; ++r) {
@@ -80,7 +107,7 @@ template <int R, int V>
 
 // R rows of y = bias + x . W: wide tiles, then 8-wide ones, then single outputs.
 template <int R, int V>
-[[gnu::always_inline]] inline void matmul_rows(const float* weight_t, const float* bias,
+[[gnu::always_inline]] inline void matmul_rows(const uint16_t* weight_t, const float* bias,
                                                const float* x, int32_t in, int32_t out, float* y) {
   int32_t o = 0;
   for (; o + 8 * V <= out; o += 8 * V) matmul_tile<R, V>(weight_t, bias, x, in, out, o, y);
@@ -89,7 +116,8 @@ template <int R, int V>
     for (int r = 0; r < R; ++r) {
       float sum = bias[o];
       for (int32_t i = 0; i < in; ++i) {
-        sum += x[static_cast<int64_t>(r) * in + i] * weight_t[static_cast<int64_t>(i) * out + o];
+        sum += x[static_cast<int64_t>(r) * in + i] *
+               bf16_to_float(weight_t[static_cast<int64_t>(i) * out + o]);
       }
       y[static_cast<int64_t>(r) * out + o] = sum;
     }
@@ -98,7 +126,7 @@ template <int R, int V>
 
 // y[rows, out] = bias + x[rows, in] . W, W stored transposed [in, out].
 EXPERTFLOW_VECTOR_CLONES
-void matmul_transposed(const float* weight_t, const float* bias, const float* x, int32_t rows,
+void matmul_transposed(const uint16_t* weight_t, const float* bias, const float* x, int32_t rows,
                        int32_t in, int32_t out, float* y) {
   int32_t r = 0;
   for (; r + 4 <= rows; r += 4) {
@@ -153,7 +181,9 @@ PathDecoder::PathDecoder(const PathNetShape& shape,
     const float* w = take(weights, weight, {out, in});
     l.weight_t.resize(static_cast<size_t>(in) * out);
     for (int32_t o = 0; o < out; ++o) {
-      for (int32_t i = 0; i < in; ++i) l.weight_t[static_cast<size_t>(i) * out + o] = w[o * in + i];
+      for (int32_t i = 0; i < in; ++i) {
+        l.weight_t[static_cast<size_t>(i) * out + o] = float_to_bf16(w[o * in + i]);
+      }
     }
     l.bias = copy_of(take(weights, bias, {out}), out);
     return l;

@@ -345,6 +345,7 @@ class PathPredictor(Predictor):
             vocab_size, num_layers, num_experts, d_model, depth, heads, context, use_previous
         )
         self.net.eval()
+        self._round_weights()
         self.history: list[dict] = []
         # Windows' keys/values for predict_step, least recently used first; a few hundred
         # rows (every active request of a batched run) at about 100 KB each.
@@ -442,6 +443,7 @@ class PathPredictor(Predictor):
                     f"epoch {epoch + 1}/{epochs}  bce {entry['loss']:.4f}  {entry['seconds']:.0f} s"
                 )
         self.net.eval()
+        self._round_weights()
         return self
 
     def _cached(self, window: np.ndarray) -> torch.Tensor | None:
@@ -463,6 +465,15 @@ class PathPredictor(Predictor):
             return 0
         step = c - c // 2
         return ((index - c) // step + 1) * step
+
+    @torch.no_grad()
+    def _round_weights(self) -> None:
+        """Rounds the weights to bfloat16 values (kept as float32): the native decoder keeps
+        them as bfloat16 (half the bytes a decode step reads), and the torch network must
+        compute with the same values. Training runs in float32; this follows it."""
+        for param in self.net.parameters():
+            param.copy_(param.bfloat16().float())
+        self._native_decoder = None
 
     @property
     def native(self) -> bool:
@@ -611,7 +622,12 @@ class PathPredictor(Predictor):
     def save(self, out: str | Path) -> None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        torch.save(self.net.state_dict(), out / "path_predictor.pt")
+        # bfloat16 on disk: the weights are bfloat16 values (_round_weights), half the bytes.
+        state = {
+            k: v.bfloat16() if v.is_floating_point() else v
+            for k, v in self.net.state_dict().items()
+        }
+        torch.save(state, out / "path_predictor.pt")
         meta = self._meta() | {"hparams": self.hparams, "history": self.history}
         (out / "predictor.json").write_text(json.dumps(meta, indent=1) + "\n")
 
@@ -620,8 +636,8 @@ class PathPredictor(Predictor):
         hparams = {"use_previous": False} | meta["hparams"]  # saved before it existed
         p = cls(meta["num_layers"], meta["num_experts"], meta["top_k"], **hparams)
         state = torch.load(path / "path_predictor.pt", map_location="cpu", weights_only=True)
-        p.net.load_state_dict(state)
-        p._native_decoder = None
+        p.net.load_state_dict(state)  # float32 parameters whatever the file's dtype
+        p._round_weights()  # files saved before the weights were rounded
         p.history = meta.get("history", [])
         return p
 

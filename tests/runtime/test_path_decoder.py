@@ -13,8 +13,10 @@ from expertflow.predictor import PathPredictor, _PathNet
 def random_net(d_model, heads, depth, context, use_previous, layers=3, experts=5, seed=0):
     torch.manual_seed(seed)
     net = _PathNet(50, layers, experts, d_model, depth, heads, context, use_previous)
-    for param in net.parameters():  # untrained weights are too small to test anything
-        torch.nn.init.normal_(param, std=0.3)
+    with torch.no_grad():
+        for param in net.parameters():  # untrained weights are too small to test anything
+            # bfloat16 values, as PathPredictor keeps them: the decoder stores bfloat16.
+            param.copy_(torch.randn(param.shape).mul(0.3).bfloat16().float())
     return net.eval()
 
 
@@ -81,8 +83,7 @@ def test_extend_leaves_the_cached_keys_values_as_they_were():
 
 def test_predict_step_with_equal_rows_matches_the_torch_reference():
     predictor = PathPredictor(3, 5, 2, vocab_size=50, d_model=16, context=12)
-    for param in predictor.net.parameters():
-        torch.nn.init.normal_(param, std=0.3)
+    predictor.net.load_state_dict(random_net(16, 4, 2, 12, True).state_dict())
     reference = PathPredictor(3, 5, 2, vocab_size=50, d_model=16, context=12)
     reference.net.load_state_dict(predictor.net.state_dict())
     reference.native = False
@@ -93,6 +94,26 @@ def test_predict_step_with_equal_rows_matches_the_torch_reference():
         np.testing.assert_allclose(predictor.predict_step(histories, previous), expected, atol=2e-5)
         for h in histories:
             h.append(token)
+
+
+def test_float32_weights_are_used_as_bfloat16():
+    """Weights that are not bfloat16 values are rounded by the decoder: it then computes what
+    the torch network computes with the rounded weights, and PathPredictor rounds its own."""
+    net = random_net(16, 4, 2, 12, True)
+    with torch.no_grad():
+        for param in net.parameters():
+            param.add_(torch.randn(param.shape) * 1e-3)  # off the bfloat16 grid
+    decoder = decoder_of(net)
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if param.dim() == 2 and not name.startswith(("embed", "position")):
+                param.copy_(param.bfloat16().float())  # the linear layers' weights
+        expected = net.features(torch.tensor([[3, 1, 4, 1, 5]]))[0, -1]
+    feature, _ = decoder.extend([3, 1, 4, 1, 5])
+    torch.testing.assert_close(feature, expected, atol=2e-5, rtol=1e-5)
+    predictor = PathPredictor(3, 5, 2, vocab_size=50, d_model=16, context=12)
+    for param in predictor.net.parameters():
+        assert torch.equal(param, param.bfloat16().float())
 
 
 def test_bad_input_is_refused_naming_what_is_wrong():

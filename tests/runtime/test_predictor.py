@@ -117,8 +117,10 @@ def test_path_predictor_batched_cached_steps_match_the_whole_trace_scoring(nativ
     trace = token_routed_trace(5, sequences=3, length=50)
     predictor = PathPredictor(LAYERS, EXPERTS, 2, vocab_size=VOCAB, d_model=16, context=12)
     predictor.native = native
+    gen = torch.Generator().manual_seed(0)
     for param in predictor.net.parameters():  # not trained: make every weight matter
-        param.data.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+        # bfloat16 values, as PathPredictor keeps them (the native decoder stores bfloat16)
+        param.data.normal_(0, 0.3, generator=gen).copy_(param.data.bfloat16().float())
     whole = predictor.predict_trace(trace)
     rng = np.random.default_rng(0)
     rows = trace.sequence_rows()
