@@ -179,6 +179,7 @@ def _demo(args: argparse.Namespace) -> int:
         policies=tuple(args.policies.split(",")),
         budget=args.budget,
         device=args.device,
+        prefetch_threshold=args.prefetch_threshold,
     )
     print(json.dumps(result, indent=1) if args.json else format_demo(result))
     return 0 if all(r.get("same_tokens", True) for r in result["rows"]) else 1
@@ -260,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--policies", default="lru,lrfu,expertflow", help="comma-separated policies")
     dp.add_argument("--budget", default="per_layer", choices=["per_layer", "global"])
     dp.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    dp.add_argument(
+        "--prefetch-threshold",
+        type=float,
+        default=0.5,
+        help="the expertflow policy prefetches experts the predictor scores at least this",
+    )
     dp.add_argument("--json", action="store_true")
     dp.set_defaults(run=_demo)
 

@@ -104,9 +104,9 @@ def load_demo_model(dtype: torch.dtype = torch.float32, path: str | Path | None 
 
 
 def load_demo_predictor(path: str | Path | None = None):
-    """The routing predictor shipped with the demo model: a history predictor warm-started on
-    its routing traces of the corpus's training part. The path predictor is more accurate but
-    costs about four times as much per step on a CPU (README, "Routing predictor")."""
+    """The routing predictor shipped with the demo model: the path predictor (d 160, 4 layers,
+    bfloat16 weights) trained on its routing traces of the corpus's training part, 90% top-2
+    recall on held-out text (README, "Routing predictor")."""
     from expertflow.predictor import load_predictor
 
     return load_predictor(Path(path) if path is not None else DEMO_PREDICTOR_DIR)
