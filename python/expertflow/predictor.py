@@ -347,8 +347,9 @@ class PathPredictor(Predictor):
         self.net.eval()
         self._round_weights()
         self.history: list[dict] = []
-        # Windows' keys/values for predict_step, least recently used first; a few hundred
-        # rows (every active request of a batched run) at about 100 KB each.
+        # Windows' keys/values for predict_step, least recently used first: every active
+        # request of a batched run, at up to 330 KB each for the bundled size (a full window
+        # of 64 ids x 4 layers x keys and values x 160 floats).
         self.kv_rows = 512
         self._kv: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self._native = True
