@@ -7,6 +7,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "core/fast_math.h"
+
 // The matrix loops get an AVX2 + FMA clone, picked at load time where the CPU has them
 // (x86-64-v3, which GCC dispatches on ISA features; "arch=haswell" would test the CPU model
 // and miss every later one); the build itself targets baseline x86-64 so the wheel runs
@@ -150,6 +152,22 @@ void matmul_transposed(const uint16_t* weight_t, const float* bias, const float*
   }
 }
 
+// a . b over n floats: 8 partial sums (a float reduction does not vectorise by itself).
+float dot(const float* a, const float* b, int32_t n) {
+  Floats8 acc = {};
+  int32_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    Floats8 x, y;
+    std::memcpy(&x, a + i, sizeof(x));
+    std::memcpy(&y, b + i, sizeof(y));
+    acc += x * y;
+  }
+  float sum = 0.0f;
+  for (int k = 0; k < 8; ++k) sum += acc[k];
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
 float gelu(float x) { return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f)); }
 
 }  // namespace
@@ -242,13 +260,13 @@ void PathDecoder::attend(int32_t layer, const NewToken& token, const float* q, f
     float top = -INFINITY;
     for (int32_t t = 0; t <= token.position; ++t) {
       const float* k = keys + t * stride + h * dh;
-      float dot = 0.0f;
-      for (int32_t i = 0; i < dh; ++i) dot += qh[i] * k[i];
-      scratch[t] = dot * scale;
+      scratch[t] = dot(qh, k, dh) * scale;
       top = std::max(top, scratch[t]);
     }
     float total = 0.0f;
-    for (int32_t t = 0; t <= token.position; ++t) total += scratch[t] = std::exp(scratch[t] - top);
+    for (int32_t t = 0; t <= token.position; ++t) {
+      total += scratch[t] = exp_nonpositive(scratch[t] - top);
+    }
     float* oh = out + h * dh;
     std::fill(oh, oh + dh, 0.0f);
     for (int32_t t = 0; t <= token.position; ++t) {
