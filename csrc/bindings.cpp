@@ -271,13 +271,13 @@ static std::pair<at::Tensor, std::vector<at::Tensor>> extend_rows(
                             std::to_string(s.context) + ") ids, got " + std::to_string(cached) +
                             " cached + " + std::to_string(count) + " new");
     }
-    kv[r] = at::empty({cached + count, s.depth, 2, s.d_model});
+    kv[r] = at::empty({cached + count, s.depth, 2, s.d_model}, at::kFloat);
     for (int64_t j = 0; j < count; ++j) {
       tokens.push_back({ids[r][j], static_cast<int32_t>(cached + j), kv[r].data_ptr<float>()});
     }
     last.push_back(static_cast<int64_t>(tokens.size()) - 1);
   }
-  at::Tensor all = at::empty({static_cast<int64_t>(tokens.size()), s.d_model});
+  at::Tensor all = at::empty({static_cast<int64_t>(tokens.size()), s.d_model}, at::kFloat);
   try {
     py::gil_scoped_release no_gil;
     for (size_t r = 0; r < ids.size(); ++r) {
@@ -287,7 +287,7 @@ static std::pair<at::Tensor, std::vector<at::Tensor>> extend_rows(
   } catch (const std::invalid_argument& e) {
     throw py::value_error(e.what());
   }
-  at::Tensor features = at::empty({static_cast<int64_t>(ids.size()), s.d_model});
+  at::Tensor features = at::empty({static_cast<int64_t>(ids.size()), s.d_model}, at::kFloat);
   for (size_t r = 0; r < ids.size(); ++r) features[static_cast<int64_t>(r)].copy_(all[last[r]]);
   return {features, kv};
 }
@@ -360,7 +360,7 @@ void bind_path_decoder(py::module_& m) {
                     ", outputs=" + std::to_string(s.outputs) + "]");
               }
             }
-            at::Tensor out = at::empty({x.size(0), s.outputs});
+            at::Tensor out = at::empty({x.size(0), s.outputs}, at::kFloat);
             py::gil_scoped_release no_gil;
             dec.scores(x.const_data_ptr<float>(),
                        before.defined() ? before.const_data_ptr<float>() : nullptr,

@@ -150,3 +150,15 @@ def test_bad_input_is_refused_naming_what_is_wrong():
         )
     with pytest.raises(ValueError, match="divisible by heads"):
         decoder_of(net, heads=3)
+
+
+def test_outputs_are_float32_whatever_the_default_dtype():
+    decoder = decoder_of(random_net(16, 4, 2, 12, True))
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        feature, kv = decoder.extend([1, 2])
+        scores = decoder.scores(feature[None])
+    finally:
+        torch.set_default_dtype(before)
+    assert feature.dtype == kv.dtype == scores.dtype == torch.float32
