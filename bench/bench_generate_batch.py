@@ -45,7 +45,7 @@ def mixed_prompts(corpus: str, tokenizer, count: int, length: int) -> list[list[
     return prompts
 
 
-def run(base, predictor, prompts, batch, schedule, slots, new_tokens, device, active):
+def run(base, predictor, prompts, batch, schedule, slots, new_tokens, device, active, every=1):
     model = copy.deepcopy(base)
     expertflow.offload(
         model, device=device, slots=slots, policy="expertflow", predictor=copy.deepcopy(predictor)
@@ -57,6 +57,7 @@ def run(base, predictor, prompts, batch, schedule, slots, new_tokens, device, ac
         batch_size=batch,
         schedule=schedule,
         active_batches=active,
+        regroup_every=every,
     )
     expertflow.restore(model)
     return result
@@ -71,6 +72,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-sizes", default="4,16,64")
     parser.add_argument("--slot-fraction", type=float, default=0.5)
     parser.add_argument("--active-batches", type=int, default=4)
+    parser.add_argument("--regroup-every", type=int, default=1, help="rounds between regroupings")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -103,6 +105,7 @@ def main(argv=None) -> int:
                 args.new_tokens,
                 args.device,
                 active,
+                args.regroup_every,
             )  # fmt: skip
             for schedule, active in configs
         ]
@@ -127,6 +130,7 @@ def main(argv=None) -> int:
         "new_tokens": args.new_tokens,
         "slots": slots,
         "device": args.device,
+        "regroup_every": args.regroup_every,
     }
     if args.json:
         print(json.dumps({"meta": meta, "results": results}, indent=2))
@@ -134,7 +138,8 @@ def main(argv=None) -> int:
     print(
         f"{meta['requests']} mixed-domain requests x {args.new_tokens} new tokens, demo model "
         f"offloaded with {slots} slots ({args.slot_fraction:.0%}) on {args.device}; "
-        "xN = active batches the scheduler regroups; change vs fifo"
+        f"xN = active batches the scheduler regroups, every {args.regroup_every} round(s); "
+        "change vs fifo"
     )
     header = f"{'batch':>5}  {'metric':22s}" + "".join(f"{n:>18s}" for n in names)
     print(header)

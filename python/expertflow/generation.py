@@ -368,7 +368,7 @@ class _Generator:
     """The state of one generate_batch call."""
 
     def __init__(self, model, requests, *, max_new_tokens, batch_size, schedule, active_batches,
-                 predictor, eos, context, tap, sampling):  # fmt: skip
+                 regroup_every, predictor, eos, context, tap, sampling):  # fmt: skip
         self.model, self.tap = model, tap
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.schedule, self.predictor, self.eos, self.context = schedule, predictor, eos, context
@@ -376,6 +376,7 @@ class _Generator:
         self.device = next(model.parameters()).device
         self.waiting = deque(requests)
         self.batches = [_Rows.concat([]) for _ in range(active_batches)]
+        self.regroup_every = regroup_every
         self.finish: dict[int, str] = {}
         self.errors: dict[int, Exception] = {}
         state = getattr(model, "_expertflow", None)
@@ -582,12 +583,14 @@ class _Generator:
         _exchange_rows(self.batches, [(live[a], r, live[b], slot) for a, r, b, slot in moves])
 
     def run(self) -> None:
+        rounds = 0
         while self.waiting or any(len(b) for b in self.batches):
             for batch in range(len(self.batches)):
                 self._admit(batch)
             self._order = list(range(len(self.batches)))
-            if self.schedule == "expertflow":
+            if self.schedule == "expertflow" and rounds % self.regroup_every == 0:
                 self._regroup()
+            rounds += 1
             for batch in self._order:
                 if len(self.batches[batch]):
                     self.batches[batch] = self._step(self.batches[batch])
@@ -604,6 +607,7 @@ def generate_batch(
     batch_size: int,
     schedule: str = "fifo",
     active_batches: int = 4,
+    regroup_every: int = 1,
     predictor: Predictor | str | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     do_sample: bool = False,
@@ -628,6 +632,9 @@ def generate_batch(
             The scheduler regroups among all of them: more gives it more requests to match
             (4 by default; on the demo model at batch 16, 2 active batches cut distinct
             experts per step by about 10%, 4 by about 19%).
+        regroup_every: with ``"expertflow"``, regroup every this many rounds (1: each round,
+            as ExpertFlow does). Requests' paths drift slowly, so a grouping stays good for a
+            few rounds, and each regrouping costs KV row moves (README, "Batched generation").
         predictor: predicts the routing paths the scheduler groups by; default: the offloaded
             model's predictor, or else each request's previous routing.
         eos_token_id: ends a request; default: the model's ``generation_config``.
@@ -648,6 +655,7 @@ def generate_batch(
         ("max_new_tokens", max_new_tokens, 1),
         ("batch_size", batch_size, 1),
         ("active_batches", active_batches, 1),
+        ("regroup_every", regroup_every, 1),
     ):
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise ValueError(f"generate_batch: {name} must be an int >= {least}, got {value!r}")
@@ -693,6 +701,7 @@ def generate_batch(
             batch_size=batch_size,
             schedule=schedule,
             active_batches=active_batches,
+            regroup_every=regroup_every,
             predictor=predictor,
             eos=_eos_ids(model, eos_token_id),
             context=context,

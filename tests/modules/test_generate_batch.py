@@ -167,6 +167,7 @@ def test_bad_input():
         (dict(prompts=[[1, 96]]), r"prompts\[0\] has token id 96, outside .* \[0, 96\)"),
         (dict(prompts=[ok[0], [1] * 65]), r"prompts\[1\] has 65 tokens, longer than .* 64"),
         (dict(batch_size=0), "batch_size must be an int >= 1, got 0"),
+        (dict(regroup_every=0), "regroup_every must be an int >= 1, got 0"),
         (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1"),
         (dict(schedule="random"), "schedule must be one of"),
         (dict(schedule="expertflow", active_batches=1), "needs active_batches >= 2"),
@@ -400,3 +401,24 @@ def test_a_regrouping_that_changes_batch_sizes_is_refused():
 
     with pytest.raises(ValueError, match="keep every batch's size"):
         _regroup_moves([2, 2], [0, 0, 1, 1], [0, 1, 1, 1])
+
+
+def test_regrouping_every_few_rounds_keeps_every_output_and_regroups_less():
+    model = without_eos("mixtral", seed=2)
+    prompts = random_prompts(11, 12)
+    reference = [alone(model, p, 9) for p in prompts]
+    runs = {
+        every: expertflow.generate_batch(
+            model,
+            prompts,
+            max_new_tokens=9,
+            batch_size=3,
+            schedule="expertflow",
+            active_batches=3,
+            regroup_every=every,
+        )
+        for every in (1, 3)
+    }
+    for out in runs.values():
+        assert out.sequences == reference
+    assert 0 < runs[3].stats["regroups"] < runs[1].stats["regroups"]
