@@ -45,6 +45,16 @@ def mixed_prompts(corpus: str, tokenizer, count: int, length: int) -> list[list[
     return prompts
 
 
+def default_corpus() -> Path:
+    """``shared/data/corpus`` beside the checkout, or inside it (where a device machine's copy
+    of the working tree carries ``shared/``)."""
+    root = Path(__file__).resolve().parents[1]
+    for candidate in (root.parent / "shared/data/corpus", root / "shared/data/corpus"):
+        if candidate.is_dir():
+            return candidate
+    return root.parent / "shared/data/corpus"
+
+
 def run(base, predictor, prompts, batch, schedule, slots, new_tokens, device, active, every=1):
     model = copy.deepcopy(base)
     expertflow.offload(
@@ -65,7 +75,7 @@ def run(base, predictor, prompts, batch, schedule, slots, new_tokens, device, ac
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus", default=str(Path(__file__).parents[2] / "shared/data/corpus"))
+    parser.add_argument("--corpus", default=str(default_corpus()))
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
