@@ -5,9 +5,9 @@ same cache, and the torch network scoring the whole window each step (no cache).
     python bench/bench_predictor_step.py [--steps 200] [--threads 1]
 
 Untrained weights of the demo model's shape (6 layers x 16 experts, vocab 4096, context 64)
-at the path predictor's size in scripts/demo_assets.sh (d 128, 3 layers; ``--d-model``,
-``--depth``): the cost does not depend on the weights. Each row's history grows by
-one id per step, as in decoding, from 100 prompt ids.
+at the bundled path predictor's size (d 160, 4 layers, as scripts/demo_assets.sh trains it;
+``--d-model``, ``--depth``): the cost does not depend on the weights. Each row's history grows
+by one id per step, as in decoding, from 100 prompt ids.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--depth", type=int, default=3)
+    p.add_argument("--d-model", type=int, default=160)
+    p.add_argument("--depth", type=int, default=4)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(
