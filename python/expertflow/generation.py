@@ -86,24 +86,12 @@ class _Rows:
         if not parts:
             return _Rows([], [], [], torch.zeros(0, 0, dtype=torch.long))
         length = max(p.mask.shape[1] for p in parts)
-
-        def left_pad(t: torch.Tensor, pad: int) -> torch.Tensor:
-            return F.pad(t, (0, 0, pad, 0)) if pad else t
-
-        pads = [length - p.mask.shape[1] for p in parts]
-
-        def stacked(per_part: list[list[torch.Tensor]]) -> list[torch.Tensor]:
-            return [
-                torch.cat([left_pad(t, pad) for t, pad in zip(layer, pads, strict=True)])
-                for layer in zip(*per_part, strict=True)
-            ]
-
-        mask = torch.cat([F.pad(p.mask, (pad, 0)) for p, pad in zip(parts, pads, strict=True)])
+        parts = [p.left_padded(length) for p in parts]
         return _Rows(
             [r for p in parts for r in p.requests],
-            stacked([p.keys for p in parts]),
-            stacked([p.values for p in parts]),
-            mask,
+            [torch.cat(layer) for layer in zip(*(p.keys for p in parts), strict=True)],
+            [torch.cat(layer) for layer in zip(*(p.values for p in parts), strict=True)],
+            torch.cat([p.mask for p in parts]),
         )
 
     def select(self, rows: list[int]) -> _Rows:
@@ -111,14 +99,12 @@ class _Rows:
         if not rows:
             return _Rows.concat([])
         index = torch.as_tensor(rows, device=self.mask.device)
-        mask = self.mask.index_select(0, index)
-        start = int(mask.any(dim=0).to(torch.uint8).argmax())
         return _Rows(
             [self.requests[r] for r in rows],
-            [k.index_select(0, index)[:, :, start:] for k in self.keys],
-            [v.index_select(0, index)[:, :, start:] for v in self.values],
-            mask[:, start:],
-        )
+            [k.index_select(0, index) for k in self.keys],
+            [v.index_select(0, index) for v in self.values],
+            self.mask.index_select(0, index),
+        ).trimmed()
 
     def trimmed(self) -> _Rows:
         """Without the leading columns that are padding in every row (views, no copy)."""
