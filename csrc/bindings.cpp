@@ -83,15 +83,22 @@ void bind_cache_policy(py::module_& m) {
            py::arg("score_weight") = std::nullopt)
       .def(
           "set_scores",
-          [](CachePolicy& c, int32_t layer, const std::vector<float>& scores) {
-            if (static_cast<int32_t>(scores.size()) != c.options().num_experts) {
-              throw py::value_error("set_scores: scores must have num_experts=" +
-                                    std::to_string(c.options().num_experts) + " entries, got " +
-                                    std::to_string(scores.size()));
+          [](CachePolicy& c, int32_t layer, const std::vector<float>& scores,
+             const std::optional<std::vector<float>>& reuse) {
+            const size_t n = c.options().num_experts;
+            for (const auto* given : {&scores, reuse ? &*reuse : nullptr}) {
+              if (given != nullptr && given->size() != n) {
+                throw py::value_error(std::string("set_scores: ") +
+                                      (given == &scores ? "scores" : "reuse") +
+                                      " must have num_experts=" + std::to_string(n) +
+                                      " entries, got " + std::to_string(given->size()));
+              }
             }
-            c.set_scores(layer, scores.data());
+            c.set_scores(layer, scores.data(), reuse ? reuse->data() : nullptr);
           },
-          py::arg("layer"), py::arg("scores"))
+          py::arg("layer"), py::arg("scores"), py::arg("reuse") = std::nullopt,
+          "Eviction scores of one layer's experts; `reuse` (the reuse head's) takes over at "
+          "release(layer) (csrc/core/cache_policy.h).")
       .def("set_next_use", &CachePolicy::set_next_use, py::arg("layer"), py::arg("expert"),
            py::arg("tick"))
       .def(
@@ -138,7 +145,7 @@ void bind_expert_cache(py::module_& m) {
            py::arg("budget") = "per_layer", py::arg("policy") = "lru")
       .def("plan", &ExpertCache::plan, py::arg("layer_scores"), py::arg("per_layer"),
            py::arg("first_layer") = 0, py::arg("min_score") = 0.0f,
-           py::call_guard<py::gil_scoped_release>())
+           py::arg("reuse_scores") = std::nullopt, py::call_guard<py::gil_scoped_release>())
       .def("prefetch", &ExpertCache::prefetch, py::arg("layer"), py::arg("experts"),
            py::arg("scores") = std::nullopt)
       .def(
@@ -300,7 +307,8 @@ void bind_path_decoder(py::module_& m) {
                           "One decode step of the path predictor (csrc/core/path_decoder.h).")
       .def(py::init([](const std::map<std::string, at::Tensor>& state, int32_t vocab_size,
                        int32_t context, int32_t d_model, int32_t depth, int32_t heads, int32_t ffn,
-                       int32_t outputs, bool use_previous, float norm_eps) {
+                       int32_t outputs, bool use_previous, float norm_eps, int32_t reuse_hidden,
+                       int32_t reuse_horizons) {
              std::vector<at::Tensor> kept;  // contiguous float32 copies alive while copied
              std::map<std::string, WeightView> views;
              for (const auto& [name, tensor] : state) {
@@ -309,8 +317,9 @@ void bind_path_decoder(py::module_& m) {
                views[name] =
                    WeightView{kept.back().const_data_ptr<float>(), kept.back().sizes().vec()};
              }
-             const PathNetShape shape{vocab_size, context, d_model,      depth,   heads,
-                                      ffn,        outputs, use_previous, norm_eps};
+             const PathNetShape shape{vocab_size, context,      d_model,       depth,
+                                      heads,      ffn,          outputs,       use_previous,
+                                      norm_eps,   reuse_hidden, reuse_horizons};
              try {
                return PathDecoder(shape, views);
              } catch (const std::invalid_argument& e) {
@@ -319,7 +328,9 @@ void bind_path_decoder(py::module_& m) {
            }),
            py::arg("state"), py::kw_only(), py::arg("vocab_size"), py::arg("context"),
            py::arg("d_model"), py::arg("depth"), py::arg("heads"), py::arg("ffn"),
-           py::arg("outputs"), py::arg("use_previous"), py::arg("norm_eps") = 1e-5f)
+           py::arg("outputs"), py::arg("use_previous"), py::arg("norm_eps") = 1e-5f,
+           py::arg("reuse_hidden") = 0, py::arg("reuse_horizons") = 0)
+      .def_property_readonly("has_reuse", &PathDecoder::has_reuse)
       .def(
           "extend",
           [](const PathDecoder& dec, const std::vector<int64_t>& ids,
@@ -344,8 +355,13 @@ void bind_path_decoder(py::module_& m) {
       .def(
           "scores",
           [](const PathDecoder& dec, const at::Tensor& features,
-             const std::optional<at::Tensor>& previous) {
+             const std::optional<at::Tensor>& previous, bool with_reuse) -> py::object {
             const auto& s = dec.shape();
+            if (with_reuse && !dec.has_reuse()) {
+              throw py::value_error(
+                  "PathDecoder.scores: with_reuse=True needs a decoder with a reuse head "
+                  "(reuse_hidden and reuse_horizons > 0)");
+            }
             const at::Tensor x = float_cpu(features, 2, "PathDecoder.scores: features");
             if (x.size(1) != s.d_model) {
               throw py::value_error("PathDecoder.scores: features must be [rows, d_model=" +
@@ -361,15 +377,22 @@ void bind_path_decoder(py::module_& m) {
               }
             }
             at::Tensor out = at::empty({x.size(0), s.outputs}, at::kFloat);
-            py::gil_scoped_release no_gil;
-            dec.scores(x.const_data_ptr<float>(),
-                       before.defined() ? before.const_data_ptr<float>() : nullptr,
-                       static_cast<int32_t>(x.size(0)), out.data_ptr<float>());
-            return out;
+            at::Tensor reuse;
+            if (with_reuse) reuse = at::empty({x.size(0), s.outputs}, at::kFloat);
+            {
+              py::gil_scoped_release no_gil;
+              dec.scores(x.const_data_ptr<float>(),
+                         before.defined() ? before.const_data_ptr<float>() : nullptr,
+                         static_cast<int32_t>(x.size(0)), out.data_ptr<float>(),
+                         with_reuse ? reuse.data_ptr<float>() : nullptr);
+            }
+            if (with_reuse) return py::make_tuple(out, reuse);
+            return py::cast(out);
           },
-          py::arg("features"), py::arg("previous") = std::nullopt,
+          py::arg("features"), py::arg("previous") = std::nullopt, py::arg("with_reuse") = false,
           "features [rows, d_model], previous routing [rows, outputs] (multi-hot; None = "
-          "none) -> probabilities [rows, outputs].");
+          "none) -> probabilities [rows, outputs]; with_reuse=True: (probabilities, reuse "
+          "scores [rows, outputs]), see csrc/core/path_decoder.h.");
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -44,6 +44,8 @@ CachePolicy::CachePolicy(const CacheOptions& options) : options_(options) {
   parked_.resize(slots_.size());
   slot_of_.assign(keys, -1);
   scores_.assign(keys, 0.0f);
+  reuse_.assign(keys, 0.0f);
+  reuse_pending_.assign(options.num_layers, 0);
   next_use_.assign(keys, -1);
   frequency_order_.assign(keys, -std::numeric_limits<double>::infinity());
   decay_rate_ = -std::log(options.frequency_decay) / options.num_layers;
@@ -171,8 +173,26 @@ int32_t CachePolicy::take_slot(int32_t pool) {
   return victim;
 }
 
-void CachePolicy::set_scores(int32_t layer, const float* scores) {
+void CachePolicy::set_scores(int32_t layer, const float* scores, const float* reuse) {
   check_layer(layer, "set_scores");
+  const int32_t n = options_.num_experts;
+  float* saved = &reuse_[static_cast<size_t>(layer) * n];
+  if (reuse != nullptr) {
+    std::copy(reuse, reuse + n, saved);
+    reuse_pending_[layer] = 1;
+  }
+  if (!reuse_pending_[layer]) {
+    assign_scores(layer, scores);
+    return;
+  }
+  std::vector<float> until_release(n);
+  for (int32_t e = 0; e < n; ++e) {
+    until_release[e] = std::isnan(scores[e]) ? saved[e] : std::max(scores[e], saved[e]);
+  }
+  assign_scores(layer, until_release.data());
+}
+
+void CachePolicy::assign_scores(int32_t layer, const float* scores) {
   for (int32_t e = 0; e < options_.num_experts; ++e) {
     // NaN would break the eviction order: it counts as "never needed".
     const float score = std::isnan(scores[e]) ? -std::numeric_limits<float>::infinity() : scores[e];
@@ -312,6 +332,10 @@ void CachePolicy::release(int32_t layer) {
   check_layer(layer, "release");
   for (int32_t slot : pinned_by_layer_[layer]) update(slot, [](Slot& s) { --s.pins; });
   pinned_by_layer_[layer].clear();
+  if (reuse_pending_[layer]) {
+    reuse_pending_[layer] = false;
+    assign_scores(layer, &reuse_[static_cast<size_t>(layer) * options_.num_experts]);
+  }
   // Real-time correction: the router of this layer has spoken; prefetches made for this step
   // (issued before its acquire; later ones are for the next step) that it did not use were
   // mispredicted and become the first to go.

@@ -76,7 +76,12 @@ class CachePolicy {
 
   // Predicted demand of one layer's experts (higher = more likely needed soon).
   // scores: [num_experts]. Used by kExpertFlow for eviction and prefetch decisions.
-  void set_scores(int32_t layer, const float* scores);
+  // With `reuse` [num_experts] (each expert's predicted demand in the tokens after this step,
+  // a reuse head's score): until release(layer) an expert is valued at the higher of its
+  // score and its reuse score (also for scores set again without `reuse`, as gate lookahead
+  // does), and from release(layer) on at its reuse score alone, for the step no longer needs
+  // the layer: its next use is a later token's, as Belady's next use would say.
+  void set_scores(int32_t layer, const float* scores, const float* reuse = nullptr);
 
   // Belady only: the tick (acquire count) at which (layer, expert) is next requested; a
   // negative tick means never again.
@@ -141,8 +146,11 @@ class CachePolicy {
   int32_t num_pools_;
   int32_t slots_per_pool_;
   std::vector<Slot> slots_;
-  std::vector<int32_t> slot_of_;   // [num_layers * num_experts]
-  std::vector<float> scores_;      // [num_layers * num_experts]
+  std::vector<int32_t> slot_of_;        // [num_layers * num_experts]
+  std::vector<float> scores_;           // [num_layers * num_experts]
+  std::vector<float> reuse_;            // [num_layers * num_experts] scores from release(layer) on
+  std::vector<uint8_t> reuse_pending_;  // [num_layers]: reuse_ takes over at release(layer)
+  void assign_scores(int32_t layer, const float* scores);
   std::vector<int64_t> next_use_;  // [num_layers * num_experts]
   // kLrfu, per (layer, expert), whether resident or not: the decayed request count as
   // log(count at its last request) + decay_rate_ * that tick, which orders entries by their

@@ -181,14 +181,18 @@ PathDecoder::PathDecoder(const PathNetShape& shape,
     : shape_(shape) {
   const auto& s = shape_;
   if (s.vocab_size < 1 || s.context < 1 || s.d_model < 1 || s.depth < 1 || s.heads < 1 ||
-      s.ffn < 1 || s.outputs < 1 || s.d_model % s.heads != 0 || !(s.norm_eps > 0.0f)) {
+      s.ffn < 1 || s.outputs < 1 || s.d_model % s.heads != 0 || !(s.norm_eps > 0.0f) ||
+      s.reuse_hidden < 0 || s.reuse_horizons < 0 ||
+      (s.reuse_hidden > 0) != (s.reuse_horizons > 0)) {
     throw std::invalid_argument(
         "PathDecoder: sizes must be >= 1 with d_model divisible by heads and norm_eps > 0, got "
         "vocab_size " +
         std::to_string(s.vocab_size) + ", context " + std::to_string(s.context) + ", d_model " +
         std::to_string(s.d_model) + ", depth " + std::to_string(s.depth) + ", heads " +
         std::to_string(s.heads) + ", ffn " + std::to_string(s.ffn) + ", outputs " +
-        std::to_string(s.outputs));
+        std::to_string(s.outputs) + ", reuse_hidden " + std::to_string(s.reuse_hidden) +
+        ", reuse_horizons " + std::to_string(s.reuse_horizons) +
+        " (the reuse head needs both or neither)");
   }
   const int64_t d = s.d_model;
   const auto linear = [&](const std::string& weight, const std::string& bias, int32_t in,
@@ -232,6 +236,11 @@ PathDecoder::PathDecoder(const PathNetShape& shape,
     fuse_down_ = linear("fuse.2.weight", "fuse.2.bias", 2 * s.d_model, s.d_model);
   }
   head_ = linear("head.weight", "head.bias", s.d_model, s.outputs);
+  if (has_reuse()) {
+    reuse_up_ = linear("reuse.0.weight", "reuse.0.bias", s.d_model, s.reuse_hidden);
+    reuse_down_ =
+        linear("reuse.2.weight", "reuse.2.bias", s.reuse_hidden, s.reuse_horizons * s.outputs);
+  }
 }
 
 void PathDecoder::layer_norm(const Norm& n, const float* x, float* y) const {
@@ -336,8 +345,12 @@ void PathDecoder::extend_block(const NewToken* tokens, int32_t count, float* fea
   for (int32_t j = 0; j < count; ++j) layer_norm(final_norm_, &x[j * d], features + j * d);
 }
 
-void PathDecoder::scores(const float* features, const float* previous, int32_t rows,
-                         float* out) const {
+void PathDecoder::scores(const float* features, const float* previous, int32_t rows, float* out,
+                         float* reuse) const {
+  if (reuse != nullptr && !has_reuse()) {
+    throw std::invalid_argument(
+        "PathDecoder: reuse scores asked of a decoder without a reuse head");
+  }
   const int64_t d = shape_.d_model, n = rows * d;
   std::vector<float> x(features, features + n);
   if (shape_.use_previous) {
@@ -354,8 +367,22 @@ void PathDecoder::scores(const float* features, const float* previous, int32_t r
     for (int64_t i = 0; i < n; ++i) x[i] += h[i];
   }
   head_.apply(x.data(), out, rows);
-  for (int64_t o = 0; o < static_cast<int64_t>(rows) * shape_.outputs; ++o) {
-    out[o] = 1.0f / (1.0f + std::exp(-out[o]));
+  const int64_t outputs = shape_.outputs;
+  for (int64_t o = 0; o < rows * outputs; ++o) out[o] = 1.0f / (1.0f + std::exp(-out[o]));
+  if (reuse == nullptr) return;
+  const int64_t horizons = shape_.reuse_horizons;
+  std::vector<float> hidden(static_cast<size_t>(rows) * shape_.reuse_hidden),
+      logits(static_cast<size_t>(rows * horizons * outputs));
+  reuse_up_.apply(x.data(), hidden.data(), rows);
+  for (float& v : hidden) v = gelu(v);
+  reuse_down_.apply(hidden.data(), logits.data(), rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = &logits[r * horizons * outputs];
+    for (int64_t o = 0; o < outputs; ++o) {
+      float sum = 0.0f;
+      for (int64_t h = 0; h < horizons; ++h) sum += 1.0f / (1.0f + std::exp(-row[h * outputs + o]));
+      reuse[r * outputs + o] = sum / static_cast<float>(horizons);
+    }
   }
 }
 

@@ -31,6 +31,11 @@ struct PathNetShape {
   int32_t outputs = 0;        // num_layers * num_experts of the model served
   bool use_previous = false;  // the head also reads the previous token's routing
   float norm_eps = 1e-5f;
+  // The optional reuse head (0, 0: none): an MLP of this hidden width on the head's input
+  // giving, for each of `reuse_horizons` horizons, a logit per output that the (layer,
+  // expert) is used within that many tokens after this one.
+  int32_t reuse_hidden = 0;
+  int32_t reuse_horizons = 0;
 };
 
 // A float32 row-major array as torch's state_dict holds it: data and shape.
@@ -71,8 +76,13 @@ class PathDecoder {
 
   // features [rows, d_model], previous [rows, outputs] (each row's previous token's multi-hot
   // routing; nullptr = none, as zeros) -> probabilities [rows, outputs] (sigmoid of the
-  // head's logits).
-  void scores(const float* features, const float* previous, int32_t rows, float* out) const;
+  // head's logits) and, given `reuse` [rows, outputs], each output's reuse score: the mean
+  // over the reuse head's horizons of the probability of a use within that horizon.
+  // Throws std::invalid_argument if `reuse` is asked of a decoder without a reuse head.
+  void scores(const float* features, const float* previous, int32_t rows, float* out,
+              float* reuse = nullptr) const;
+
+  bool has_reuse() const { return shape_.reuse_horizons > 0; }
 
  private:
   struct Linear {
@@ -98,7 +108,7 @@ class PathDecoder {
   std::vector<float> embed_, position_;  // [vocab, d], [context, d]
   std::vector<Block> blocks_;
   Norm final_norm_;
-  Linear previous_, fuse_up_, fuse_down_, head_;
+  Linear previous_, fuse_up_, fuse_down_, head_, reuse_up_, reuse_down_;
 };
 
 }  // namespace expertflow::core

@@ -63,7 +63,7 @@ void ExpertCache::issue(const core::Load& load) {
 }
 
 void ExpertCache::plan(const at::Tensor& layer_scores, int32_t per_layer, int32_t first_layer,
-                       float min_score) {
+                       float min_score, const std::optional<at::Tensor>& reuse_scores) {
   const core::CacheOptions& o = policy_.options();
   TORCH_CHECK(layer_scores.dim() == 2 && layer_scores.size(0) == o.num_layers &&
                   layer_scores.size(1) == o.num_experts,
@@ -75,11 +75,26 @@ void ExpertCache::plan(const at::Tensor& layer_scores, int32_t per_layer, int32_
               first_layer);
   TORCH_CHECK(std::isfinite(min_score) && min_score >= 0.0f,
               "ExpertCache.plan: min_score must be a finite number >= 0, got ", min_score);
+  at::Tensor reuse;
+  if (reuse_scores.has_value()) {
+    TORCH_CHECK(reuse_scores->sizes() == layer_scores.sizes(),
+                "ExpertCache.plan: reuse_scores must be [num_layers=", o.num_layers,
+                ", num_experts=", o.num_experts, "] as layer_scores, got ", reuse_scores->sizes());
+    reuse = reuse_scores->to(at::kFloat).cpu().contiguous();
+  }
   const at::Tensor scores = layer_scores.to(at::kFloat).cpu().contiguous();
   const float* s = scores.const_data_ptr<float>();
+  const float* r = reuse.defined() ? reuse.const_data_ptr<float>() : nullptr;
   std::lock_guard<std::mutex> lock(mutex_);
   reap_arrivals();
-  for (int32_t l = 0; l < o.num_layers; ++l) policy_.set_scores(l, s + l * o.num_experts);
+  for (int32_t l = 0; l < o.num_layers; ++l) {
+    const int64_t at = static_cast<int64_t>(l) * o.num_experts;
+    if (r == nullptr) {
+      policy_.set_scores(l, s + at);
+    } else {
+      policy_.set_scores(l, l < first_layer ? r + at : s + at, r + at);
+    }
+  }
   std::vector<int32_t> order(o.num_experts);
   for (int32_t l = first_layer; l < o.num_layers; ++l) {
     const float* row = s + l * o.num_experts;

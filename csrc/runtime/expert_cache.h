@@ -37,9 +37,12 @@ class ExpertCache {
   // layer_scores: float [num_layers, num_experts] predicted demand. Sets every layer's eviction
   // scores and prefetches, in layer order from `first_layer`, each layer's best `per_layer`
   // experts whose score is positive and at least `min_score`: a low-confidence guess then costs
-  // no copy but still ranks evictions.
+  // no copy but still ranks evictions. `reuse_scores` (optional, float [num_layers,
+  // num_experts], a reuse head's) take over each layer's eviction scores when the layer is
+  // released (core::CachePolicy::set_scores); layers before `first_layer` have already run
+  // this step and get them at once.
   void plan(const at::Tensor& layer_scores, int32_t per_layer, int32_t first_layer = 0,
-            float min_score = 0.0f);
+            float min_score = 0.0f, const std::optional<at::Tensor>& reuse_scores = std::nullopt);
   // Prefetches these experts of one layer (e.g. the next layer's router applied one layer
   // early). `scores` (float [num_experts], optional) first replace that layer's eviction scores.
   // Returns how many copies were issued.

@@ -109,6 +109,7 @@ class ExpertCache:
         per_layer: int,
         first_layer: int = 0,
         min_score: float = 0.0,
+        reuse_scores: torch.Tensor | None = None,
     ) -> None:
         """Prefetches predicted experts, layer by layer.
 
@@ -120,8 +121,11 @@ class ExpertCache:
                 runs skips the layers it is too late for); every layer's scores are set.
             min_score: prefetch only experts scored at least this (a confidence threshold:
                 fewer wasted copies); lower-scored ones still rank evictions.
+            reuse_scores: float ``[num_layers, num_experts]``, a reuse head's predicted demand
+                after this step (:meth:`expertflow.predictor.Predictor.predict_step_with_reuse`):
+                each layer's eviction scores once the layer has run this step.
         """
-        self._native.plan(layer_scores, per_layer, first_layer, float(min_score))
+        self._native.plan(layer_scores, per_layer, first_layer, float(min_score), reuse_scores)
 
     def prefetch(
         self, layer: int, experts: Sequence[int], scores: torch.Tensor | None = None

@@ -14,7 +14,9 @@ def _replay(args: argparse.Namespace) -> int:
     from expertflow.replay import load_predictions, replay
 
     trace = load_trace(args.trace)
-    predictions = load_predictions(args.predictions, trace) if args.predictions else None
+    predictions = reuse = None
+    if args.predictions:
+        predictions, reuse = load_predictions(args.predictions, trace)
     lookahead = None
     if args.lookahead:
         if trace.lookahead_ids is None:
@@ -35,6 +37,7 @@ def _replay(args: argparse.Namespace) -> int:
         layer_compute_ms=args.layer_compute_ms,
         lookahead=lookahead,
         prefetch_threshold=args.prefetch_threshold,
+        reuse=reuse,
     )
     if args.json:
         print(json.dumps(result.as_dict(), indent=1))
@@ -198,14 +201,37 @@ def _load_traces(paths, exclude_source=None, only_source=None):
 
 
 def _train_predictor(args: argparse.Namespace) -> int:
-    from expertflow.predictor import CombinedPredictor, HistoryPredictor, PathPredictor
+    from expertflow.predictor import (
+        CombinedPredictor,
+        HistoryPredictor,
+        PathPredictor,
+        load_predictor,
+    )
 
     traces = _load_traces(args.traces, exclude_source=args.exclude_source)
     first = traces[0]
     shape = (first.num_layers, first.num_experts, first.top_k)
     history = HistoryPredictor(*shape).fit(traces) if args.kind != "path" else None
     path = None
-    if args.kind != "history":
+    if args.start_from:
+        path = load_predictor(args.start_from)
+        if not isinstance(path, PathPredictor):
+            raise ValueError(f"--from: {args.start_from} holds a {path.kind} predictor, not path")
+        for trace in traces:
+            path.check_trace(trace)
+        if args.reuse_hidden and not path.has_reuse:
+            path.add_reuse_head(args.reuse_hidden)
+        if args.epochs:
+            path.fit(
+                traces,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                reuse_epochs=args.reuse_epochs,
+            )
+        elif path.has_reuse and args.reuse_epochs:
+            path.fit_reuse(traces, epochs=args.reuse_epochs)
+    elif args.kind != "history":
         vocab = args.vocab_size or max(
             t.meta.get("vocab_size") or int(t.token_ids.max()) + 1
             for t in traces
@@ -218,8 +244,15 @@ def _train_predictor(args: argparse.Namespace) -> int:
             depth=args.depth,
             context=args.context,
             use_previous=args.use_previous,
+            reuse_hidden=args.reuse_hidden,
         )
-        path.fit(traces, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+        path.fit(
+            traces,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            reuse_epochs=args.reuse_epochs,
+        )
     if args.kind == "combined":
         predictor = CombinedPredictor([path, history], [1.0, args.history_weight])
     else:
@@ -244,7 +277,9 @@ def _eval_predictor(args: argparse.Namespace) -> int:
     result = evaluate_predictor(predictor, trace)
     scores = result.pop("scores")
     if args.write_scores:
-        np.savez_compressed(args.write_scores, scores=scores)
+        reuse = predictor.reuse_trace(trace)
+        extra = {} if reuse is None else {"reuse": reuse}
+        np.savez_compressed(args.write_scores, scores=scores, **extra)
     print(json.dumps(result, indent=1) if args.json else format_evaluation(result))
     return 0
 
@@ -278,7 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     budget = rp.add_mutually_exclusive_group(required=True)
     budget.add_argument("--slots-per-layer", type=int, help="per-layer budget")
     budget.add_argument("--slots", type=int, help="one pool shared by all layers")
-    rp.add_argument("--predictions", help=".npz with scores float [T, L, E]")
+    rp.add_argument(
+        "--predictions",
+        help=".npz with scores float [T, L, E] (and reuse scores 'reuse', if the predictor has "
+        "a reuse head: eval-predictor --write-scores writes both)",
+    )
     rp.add_argument(
         "--lookahead",
         action="store_true",
@@ -346,13 +385,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="the path predictor also reads the previous token's routing (default: yes)",
     )
     tr.add_argument("--vocab-size", type=int, help="default: the traces' meta.vocab_size")
+    tr.add_argument(
+        "--reuse-hidden",
+        type=int,
+        default=256,
+        help="width of the path predictor's reuse head (predicts uses 1-16 tokens ahead, "
+        "for evictions); 0: none (default: 256)",
+    )
+    tr.add_argument("--reuse-epochs", type=int, default=3, help="epochs of the reuse head")
+    tr.add_argument(
+        "--from",
+        dest="start_from",
+        metavar="DIR",
+        help="start from this saved path predictor (adds a reuse head if it has none); with "
+        "--epochs 0 only the reuse head is trained",
+    )
     tr.set_defaults(run=_train_predictor)
 
     ev = sub.add_parser("eval-predictor", help="recall/precision of a predictor on a trace")
     ev.add_argument("--predictor", required=True, help="predictor folder, or 'history' (online)")
     ev.add_argument("--traces", required=True, help="trace to evaluate on")
     ev.add_argument("--only-source", help="evaluate on this source (domain) only")
-    ev.add_argument("--write-scores", help="also write the scores .npz (for replay)")
+    ev.add_argument(
+        "--write-scores", help="also write the scores (and reuse scores) .npz, for replay"
+    )
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(run=_eval_predictor)
 

@@ -64,6 +64,7 @@ class _Request:
     generated: list[int] = field(default_factory=list)
     previous: np.ndarray | None = None  # [L, K] routing of the last token run
     scores: np.ndarray | None = None  # [L, E] predicted for the next step, if predicted
+    reuse: np.ndarray | None = None  # [L, E] the predictor's reuse scores with them, if any
     generator: torch.Generator | None = None  # its own random stream, when sampling
 
 
@@ -397,7 +398,7 @@ class _Generator:
         """Appends a generated token; True while the request goes on."""
         request.ids.append(token)
         request.generated.append(token)
-        request.previous, request.scores = path, None
+        request.previous, request.scores, request.reuse = path, None, None
         reason = self._finished(request)
         if reason is not None:
             self.finish[request.index] = reason
@@ -488,11 +489,13 @@ class _Generator:
         positions = torch.tensor([[len(r.ids) - 1] for r in requests], device=self.device)
         mask = torch.cat([rows.mask, torch.ones_like(ids)], dim=1)
         if self.prefetcher is not None:
-            scores = None
+            scores = reuse = None
             if all(r.scores is not None for r in requests):
                 scores = np.stack([r.scores for r in requests])
+                if all(r.reuse is not None for r in requests):
+                    reuse = np.stack([r.reuse for r in requests])
             self.prefetcher.drive(
-                [r.ids for r in requests], np.stack([r.previous for r in requests]), scores
+                [r.ids for r in requests], np.stack([r.previous for r in requests]), scores, reuse
             )
         cache = _as_cache(rows)
         self.tap.clear()
@@ -527,9 +530,9 @@ class _Generator:
         num_experts = self.tap.modules[0].num_experts
         if self.predictor is None:
             return multi_hot(previous, num_experts).astype(bool)
-        scores = self.predictor.predict_step([r.ids for r in requests], previous)
-        for request, s in zip(requests, scores, strict=True):
-            request.scores = s  # reused by the prefetcher at the request's step
+        scores, reuse = self.predictor.predict_step_with_reuse([r.ids for r in requests], previous)
+        for i, request in enumerate(requests):  # reused by the prefetcher at the request's step
+            request.scores, request.reuse = scores[i], None if reuse is None else reuse[i]
         return paths_from_scores(scores, previous.shape[-1])
 
     def _regroup(self) -> None:

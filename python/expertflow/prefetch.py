@@ -92,16 +92,22 @@ class PredictivePrefetcher:
                 module.register_forward_pre_hook(self._layer_hook(layer), with_kwargs=True)
             )
 
-    def drive(self, histories, previous: np.ndarray | None, scores: np.ndarray | None = None):
+    def drive(
+        self,
+        histories,
+        previous: np.ndarray | None,
+        scores: np.ndarray | None = None,
+        reuse: np.ndarray | None = None,
+    ):
         """Declares the next forward call a decode step over these rows.
 
         For drivers that decode several batches in turn (:func:`expertflow.generate_batch`): the
         rows change between calls, so the prefetcher cannot follow them itself. ``histories``
         are each row's ids so far (last = the token about to run), ``previous`` ``[B, L, K]``
-        their preceding routing; ``scores`` ``[B, L, E]``, if the driver already predicted
-        them, are planned as they are.
+        their preceding routing; ``scores`` ``[B, L, E]`` (and the predictor's ``reuse``
+        scores), if the driver already predicted them, are planned as they are.
         """
-        self._driven = (histories, previous, scores)
+        self._driven = (histories, previous, scores, reuse)
 
     def reset(self) -> None:
         """Forgets the rows followed so far: the next forward call is a prompt."""
@@ -137,10 +143,10 @@ class PredictivePrefetcher:
         rows = ids.tolist()
         self._decoding = False
         if self._driven is not None:
-            histories, previous, scores = self._driven
+            histories, previous, scores, reuse = self._driven
             self._driven, self.histories = None, None
             self._begin_decode(rows)
-            self._plan(histories, previous, scores)
+            self._plan(histories, previous, scores, reuse)
             return
         mask = kwargs.get("attention_mask")
         decode = (
@@ -169,7 +175,8 @@ class PredictivePrefetcher:
         self._decoding = True
         self.steps += 1
 
-    def _plan(self, histories, previous, scores: np.ndarray | None) -> None:
+    def _plan(self, histories, previous, scores=None, reuse=None) -> None:
+        """Plans the step: the given scores (and reuse scores), else the predictor's."""
         if self.predictor is None:
             return
         started = time.perf_counter()
@@ -179,19 +186,25 @@ class PredictivePrefetcher:
             self._job = self._worker.submit(self._predict_and_plan, histories, previous, per_layer)
         else:
             if scores is None:
-                scores = self.predictor.predict_step(histories, previous)  # [B, L, E]
-            self._send_plan(scores, per_layer, 0)
+                scores, reuse = self.predictor.predict_step_with_reuse(histories, previous)
+            self._send_plan(scores, reuse, per_layer, 0)
         self.seconds += time.perf_counter() - started
 
-    def _send_plan(self, scores: np.ndarray, per_layer: int, first_layer: int) -> None:
+    def _send_plan(
+        self, scores: np.ndarray, reuse: np.ndarray | None, per_layer: int, first_layer: int
+    ) -> None:
+        """Scores ``[B, L, E]`` (and reuse scores, if any) -> the cache's plan: each expert at
+        its best over the batch's rows."""
         best = torch.from_numpy(np.ascontiguousarray(scores.max(axis=0)))
-        self.cache.plan(best, per_layer, first_layer, self.min_score)
+        if reuse is not None:
+            reuse = torch.from_numpy(np.ascontiguousarray(reuse.max(axis=0)))
+        self.cache.plan(best, per_layer, first_layer, self.min_score, reuse)
 
     def _predict_and_plan(self, histories, previous, per_layer: int) -> None:
         started = time.perf_counter()
         with torch.no_grad():
-            scores = self.predictor.predict_step(histories, previous)
-        self._send_plan(scores, per_layer, min(self._layer + 1, self.num_layers))
+            scores, reuse = self.predictor.predict_step_with_reuse(histories, previous)
+        self._send_plan(scores, reuse, per_layer, min(self._layer + 1, self.num_layers))
         self.background_seconds += time.perf_counter() - started
 
     def _layer_hook(self, layer: int):

@@ -5,7 +5,9 @@ over the step's tokens) are acquired from the cache, missing ones load at once, 
 is released. With predictions and ``policy="expertflow"``, each step starts by scoring every
 layer's experts and prefetching the predicted ones in layer order. With ``lookahead`` scores
 (gate lookahead: layer l's router applied to layer l-1's hidden states), layer l's are scored
-and prefetched only when layer l-1 starts, as they are in a real forward pass. Belady is told
+and prefetched only when layer l-1 starts, as they are in a real forward pass. With ``reuse``
+scores (a reuse head's predicted demand after the step), each layer's experts are valued by
+them from the layer's release on (``CachePolicy.set_scores``). Belady is told
 each expert's next use from the trace itself (the optimum no real policy can reach).
 
 Timing model (with ``bandwidth_gbps`` and ``layer_compute_ms``): one host-to-device link of that
@@ -53,20 +55,25 @@ class ReplayResult:
         return dataclasses.asdict(self) | {"hit_ratio": self.hit_ratio}
 
 
-def load_predictions(path, trace: Trace) -> np.ndarray:
-    """Reads predicted routing probabilities: ``scores`` float ``[T, L, E]`` in an ``.npz``."""
+def load_predictions(path, trace: Trace) -> tuple[np.ndarray, np.ndarray | None]:
+    """Reads predicted routing probabilities: ``scores`` float ``[T, L, E]`` in an ``.npz``,
+    and the reuse scores ``reuse`` (same shape) if it holds them, else None."""
     try:
         with np.load(path, allow_pickle=False) as data:
             scores = data["scores"]
+            reuse = data["reuse"] if "reuse" in data.files else None
     except (OSError, KeyError, ValueError) as exc:
         raise TraceError(f"{path}: needs a float array 'scores' [T, L, E] ({exc})") from exc
     want = (trace.num_tokens, trace.num_layers, trace.num_experts)
-    if scores.shape != want or not np.issubdtype(scores.dtype, np.floating):
-        raise TraceError(
-            f"predictions: scores must be float {list(want)} to match the trace, "
-            f"got {scores.dtype} {list(scores.shape)}"
-        )
-    return scores
+    for name, array in (("scores", scores), ("reuse", reuse)):
+        if array is not None and (
+            array.shape != want or not np.issubdtype(array.dtype, np.floating)
+        ):
+            raise TraceError(
+                f"predictions: {name} must be float {list(want)} to match the trace, "
+                f"got {array.dtype} {list(array.shape)}"
+            )
+    return scores, reuse
 
 
 class _Link:
@@ -130,13 +137,16 @@ def _prefetch_plan(
     now: float,
     prefetch: bool = True,
     min_score: float = 0.0,
+    reuse: np.ndarray | None = None,
 ) -> None:
-    """Scores every layer (max over the step's tokens), then (with ``prefetch``) prefetches the
-    predicted experts, each token's top-k per layer scored at least ``min_score``, best first,
-    in layer order."""
+    """Scores every layer (max over the step's tokens; with ``reuse``, its scores take over
+    at each layer's release), then (with ``prefetch``) prefetches the predicted experts, each
+    token's top-k per layer scored at least ``min_score``, best first, in layer order."""
     step_scores = scores[tokens].max(axis=0)  # [L, E]
+    step_reuse = None if reuse is None else reuse[tokens].max(axis=0)
     for layer in range(step_scores.shape[0]):
-        cache.set_scores(layer, step_scores[layer].tolist())
+        after = None if step_reuse is None else step_reuse[layer].tolist()
+        cache.set_scores(layer, step_scores[layer].tolist(), after)
     if prefetch:
         for layer in range(step_scores.shape[0]):
             _prefetch_top_k(
@@ -183,6 +193,7 @@ def replay(
     lookahead: np.ndarray | None = None,
     prefetch_threshold: float = 0.0,
     score_weight: float | None = None,
+    reuse: np.ndarray | None = None,
 ) -> ReplayResult:
     """Replays ``trace`` through the native policy; see the module docstring.
 
@@ -203,6 +214,8 @@ def replay(
         score_weight: ``expertflow``'s weight of a predicted score against the decayed request
             count (csrc/core/cache_policy.h; None: the native default). A huge weight evicts by
             next-step scores alone, as the ExpertFlow paper's PLEC does.
+        reuse: ``[T, L, E]`` reuse scores (used by ``expertflow`` with ``predictions``): each
+            layer's eviction scores from its release on, see the module docstring.
     """
     from expertflow import _C
 
@@ -219,7 +232,13 @@ def replay(
             f"prefetch_threshold must be a finite number >= 0, got {prefetch_threshold}"
         )
     want = (trace.num_tokens, trace.num_layers, trace.num_experts)
-    for name, scores in (("predictions", predictions), ("lookahead", lookahead)):
+    if reuse is not None and predictions is None:
+        raise ValueError("reuse scores come with predictions: give predictions too")
+    for name, scores in (
+        ("predictions", predictions),
+        ("lookahead", lookahead),
+        ("reuse", reuse),
+    ):
         if scores is not None and np.shape(scores) != want:
             raise ValueError(
                 f"{name} must be [T, L, E] = {list(want)} to match the trace, got "
@@ -248,7 +267,15 @@ def replay(
     for s, tokens in enumerate(steps):
         if predictions is not None and policy == "expertflow":
             _prefetch_plan(
-                cache, link, predictions, tokens, trace.top_k, now, prefetch, prefetch_threshold
+                cache,
+                link,
+                predictions,
+                tokens,
+                trace.top_k,
+                now,
+                prefetch,
+                prefetch_threshold,
+                reuse,
             )
         for layer in range(trace.num_layers):
             if lookahead is not None and policy == "expertflow" and layer + 1 < trace.num_layers:

@@ -180,6 +180,52 @@ TEST(CachePolicy, ExpertFlowWeighsPredictedScoresAgainstDecayedRequestCounts) {
   EXPECT_EQ(validate(bad), "score_weight must be a finite number >= 0, got -1.000000");
 }
 
+TEST(CachePolicy, ReuseScoresTakeOverAtRelease) {
+  // Two slots. Expert (1, 2) runs first, valued 0.5 throughout. Expert (0, 0) is predicted for
+  // this step (0.9) but, by its reuse score, not needed after it (0.0): once layer 0 has
+  // released it, it is the one to go when (0, 3) needs a slot. Without reuse scores it keeps
+  // its 0.9 and (1, 2) goes instead.
+  for (const bool with_reuse : {true, false}) {
+    CacheOptions o = options(2, 8, 2, 1, BudgetMode::kGlobal, EvictionPolicy::kExpertFlow);
+    o.score_weight = 1e6;  // scores alone
+    CachePolicy cache(o);
+    std::vector<float> now1(8, 0.0f), now0(8, 0.0f), reuse0(8, 0.0f);
+    now1[2] = 0.5f;
+    now0[0] = 0.9f;
+    now0[3] = 0.6f;
+    reuse0[3] = 0.6f;
+    cache.set_scores(1, now1.data(), with_reuse ? now1.data() : nullptr);
+    cache.set_scores(0, now0.data(), with_reuse ? reuse0.data() : nullptr);
+    step(cache, 1, {2});
+    step(cache, 0, {0});
+    step(cache, 0, {3});
+    EXPECT_EQ(cache.slot_of(0, 0) == -1, with_reuse) << with_reuse;
+    EXPECT_EQ(cache.slot_of(1, 2) == -1, !with_reuse) << with_reuse;
+  }
+}
+
+TEST(CachePolicy, UntilReleaseAnExpertIsValuedAtTheHigherOfItsScores) {
+  // (0, 0) is scored 0.1 for this step but 0.7 by its reuse score; set again without reuse
+  // scores (as gate lookahead does) before its layer runs, it keeps the 0.7 until release.
+  CacheOptions o = options(2, 8, 2, 1, BudgetMode::kGlobal, EvictionPolicy::kExpertFlow);
+  o.score_weight = 1e6;
+  CachePolicy cache(o);
+  std::vector<float> now0(8, 0.0f), reuse0(8, 0.0f), now1(8, 0.0f);
+  now0[0] = 0.1f;
+  reuse0[0] = 0.7f;
+  now1[2] = 0.5f;
+  cache.set_scores(0, now0.data(), reuse0.data());
+  cache.set_scores(1, now1.data());
+  step(cache, 1, {2});
+  const auto load = cache.prefetch(0, 0);
+  ASSERT_TRUE(load.has_value());
+  cache.loaded(load->slot);
+  cache.set_scores(0, now0.data());  // no reuse: the pending reuse scores still count
+  step(cache, 1, {4});               // evicts (1, 2) at 0.5, not (0, 0) at max(0.1, 0.7)
+  EXPECT_GE(cache.slot_of(0, 0), 0);
+  EXPECT_EQ(cache.slot_of(1, 2), -1);
+}
+
 TEST(CachePolicy, ContradictedPrefetchesGoFirst) {
   CachePolicy cache(options(1, 8, 3, 1, BudgetMode::kGlobal, EvictionPolicy::kExpertFlow));
   std::vector<float> scores(8, 0.5f);

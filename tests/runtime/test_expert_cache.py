@@ -144,6 +144,30 @@ def test_min_score_prefetches_only_confident_experts_and_the_rest_still_rank_evi
             cache.plan(scores, per_layer=1, min_score=bad)
 
 
+@pytest.mark.parametrize("with_reuse", [True, False])
+def test_reuse_scores_take_over_when_a_layer_is_released(device, with_reuse):
+    # Layer 0's pool holds 3. Experts 0, 1, 2 are scored 0.9, 0.8, 0.7 for this step; by the
+    # reuse head, 0 is not needed after it (0.0). Once layer 0 has run, expert 3 evicts 0 with
+    # reuse scores, and the lowest step score (2) without.
+    cache = ExpertCache(make_experts(), device=device, slots=9, top_k=2, policy="expertflow")
+    scores, reuse = torch.zeros(3, 6), torch.full((3, 6), 0.5)
+    scores[0, :3] = torch.tensor([0.9, 0.8, 0.7])
+    reuse[0, 0] = 0.0
+    cache.plan(scores, per_layer=0, reuse_scores=reuse if with_reuse else None)
+    for experts in ([0, 1], [2], [3]):
+        cache.acquire(0, experts)
+        cache.release(0)
+        cache.synchronize()
+    misses = cache.stats()["misses"]
+    cache.acquire(0, [1])
+    cache.release(0)
+    cache.acquire(0, [0 if with_reuse else 2])  # the one evicted
+    cache.release(0)
+    assert cache.stats()["misses"] == misses + 1
+    with pytest.raises(RuntimeError, match=r"reuse_scores must be \[num_layers=3, num_experts=6\]"):
+        cache.plan(scores, per_layer=0, reuse_scores=torch.zeros(3, 5))
+
+
 def test_a_pool_full_of_copies_in_flight_waits_for_one_not_for_all(device):
     # Experts large enough (32 MiB) that two queued prefetches are still copying when the
     # acquire comes: it must wait for the oldest copy only, then evict it.

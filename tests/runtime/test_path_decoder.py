@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from expertflow import _C
-from expertflow.predictor import PathPredictor, _PathNet
+from expertflow.predictor import REUSE_HORIZONS, PathPredictor, _PathNet
 
 
 def random_net(d_model, heads, depth, context, use_previous, layers=3, experts=5, seed=0):
@@ -162,3 +162,39 @@ def test_outputs_are_float32_whatever_the_default_dtype():
     finally:
         torch.set_default_dtype(before)
     assert feature.dtype == kv.dtype == scores.dtype == torch.float32
+
+
+@pytest.mark.parametrize("use_previous", [True, False])
+def test_reuse_scores_match_the_torch_reuse_head(use_previous):
+    net = random_net(16, 4, 2, 12, use_previous, seed=3)
+    net.add_reuse_head(24)
+    with torch.no_grad():
+        for param in net.reuse.parameters():
+            param.copy_(torch.randn(param.shape).mul(0.3).bfloat16().float())
+    decoder = decoder_of(net, reuse_hidden=24, reuse_horizons=len(REUSE_HORIZONS))
+    assert decoder.has_reuse and not decoder_of(random_net(16, 4, 2, 12, use_previous)).has_reuse
+    rng = np.random.default_rng(7)
+    features = torch.from_numpy(rng.normal(size=(5, 16)).astype("f4"))
+    previous = torch.from_numpy((rng.random((5, net.head.out_features)) < 0.3).astype("f4"))
+    probs, reuse = decoder.scores(features, previous, with_reuse=True)
+    with torch.no_grad():
+        want_probs, want_reuse = net.scores(features, previous if use_previous else None, True)
+    torch.testing.assert_close(probs, want_probs.flatten(1), atol=2e-6, rtol=0)
+    torch.testing.assert_close(reuse, want_reuse.flatten(1), atol=2e-6, rtol=0)
+    # The mean over horizons of probabilities: within [0, 1], and not just the head's scores.
+    assert 0 < float(reuse.min()) and float(reuse.max()) < 1
+    assert not torch.allclose(reuse, probs, atol=1e-2)
+    torch.testing.assert_close(decoder.scores(features, previous), probs)
+
+
+def test_reuse_head_weights_and_requests_are_checked():
+    net = random_net(16, 4, 2, 12, True)
+    with pytest.raises(ValueError, match="with_reuse=True needs a decoder with a reuse head"):
+        decoder_of(net).scores(torch.zeros(1, 16), with_reuse=True)
+    with pytest.raises(ValueError, match="'reuse.0.weight' is missing"):
+        decoder_of(net, reuse_hidden=8, reuse_horizons=5)
+    with pytest.raises(ValueError, match="reuse head needs both or neither"):
+        decoder_of(net, reuse_hidden=8)
+    net.add_reuse_head(8)
+    with pytest.raises(ValueError, match=r"'reuse.2.weight' must be \[45, 8\], got \[75, 8\]"):
+        decoder_of(net, reuse_hidden=8, reuse_horizons=3)

@@ -305,3 +305,81 @@ def test_train_and_eval_predictor_commands(tmp_path, capsys):
     ]
     assert cli.main(args) == 2
     assert "no tokens left" in capsys.readouterr().err
+
+
+def topic_routed_trace(seed, sequences=40, length=40):
+    """Each sequence has a topic (0 or 1) that its ids show (topic t draws ids from its own half
+    of the vocabulary) and that routes every token to a random pair of the topic's four experts
+    per layer: the next token's pair is a guess, but the experts of the next 16 tokens are not."""
+    rng = np.random.default_rng(seed)
+    topics = rng.integers(0, 2, sequences)
+    experts = np.stack([rng.permuted(np.arange(4)) for _ in range(sequences * length * LAYERS)])
+    experts = experts[:, :2].reshape(sequences, length, LAYERS, 2) + 4 * topics[:, None, None, None]
+    ids = rng.integers(0, VOCAB // 2, (sequences, length)) + (VOCAB // 2) * topics[:, None]
+    return Trace(
+        expert_ids=experts.reshape(-1, LAYERS, 2),
+        token_ids=ids.ravel(),
+        sequence_ids=np.repeat(np.arange(sequences), length),
+        meta={"model": "synthetic", "num_experts": EXPERTS, "top_k": 2, "expert_bytes": 10},
+    ), topics
+
+
+def test_reuse_head_learns_which_experts_come_back_beyond_the_next_token():
+    train, _ = topic_routed_trace(1)
+    held, topics = topic_routed_trace(2, sequences=6)
+    predictor = PathPredictor(
+        LAYERS, EXPERTS, 2, vocab_size=VOCAB, d_model=16, context=16, reuse_hidden=32
+    )
+    predictor.fit([train], epochs=3, batch_size=8, lr=1e-2, reuse_epochs=0, log=None)
+    predictor.fit_reuse([train], epochs=10, batch_size=64, log=None)
+    scores, reuse = predictor.predict_trace(held), predictor.reuse_trace(held)
+    early = np.concatenate([rows[4:-16] for rows in held.sequence_rows()])  # full horizons
+    topic = np.repeat(topics, 40)[early]
+    mine = np.zeros((len(early), EXPERTS), bool)
+    for t in (0, 1):
+        mine[topic == t, 4 * t : 4 * t + 4] = True
+    mine = np.repeat(mine[:, None], LAYERS, axis=1)
+    # The next step: one pair of four, 0.5 each. Within 1, 2, 4, 8, 16 tokens: 1 - 0.5^h, a
+    # mean of 0.84; the other topic's experts: 0.
+    assert 0.3 < scores[early][mine].mean() < 0.7
+    assert abs(reuse[early][mine].mean() - 0.84) < 0.06 and reuse[early][~mine].mean() < 0.05
+    assert predictor.predict_step_with_reuse([[1, 2]], None)[1].shape == (1, LAYERS, EXPERTS)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+def test_reuse_scores_of_steps_match_the_trace_and_survive_saving(native, tmp_path):
+    held, _ = topic_routed_trace(3, sequences=3, length=20)
+    predictor = PathPredictor(
+        LAYERS, EXPERTS, 2, vocab_size=VOCAB, d_model=16, context=8, reuse_hidden=16
+    )
+    predictor.fit([held], epochs=1, reuse_epochs=1, log=None)
+    predictor.save(tmp_path)
+    loaded = load_predictor(tmp_path)
+    assert loaded.has_reuse and loaded.hparams["reuse_hidden"] == 16
+    loaded.native = native
+    want = predictor.reuse_trace(held)
+    np.testing.assert_allclose(loaded.reuse_trace(held), want, atol=1e-6)
+    rows = held.sequence_rows()[1]
+    ids = held.token_ids[rows].tolist()
+    for i in range(len(rows)):  # windows of 8 overlapping by half, as the trace scoring
+        previous = held.expert_ids[rows[i - 1]][None] if i else None
+        scores, reuse = loaded.predict_step_with_reuse([ids[: i + 1]], previous)
+        np.testing.assert_allclose(reuse[0], want[rows[i]], atol=2e-5)
+        np.testing.assert_allclose(scores[0], predictor.predict_trace(held)[rows[i]], atol=2e-5)
+
+
+def test_predictors_without_a_reuse_head_say_so(tmp_path):
+    trace = token_routed_trace(0, sequences=2, length=6)
+    path = PathPredictor(LAYERS, EXPERTS, 2, vocab_size=VOCAB, d_model=16)
+    history = HistoryPredictor(LAYERS, EXPERTS, 2)
+    for predictor in (path, history):
+        assert predictor.predict_step_with_reuse([[1, 2]], None)[1] is None
+        assert predictor.reuse_trace(trace) is None
+    with pytest.raises(ValueError, match="no reuse head: add_reuse_head"):
+        path.fit_reuse([trace])
+    with pytest.raises(ValueError, match="reuse_hidden must be >= 0"):
+        PathPredictor(LAYERS, EXPERTS, 2, vocab_size=VOCAB, reuse_hidden=-1)
+    before = path.predict_trace(trace)
+    path.add_reuse_head(8).fit_reuse([trace], epochs=1, log=None)
+    np.testing.assert_allclose(path.predict_trace(trace), before, atol=1e-6)  # head untouched
+    assert path.reuse_trace(trace).shape == before.shape

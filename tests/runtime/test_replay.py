@@ -14,6 +14,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from expertflow import _C  # noqa: E402
 from expertflow.cli import main  # noqa: E402
+from expertflow.predictor import REUSE_HORIZONS, multi_hot, uses_within  # noqa: E402
 from expertflow.replay import load_predictions, replay
 from expertflow.trace import Trace, TraceError, save_trace
 
@@ -372,6 +373,12 @@ def test_unrecorded_entries_and_mismatched_predictions(tmp_path):
     np.savez(tmp_path / "p.npz", scores=np.zeros((3, 1, 3), dtype=np.float32))
     with pytest.raises(TraceError, match=r"scores must be float \[3, 1, 2\]"):
         load_predictions(tmp_path / "p.npz", trace)
+    np.savez(tmp_path / "r.npz", scores=np.zeros((3, 1, 2)), reuse=np.zeros((3, 2, 2)))
+    with pytest.raises(TraceError, match=r"reuse must be float \[3, 1, 2\]"):
+        load_predictions(tmp_path / "r.npz", trace)
+    np.savez(tmp_path / "r.npz", scores=np.zeros((3, 1, 2)), reuse=np.ones((3, 1, 2)))
+    scores, reuse = load_predictions(tmp_path / "r.npz", trace)
+    assert scores.shape == reuse.shape == (3, 1, 2) and reuse.min() == 1
     np.savez(tmp_path / "q.npz", other=np.zeros(1))
     with pytest.raises(TraceError, match="needs a float array 'scores'"):
         load_predictions(tmp_path / "q.npz", trace)
@@ -381,3 +388,30 @@ def test_unrecorded_entries_and_mismatched_predictions(tmp_path):
         replay(trace, "lru", slots=2, bandwidth_gbps=1.0)
     with pytest.raises(ValueError, match="score_weight must be a finite number >= 0, got -1"):
         replay(trace, "expertflow", slots=2, score_weight=-1.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_true_reuse_scores_bring_evictions_near_belady(seed):
+    """Next-step scores say nothing about an expert once its layer has run this step; the
+    reuse scores (here the true ones: the mean over horizons of a use within h tokens) take
+    over at release and rank by how soon it comes back, which is Belady's order nearly."""
+    rng = np.random.default_rng(seed)
+    tokens, layers, experts = 1500, 3, 10
+    popularity = rng.dirichlet(np.full(experts, 0.5), size=layers)
+    ids = np.stack(
+        [rng.choice(experts, 2, replace=False, p=popularity[i % layers]) for i in range(4500)]
+    ).reshape(tokens, layers, 2)
+    meta = {"model": "r", "num_experts": experts, "top_k": 2, "expert_bytes": 1}
+    trace = Trace(expert_ids=ids.astype(np.int32), meta=meta)
+    hot = multi_hot(trace.expert_ids, experts).astype(np.float32)
+    flat = hot.reshape(tokens, -1).astype(np.uint8)
+    reuse = uses_within(flat, REUSE_HORIZONS).mean(axis=1).reshape(hot.shape)
+    belady = replay(trace, "belady", slots=9).misses
+    kw = dict(slots=9, predictions=hot, prefetch=False, score_weight=1e6)
+    without = replay(trace, "expertflow", **kw).misses
+    with_reuse = replay(trace, "expertflow", reuse=reuse.astype(np.float32), **kw).misses
+    assert without > 1.2 * belady and belady <= with_reuse < 1.05 * belady
+    with pytest.raises(ValueError, match="reuse scores come with predictions"):
+        replay(trace, "expertflow", slots=9, reuse=reuse)
+    with pytest.raises(ValueError, match=r"reuse must be \[T, L, E\]"):
+        replay(trace, "expertflow", slots=9, predictions=hot, reuse=reuse[1:])
