@@ -13,7 +13,9 @@
    configuration (path predictor + one global pool, PLEC: evictions by next-step scores alone),
    and Belady (global pool, the optimum); of expertflow's configurations (each predictor, both
    budgets, and prefetch thresholds 0.7/0.9), the one with the most hits and the one moving the
-   fewest bytes; and the fastest of all under the timing model. With a trace recorded with
+   fewest bytes; and the fastest of all under the timing model. With a path predictor that has
+   a reuse head, path + reuse joins the candidates (its scores rank each layer's experts once
+   the layer has run; with thresholds, and with no prefetching at all). With a trace recorded with
    ``--lookahead``, path + gate lookahead joins the candidates: the path predictor's picks at
    the step's start, each layer's lookahead picks when the layer before it starts. Timing
    model: an
@@ -46,6 +48,9 @@ MIXTRAL_EXPERT_BYTES = 3 * 4096 * 14336 * 2
 BUDGETS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
 THRESHOLDS = (0.7, 0.9)  # prefetch only predictions this sure (the rest rank evictions)
 PAPER = "ExpertFlow paper (path, PLEC)"
+# Shown at every budget: the runtime's default with the bundled predictor, with and without
+# its reuse head.
+SHOWN = ("expertflow: path, global, >= 0.9", "expertflow: path + reuse, global, >= 0.9")
 
 
 def as_decode_stream(trace: Trace) -> Trace:
@@ -120,7 +125,7 @@ def cross_domain(held: Trace, spec: str, in_domain_dir: str) -> dict:
     return {"domain": domain, **out}
 
 
-def caching(stream: Trace, scores: dict, args) -> list[dict]:
+def caching(stream: Trace, scores: dict, args, reuse: np.ndarray | None = None) -> list[dict]:
     total = stream.num_layers * stream.num_experts
     timing = dict(bandwidth_gbps=args.bandwidth_gbps, layer_compute_ms=args.layer_compute_ms)
     rows = []
@@ -148,6 +153,16 @@ def caching(stream: Trace, scores: dict, args) -> list[dict]:
                 configs.append(
                     (f"expertflow: {pred}, global, >= {threshold}", "expertflow", kw, pred)
                 )
+        if reuse is not None:  # the path predictor's reuse head ranks evictions after release
+            with_reuse = glob | dict(reuse=reuse)
+            configs.append(("expertflow: path + reuse, global", "expertflow", with_reuse, "path"))
+            for threshold in THRESHOLDS:
+                kw = with_reuse | dict(prefetch_threshold=threshold)
+                name = f"expertflow: path + reuse, global, >= {threshold}"
+                configs.append((name, "expertflow", kw, "path"))
+            kw = with_reuse | dict(prefetch=False)
+            name = "expertflow: path + reuse, global, no prefetch"
+            configs.append((name, "expertflow", kw, "path"))
         configs.append(("Belady (optimum)", "belady", glob, None))
         results = {}
         for name, policy, kw, pred in configs:
@@ -193,7 +208,7 @@ def print_caching(rows: list[dict], bandwidth_gbps: float, layer_compute_ms: flo
             f"{'x Belady':>8s} {'ms/token':>9s} {'stall':>6s}"
         )
         names = ["LRU", "LFU", "LRFU, global", PAPER, row["best"], row["fewest_bytes"]]
-        names += [row["fastest"], "Belady (optimum)"]
+        names += [row["fastest"], *(n for n in SHOWN if n in res), "Belady (optimum)"]
         for name in dict.fromkeys(names):  # the fastest may be one of the others
             r = res[name]
             print(
@@ -246,12 +261,13 @@ def predictor_cost(args, held: Trace) -> dict:
     # One sequence decoding: its history grows by one id per step, so the predictor runs as it
     # does in a model (cached window keys/values; a whole window every context / 2 ids).
     ids, previous = held.token_ids.tolist(), held.expert_ids[:1]
+    # With its reuse head, as the prefetcher runs it.
     for n in range(1, 21):
-        predictor.predict_step([ids[:n]], previous)
+        predictor.predict_step_with_reuse([ids[:n]], previous)
     steps = 128
     started = time.perf_counter()
     for n in range(21, 21 + steps):
-        predictor.predict_step([ids[:n]], previous)
+        predictor.predict_step_with_reuse([ids[:n]], previous)
     predict_ms = (time.perf_counter() - started) / steps * 1e3
     model, _ = load_demo_model()
     prompt = torch.tensor([held.token_ids[:32].tolist()])
@@ -343,7 +359,8 @@ def main(argv=None) -> int:
     results = {"quality": table}
     if args.cross_domain:
         results["cross_domain"] = cross_domain(held, args.cross_domain, args.predictor)
-    rows = caching(as_decode_stream(held), scores, args)
+    reuse = load_predictor(args.predictor).reuse_trace(held)
+    rows = caching(as_decode_stream(held), scores, args, reuse)
     results["caching"] = rows
     results["cost"] = predictor_cost(args, held)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
