@@ -15,7 +15,9 @@
    budgets, and prefetch thresholds 0.7/0.9), the one with the most hits and the one moving the
    fewest bytes; and the fastest of all under the timing model. With a path predictor that has
    a reuse head, path + reuse joins the candidates (its scores rank each layer's experts once
-   the layer has run; with thresholds, and with no prefetching at all). With a trace recorded with
+   the layer has run; with thresholds, and with no prefetching at all). Two oracles bound what
+   better predictions could give: the step's true routing as its scores, alone and with the
+   true reuse scores. With a trace recorded with
    ``--lookahead``, path + gate lookahead joins the candidates: the path predictor's picks at
    the step's start, each layer's lookahead picks when the layer before it starts. Timing
    model: an
@@ -39,7 +41,14 @@ from pathlib import Path
 
 import numpy as np
 
-from expertflow.predictor import CombinedPredictor, HistoryPredictor, load_predictor, multi_hot
+from expertflow.predictor import (
+    REUSE_HORIZONS,
+    CombinedPredictor,
+    HistoryPredictor,
+    load_predictor,
+    multi_hot,
+    uses_within,
+)
 from expertflow.predictor_eval import evaluate_predictor, evaluate_scores
 from expertflow.replay import replay
 from expertflow.trace import Trace, load_trace
@@ -51,6 +60,12 @@ PAPER = "ExpertFlow paper (path, PLEC)"
 # Shown at every budget: the runtime's default with the bundled predictor, with and without
 # its reuse head.
 SHOWN = ("expertflow: path, global, >= 0.9", "expertflow: path + reuse, global, >= 0.9")
+# Bounds on what better predictions could give: the true routing of the step as its scores,
+# alone and with the true reuse (the mean over REUSE_HORIZONS of a use within h tokens).
+ORACLES = (
+    "oracle: true next step, global, >= 0.9",
+    "oracle: true next step + reuse, global, >= 0.9",
+)
 
 
 def as_decode_stream(trace: Trace) -> Trace:
@@ -127,6 +142,10 @@ def cross_domain(held: Trace, spec: str, in_domain_dir: str) -> dict:
 
 def caching(stream: Trace, scores: dict, args, reuse: np.ndarray | None = None) -> list[dict]:
     total = stream.num_layers * stream.num_experts
+    truth = multi_hot(stream.expert_ids, stream.num_experts).astype(np.float32)
+    flat = truth.reshape(stream.num_tokens, -1).astype(np.uint8)
+    true_reuse = uses_within(flat, REUSE_HORIZONS).mean(axis=1).reshape(truth.shape)
+    scores = scores | {"oracle": truth}
     timing = dict(bandwidth_gbps=args.bandwidth_gbps, layer_compute_ms=args.layer_compute_ms)
     rows = []
     for share in BUDGETS:
@@ -163,6 +182,9 @@ def caching(stream: Trace, scores: dict, args, reuse: np.ndarray | None = None) 
             kw = with_reuse | dict(prefetch=False)
             name = "expertflow: path + reuse, global, no prefetch"
             configs.append((name, "expertflow", kw, "path"))
+        sure = glob | dict(prefetch_threshold=0.9)
+        configs.append((ORACLES[0], "expertflow", sure, "oracle"))
+        configs.append((ORACLES[1], "expertflow", sure | dict(reuse=true_reuse), "oracle"))
         configs.append(("Belady (optimum)", "belady", glob, None))
         results = {}
         for name, policy, kw, pred in configs:
@@ -180,7 +202,7 @@ def caching(stream: Trace, scores: dict, args, reuse: np.ndarray | None = None) 
                 "best": max(ours, key=lambda n: results[n]["hit_ratio"]),
                 "fewest_bytes": min(ours, key=lambda n: results[n]["bytes_moved"]),
                 "fastest": min(
-                    (n for n in results if n != "Belady (optimum)"),
+                    (n for n in results if n != "Belady (optimum)" and n not in ORACLES),
                     key=lambda n: results[n].get("time_per_token_ms") or 0.0,
                 ),
             }
@@ -204,15 +226,15 @@ def print_caching(rows: list[dict], bandwidth_gbps: float, layer_compute_ms: flo
         belady_bytes = res["Belady (optimum)"]["bytes_moved"]
         print(f"\nbudget {100 * row['share']:.1f}% ({row['slots']} of {total} slots)")
         print(
-            f"  {'policy':46s} {'hits':>6s} {'vs LRU':>7s} {'GB moved':>9s} "
+            f"  {'policy':48s} {'hits':>6s} {'vs LRU':>7s} {'GB moved':>9s} "
             f"{'x Belady':>8s} {'ms/token':>9s} {'stall':>6s}"
         )
         names = ["LRU", "LFU", "LRFU, global", PAPER, row["best"], row["fewest_bytes"]]
-        names += [row["fastest"], *(n for n in SHOWN if n in res), "Belady (optimum)"]
+        names += [row["fastest"], *(n for n in SHOWN if n in res), *ORACLES, "Belady (optimum)"]
         for name in dict.fromkeys(names):  # the fastest may be one of the others
             r = res[name]
             print(
-                f"  {name:46s} {r['hit_ratio']:6.3f} "
+                f"  {name:48s} {r['hit_ratio']:6.3f} "
                 f"{100 * (r['hit_ratio'] - res['LRU']['hit_ratio']):+6.1f}p "
                 f"{r['bytes_moved'] / 1e9:9.1f} {r['bytes_moved'] / max(belady_bytes, 1):8.2f} "
                 f"{r['time_per_token_ms']:9.2f} {100 * r['stall_share']:5.1f}%"

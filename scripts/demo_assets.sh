@@ -41,7 +41,7 @@ cp "$work"/demo-moe-2/{config.json,generation_config.json,model.safetensors,toke
 # The bundled routing predictor, also the one bench/bench_predictor.py reads: the path
 # predictor at d 160, 4 layers, 10 epochs (25 minutes on 2 cores; 90% top-2 recall held out),
 # saved with bfloat16 weights. Its decode step runs natively (csrc/core/path_decoder). Its
-# reuse head (256 wide, the default; 3 epochs on the trained network's features, 2 minutes)
+# reuse head (128 wide, the default; 3 epochs on the trained network's features, 2 minutes)
 # predicts uses 1-16 tokens ahead for evictions.
 "$py" -m expertflow train-predictor --kind path --traces "$work/train.npz" --epochs 10 \
   --d-model 160 --depth 4 --out "$work/path-predictor" | tee "$work/train_predictor.log"

@@ -214,6 +214,8 @@ def _train_predictor(args: argparse.Namespace) -> int:
     history = HistoryPredictor(*shape).fit(traces) if args.kind != "path" else None
     path = None
     if args.start_from:
+        if args.kind == "history":
+            raise ValueError("--from starts from a path predictor: use --kind path or combined")
         path = load_predictor(args.start_from)
         if not isinstance(path, PathPredictor):
             raise ValueError(f"--from: {args.start_from} holds a {path.kind} predictor, not path")
@@ -388,9 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--reuse-hidden",
         type=int,
-        default=256,
+        default=128,
         help="width of the path predictor's reuse head (predicts uses 1-16 tokens ahead, "
-        "for evictions); 0: none (default: 256)",
+        "for evictions); 0: none (default: 128)",
     )
     tr.add_argument("--reuse-epochs", type=int, default=3, help="epochs of the reuse head")
     tr.add_argument(

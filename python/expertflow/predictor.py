@@ -454,7 +454,7 @@ class PathPredictor(Predictor):
         """Whether the predictor has a reuse head (see :meth:`fit_reuse`)."""
         return self.net.reuse is not None
 
-    def add_reuse_head(self, hidden: int = 256, seed: int = 0) -> PathPredictor:
+    def add_reuse_head(self, hidden: int = 128, seed: int = 0) -> PathPredictor:
         """Gives a trained predictor a new (untrained) reuse head: :meth:`fit_reuse` next."""
         if hidden < 1:
             raise ValueError(f"hidden must be >= 1, got {hidden}")

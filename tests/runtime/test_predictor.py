@@ -383,3 +383,28 @@ def test_predictors_without_a_reuse_head_say_so(tmp_path):
     path.add_reuse_head(8).fit_reuse([trace], epochs=1, log=None)
     np.testing.assert_allclose(path.predict_trace(trace), before, atol=1e-6)  # head untouched
     assert path.reuse_trace(trace).shape == before.shape
+
+
+def test_train_predictor_from_a_saved_one_adds_and_trains_only_the_reuse_head(tmp_path, capsys):
+    from expertflow import cli
+    from expertflow.trace import save_trace
+
+    held, _ = topic_routed_trace(4, sequences=8, length=20)
+    save_trace(held, tmp_path / "t.npz")
+    common = ["train-predictor", "--traces", str(tmp_path / "t.npz"), "--d-model", "16"]
+    plain = common + ["--out", str(tmp_path / "plain"), "--epochs", "1", "--reuse-hidden", "0"]
+    assert cli.main(plain) == 0
+    assert not load_predictor(tmp_path / "plain").has_reuse
+    grown = common + ["--out", str(tmp_path / "grown"), "--epochs", "0"]
+    assert cli.main(grown + ["--from", str(tmp_path / "plain")]) == 0
+    before, after = load_predictor(tmp_path / "plain"), load_predictor(tmp_path / "grown")
+    assert after.has_reuse and after.hparams["reuse_hidden"] == 128
+    np.testing.assert_array_equal(after.predict_trace(held), before.predict_trace(held))
+    argv = ["eval-predictor", "--predictor", str(tmp_path / "grown"), "--traces"]
+    argv += [str(tmp_path / "t.npz"), "--write-scores", str(tmp_path / "s.npz")]
+    assert cli.main(argv) == 0
+    with np.load(tmp_path / "s.npz") as saved:
+        np.testing.assert_allclose(saved["reuse"], after.reuse_trace(held), atol=1e-6)
+    capsys.readouterr()
+    assert cli.main(grown + ["--from", str(tmp_path / "plain"), "--kind", "history"]) == 2
+    assert "--from starts from a path predictor" in capsys.readouterr().err
