@@ -192,15 +192,17 @@ def offload(
         budget: ``"per_layer"`` or ``"global"`` slot pools.
         predictor: an :class:`expertflow.predictor.Predictor` (or the folder of a saved one):
             each decode step it scores every layer's experts before layer 0 runs and the
-            cache prefetches the predicted ones (:mod:`expertflow.prefetch`).
+            cache prefetches the predicted ones (:mod:`expertflow.prefetch`). A path
+            predictor with a reuse head (the bundled one) also ranks each layer's experts,
+            once the layer has run, by how soon they are predicted to be needed again.
         lookahead: also apply each layer's router one layer early (to the previous layer's
             hidden states) during decoding and prefetch what it picks.
         background: run the predictor on a worker thread while each step's first layers
             compute, instead of before layer 0 (:mod:`expertflow.prefetch`).
         prefetch_threshold: copy ahead only the predicted experts scored at least this; the
             others still rank evictions. 0 (default) prefetches every positive score; with
-            the path predictor 0.9 moved the fewest bytes and took the least time in our
-            replays, for fewer hits than 0 (README, "Measured results").
+            the path predictor and its reuse head, 0.9 took the least time in our replays at
+            25-62.5% budgets, for fewer hits than 0 (README, "Measured results").
 
     Returns:
         The same model, modified in place. ``restore(model)`` undoes it.
