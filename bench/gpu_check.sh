@@ -38,6 +38,8 @@ done
 
 "$py" bench/bench_generate_batch.py --device cuda --requests 256 --batch-sizes 16,64 \
   >"$out/bench_generate_batch_cuda.txt" 2>&1 || echo "bench_generate_batch on cuda FAILED"
+"$py" bench/bench_prefill.py --device cuda >"$out/bench_prefill_cuda.txt" 2>&1 \
+  || echo "bench_prefill on cuda FAILED"
 
 echo "== summary =="
 grep -E "passed|failed" "$out/pytest_cuda.log" | tail -1
@@ -53,3 +55,5 @@ echo "-- expertflow demo on cuda"
 tail -10 "$out/demo_cuda.txt"
 echo "-- batched generation on cuda (fifo vs scheduler)"
 tail -9 "$out/bench_generate_batch_cuda.txt"
+echo "-- mixed-length prefill on cuda (padded groups vs equal lengths only)"
+tail -6 "$out/bench_prefill_cuda.txt"

@@ -21,6 +21,7 @@ batch that ran last, so that the slots one batch filled serve the next.
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -132,6 +133,23 @@ class _Rows:
             [F.pad(v, (0, 0, pad, 0)) for v in self.values],
             F.pad(self.mask, (pad, 0)),
         )
+
+
+def _prefill_groups(requests: list[_Request], padding: float) -> list[list[_Request]]:
+    """Requests grouped for prefilling: by prompt length, each group as long as padding every
+    prompt to the group's longest adds at most ``padding`` of its real tokens (padded
+    positions run through every layer like real ones: a 10-token prompt beside a 1000-token
+    one is better prefilled on its own)."""
+    groups: list[list[_Request]] = []
+    for request in sorted(requests, key=lambda r: (len(r.ids), r.index)):
+        group = groups[-1] if groups else None
+        if group is not None:
+            real = sum(len(r.ids) for r in group) + len(request.ids)
+            if (len(group) + 1) * len(request.ids) <= (1 + padding) * real:
+                group.append(request)
+                continue
+        groups.append([request])
+    return groups
 
 
 def _right_aligned(t: torch.Tensor, dim: int, length: int) -> torch.Tensor:
@@ -355,7 +373,8 @@ class _Generator:
     """The state of one generate_batch call."""
 
     def __init__(self, model, requests, *, max_new_tokens, batch_size, schedule, active_batches,
-                 regroup_every, predictor, eos, context, tap, sampling):  # fmt: skip
+                 regroup_every, prefill_padding, predictor, eos, context, tap,
+                 sampling):  # fmt: skip
         self.model, self.tap = model, tap
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.schedule, self.predictor, self.eos, self.context = schedule, predictor, eos, context
@@ -363,7 +382,7 @@ class _Generator:
         self.device = next(model.parameters()).device
         self.waiting = deque(requests)
         self.batches = [_Rows.concat([]) for _ in range(active_batches)]
-        self.regroup_every = regroup_every
+        self.regroup_every, self.prefill_padding = regroup_every, prefill_padding
         self.finish: dict[int, str] = {}
         self.errors: dict[int, Exception] = {}
         state = getattr(model, "_expertflow", None)
@@ -372,6 +391,7 @@ class _Generator:
         self.keep_last = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
         self.stats = {
             "prefill_seconds": 0.0,
+            "prefill_tokens": 0,  # positions run by prefill calls, padding included
             "decode_seconds": 0.0,
             "schedule_seconds": 0.0,
             "decode_steps": 0,
@@ -411,21 +431,31 @@ class _Generator:
     # -- model calls ------------------------------------------------------------------------
 
     def _prefill(self, requests: list[_Request]) -> _Rows:
-        """Runs prompts of one length together (no padding, so each row is computed as it is
-        alone); returns the rows of those that go on. A failing group is retried one prompt at
-        a time, so that only the prompts that fail alone fail."""
+        """Runs prompts together, shorter ones left-padded (masked, positions counted from
+        their first real token, as the decode steps run padded rows); returns the rows of those
+        that go on. A failing group is retried one prompt at a time, so that only the prompts
+        that fail alone fail."""
         from transformers import DynamicCache
 
         started = time.perf_counter()
         if self.prefetcher is not None:
             self.prefetcher.reset()
-        ids = torch.tensor([r.ids for r in requests], device=self.device)
+        longest = max(len(r.ids) for r in requests)
+        ids = torch.zeros((len(requests), longest), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, request in enumerate(requests):
+            ids[row, longest - len(request.ids) :] = torch.as_tensor(request.ids)
+            mask[row, longest - len(request.ids) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        padded = bool((mask == 0).any())
+        self.stats["prefill_tokens"] += ids.numel()
         cache = DynamicCache()  # full layers: rows of any length can then be concatenated
         self.tap.clear()
         try:
             out = self.model(
                 input_ids=ids,
-                attention_mask=torch.ones_like(ids),
+                attention_mask=mask,
+                position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0) if padded else None,
                 past_key_values=cache,
                 use_cache=True,
                 **self.keep_last,
@@ -440,11 +470,14 @@ class _Generator:
                 return _Rows.concat([])
             return _Rows.concat([self._prefill([r]) for r in requests])
         self.stats["prefill_seconds"] += time.perf_counter() - started
+        keep = mask[:, None, :, None].to(cache.layers[0].keys.dtype) if padded else None
         rows = _Rows(
             requests,
-            [layer.keys for layer in cache.layers],
-            [layer.values for layer in cache.layers],
-            torch.ones_like(ids),
+            # Padding positions' keys/values are zeroed: masked, but whatever a padding
+            # position computed (a query that sees no key) must not reach a later step.
+            [layer.keys if keep is None else layer.keys * keep for layer in cache.layers],
+            [layer.values if keep is None else layer.values * keep for layer in cache.layers],
+            mask,
         )
         going_on = [
             i
@@ -513,14 +546,13 @@ class _Generator:
     # -- scheduling -------------------------------------------------------------------------
 
     def _admit(self, batch: int) -> None:
-        """Fills the batch with waiting requests, prefilling prompts of equal length together."""
+        """Fills the batch with waiting requests, prefilling their prompts together in groups
+        of similar length (:func:`_prefill_groups`)."""
         while len(self.batches[batch]) < self.batch_size and self.waiting:
             free = self.batch_size - len(self.batches[batch])
             admitted = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
-            by_length: dict[int, list[_Request]] = {}
-            for request in admitted:
-                by_length.setdefault(len(request.ids), []).append(request)
-            new = [self._prefill(group) for group in by_length.values()]
+            groups = _prefill_groups(admitted, self.prefill_padding)
+            new = [self._prefill(group) for group in groups]
             self.batches[batch] = _Rows.concat([self.batches[batch], *new])
 
     def _paths(self, requests: list[_Request]) -> np.ndarray:
@@ -597,6 +629,7 @@ def generate_batch(
     schedule: str = "fifo",
     active_batches: int = 4,
     regroup_every: int = 1,
+    prefill_padding: float = 0.25,
     predictor: Predictor | str | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     do_sample: bool = False,
@@ -624,6 +657,10 @@ def generate_batch(
         regroup_every: with ``"expertflow"``, regroup every this many rounds (1: each round,
             as ExpertFlow does). Requests' paths drift slowly, so a grouping stays good for a
             few rounds, and each regrouping costs KV row moves (README, "Batched generation").
+        prefill_padding: prompts admitted together are prefilled in one forward call, the
+            shorter ones left-padded, in groups of similar length whose padding adds at most
+            this share of their real tokens (padded positions cost as much as real ones);
+            0: only prompts of equal length share a call.
         predictor: predicts the routing paths the scheduler groups by; default: the offloaded
             model's predictor, or else each request's previous routing.
         eos_token_id: ends a request; default: the model's ``generation_config``.
@@ -633,7 +670,8 @@ def generate_batch(
 
     Returns:
         A :class:`BatchGeneration`. Its ``stats``: ``seconds``, ``tokens_per_second`` (all new
-        tokens over all time), ``prefill_seconds``, ``decode_seconds``, ``schedule_seconds``
+        tokens over all time), ``prefill_seconds``, ``prefill_tokens`` (positions prefilled,
+        padding included), ``decode_seconds``, ``schedule_seconds``
         (predictions, splits and KV moves), ``decode_steps``, ``decode_tokens``,
         ``distinct_experts_per_layer`` (mean over decode steps of the distinct experts a step
         ran per MoE layer), ``kv_rows_moved``, ``regroups`` and, for an offloaded model, the
@@ -648,6 +686,10 @@ def generate_batch(
     ):
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise ValueError(f"generate_batch: {name} must be an int >= {least}, got {value!r}")
+    if not isinstance(prefill_padding, (int, float)) or not 0 <= prefill_padding < math.inf:
+        raise ValueError(
+            f"generate_batch: prefill_padding must be a finite number >= 0, got {prefill_padding!r}"
+        )
     sampling = _Sampling(bool(do_sample), temperature, top_k, top_p, seed)
     sampling.check()
     if schedule not in SCHEDULES:
@@ -691,6 +733,7 @@ def generate_batch(
             schedule=schedule,
             active_batches=active_batches,
             regroup_every=regroup_every,
+            prefill_padding=float(prefill_padding),
             predictor=predictor,
             eos=_eos_ids(model, eos_token_id),
             context=context,

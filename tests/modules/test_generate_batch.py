@@ -166,6 +166,8 @@ def test_bad_input():
         (dict(prompts=[[1, 2.5]]), r"prompts\[0\] must be a non-empty list"),
         (dict(prompts=[[1, 96]]), r"prompts\[0\] has token id 96, outside .* \[0, 96\)"),
         (dict(prompts=[ok[0], [1] * 65]), r"prompts\[1\] has 65 tokens, longer than .* 64"),
+        (dict(prefill_padding=-0.1), "prefill_padding must be a finite number >= 0"),
+        (dict(prefill_padding=float("nan")), "prefill_padding must be a finite number >= 0"),
         (dict(batch_size=0), "batch_size must be an int >= 1, got 0"),
         (dict(regroup_every=0), "regroup_every must be an int >= 1, got 0"),
         (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1"),
@@ -242,6 +244,38 @@ def test_equal_length_prompts_are_prefilled_together_and_a_bad_one_fails_alone()
     # One prefill of all six (it fails), then each prompt alone, then decode steps of five rows.
     assert calls[0] == (6, 5) and calls[1:7] == [(1, 5)] * 6
     assert all(shape == (5, 1) for shape in calls[7:])
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_prompts_of_different_lengths_are_prefilled_together_padded(family):
+    model = without_eos(family, seed=1)
+    gen = torch.Generator().manual_seed(zlib.crc32(family.encode()))
+    prompts = [torch.randint(1, 96, (n,), generator=gen).tolist() for n in (7, 9, 8, 10)]
+    reference = [alone(model, p, 5) for p in prompts]
+    calls = []
+    model.register_forward_pre_hook(
+        lambda m, a, k: calls.append(tuple(k["input_ids"].shape)), with_kwargs=True
+    )
+    out = expertflow.generate_batch(model, prompts, max_new_tokens=5, batch_size=4)
+    assert out.sequences == reference
+    # One prefill of all four, padded to 10 (34 real tokens: 18% padding), then decode steps.
+    assert calls[0] == (4, 10) and all(shape == (4, 1) for shape in calls[1:])
+    assert out.stats["prefill_tokens"] == 40
+
+
+def test_prefill_groups_cap_the_padding():
+    from expertflow.generation import _prefill_groups, _Request
+
+    lengths = [10, 1000, 11, 12, 990, 1, 400, 12]
+    requests = [_Request(index=i, ids=[1] * n) for i, n in enumerate(lengths)]
+    groups = [[r.index for r in g] for g in _prefill_groups(requests, 0.25)]
+    assert groups == [[5], [0, 2, 3, 7], [6], [4, 1]]
+    for padding in (0.0, 0.1, 0.25, 1.0):
+        for group in _prefill_groups(requests, padding):
+            real = sum(len(r.ids) for r in group)
+            assert len(group) * max(len(r.ids) for r in group) <= (1 + padding) * real
+    equal = [[r.index for r in g] for g in _prefill_groups(requests, 0.0)]
+    assert equal == [[5], [0], [2], [3, 7], [6], [4], [1]]  # equal lengths only
 
 
 def two_kinds_model_and_prompts(count: int):
