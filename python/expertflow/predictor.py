@@ -58,9 +58,10 @@ def multi_hot(expert_ids: np.ndarray, num_experts: int) -> np.ndarray:
 
 
 # Token distances the reuse head predicts a use within. Replayed on the demo model's held-out
-# routing (25% slots) with the true uses as scores, one horizon (the next step alone) left
-# 1.44x Belady's bytes, 2 tokens 1.32x, 4 tokens 1.18x, 8-16 tokens 1.11x; the mean over these
-# horizons ranks an expert by how soon it is needed, not just whether.
+# routing at 25% slots with true uses as scores (bench/bench_predictor.py's oracle rows), the
+# next step alone left 1.45x Belady's bytes and adding these horizons 1.15x; in one-off
+# replays, 2 tokens ahead alone gave 1.32x and 4 tokens 1.18x. Their mean ranks an expert by
+# how soon it is needed, not just whether.
 REUSE_HORIZONS = (1, 2, 4, 8, 16)
 
 
@@ -827,6 +828,11 @@ def uses_within(hot: np.ndarray, horizons) -> np.ndarray:
     return out
 
 
+def _mean_or_none(arrays: list[np.ndarray | None]) -> np.ndarray | None:
+    present = [a for a in arrays if a is not None]
+    return sum(present) / len(present) if present else None
+
+
 class CombinedPredictor(Predictor):
     """A weighted sum of predictors' scores, e.g. the path predictor (what this token's ids
     say) plus the history predictor (what this sequence did a token ago)."""
@@ -851,6 +857,16 @@ class CombinedPredictor(Predictor):
             w * p.predict_step(histories, previous)
             for p, w in zip(self.parts, self.weights, strict=True)
         )
+
+    def predict_step_with_reuse(self, histories, previous):
+        """The weighted sum of the parts' scores, and the mean reuse scores of the parts that
+        have a reuse head (None if none has)."""
+        outs = [p.predict_step_with_reuse(histories, previous) for p in self.parts]
+        scores = sum(w * s for (s, _), w in zip(outs, self.weights, strict=True))
+        return scores, _mean_or_none([r for _, r in outs])
+
+    def reuse_trace(self, trace: Trace) -> np.ndarray | None:
+        return _mean_or_none([p.reuse_trace(trace) for p in self.parts])
 
     def learn(self, token_ids, routing) -> None:
         for p in self.parts:

@@ -228,6 +228,12 @@ def test_combined_predictor_sums_its_parts_and_round_trips(tmp_path):
         fresh.observe(held.expert_ids[i])
     with pytest.raises(ValueError, match="parts disagree"):
         CombinedPredictor([path, HistoryPredictor(LAYERS + 1, EXPERTS, 2)], [1, 1])
+    # Reuse scores: those of the part that has a reuse head.
+    assert combined.reuse_trace(held) is None
+    path.add_reuse_head(8)
+    np.testing.assert_allclose(combined.reuse_trace(held), path.reuse_trace(held))
+    scores, reuse = combined.predict_step_with_reuse([ids], None)
+    np.testing.assert_allclose(reuse, path.predict_step_with_reuse([ids], None)[1], atol=1e-6)
 
 
 def test_train_and_eval_predictor_commands(tmp_path, capsys):
