@@ -383,6 +383,7 @@ class _Generator:
         self.waiting = deque(requests)
         self.batches = [_Rows.concat([]) for _ in range(active_batches)]
         self.regroup_every, self.prefill_padding = regroup_every, prefill_padding
+        self._following: list[_Request] = []  # the batch that takes the next turn
         self.finish: dict[int, str] = {}
         self.errors: dict[int, Exception] = {}
         state = getattr(model, "_expertflow", None)
@@ -527,6 +528,7 @@ class _Generator:
                 scores = np.stack([r.scores for r in requests])
                 if all(r.reuse is not None for r in requests):
                     reuse = np.stack([r.reuse for r in requests])
+                reuse = self._with_following(reuse)
             self.prefetcher.drive(
                 [r.ids for r in requests], np.stack([r.previous for r in requests]), scores, reuse
             )
@@ -542,6 +544,16 @@ class _Generator:
         )
         tokens = self.sampling.pick(out.logits[:, -1], requests)
         return tokens, self.tap.routing(), cache, mask
+
+    def _with_following(self, reuse: np.ndarray | None) -> np.ndarray | None:
+        """Reuse scores for a batch's step, ``[rows, L, E]``: its requests' own (their next
+        tokens, a turn of every active batch away) and the predicted paths of the batch that
+        takes the next turn, which uses a layer's experts next after this batch has run it."""
+        following = [r.scores for r in self._following if r.scores is not None]
+        if not following or len(following) != len(self._following):
+            return reuse  # no batch follows this round, or its paths were not predicted
+        nxt = np.stack(following)
+        return nxt if reuse is None else np.concatenate([reuse, nxt])
 
     # -- scheduling -------------------------------------------------------------------------
 
@@ -612,9 +624,12 @@ class _Generator:
             if self.schedule == "expertflow" and rounds % self.regroup_every == 0:
                 self._regroup()
             rounds += 1
-            for batch in self._order:
-                if len(self.batches[batch]):
-                    self.batches[batch] = self._step(self.batches[batch])
+            live = [b for b in self._order if len(self.batches[b])]
+            for i, batch in enumerate(live):
+                # The last batch's follower already ran this round: its paths are gone.
+                following = self.batches[live[i + 1]] if i + 1 < len(live) else None
+                self._following = following.requests if following is not None else []
+                self.batches[batch] = self._step(self.batches[batch])
 
     def distinct_experts_per_layer(self) -> float | None:
         return float(np.mean(self._distinct)) if self._distinct else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import zlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -101,6 +102,34 @@ def test_with_the_models_own_predictor_and_prefetching():
     assert sum(r.stats["cache"]["prefetches"] for r in runs) > 0
     # After batched generation the model's own generate still works and matches.
     assert alone(model, prompts[0], 7) == reference[0]
+
+
+def test_a_scheduled_step_plans_evictions_for_the_batch_that_goes_next():
+    """With regrouping, each batch's step hands the prefetcher, as reuse scores, the predicted
+    paths of the batch whose turn is next: it is the next to run each layer's experts."""
+    model = without_eos("qwen3_moe", seed=2)
+    expertflow.offload(
+        model, device="cpu", slots=8, policy="expertflow", predictor=HistoryPredictor(2, 8, 2)
+    )
+    prefetcher = model._expertflow["prefetcher"]
+    driven, drive = [], prefetcher.drive
+
+    def spy(histories, previous, scores=None, reuse=None):
+        driven.append((len(histories), scores, reuse))
+        drive(histories, previous, scores, reuse)
+
+    prefetcher.drive = spy
+    prompts = random_prompts(6, 6)
+    out = expertflow.generate_batch(
+        model, prompts, max_new_tokens=4, batch_size=2, schedule="expertflow", active_batches=3
+    )
+    assert out.sequences == [alone(model, p, 4) for p in prompts]
+    # The history predictor has no reuse head: a step's reuse rows are the paths of the next
+    # step in the round (none for a round's last step).
+    pairs = list(zip(driven, driven[1:], strict=False))
+    followed = [(now, nxt) for now, nxt in pairs if now[2] is not None]
+    assert followed and all(np.array_equal(now[2], nxt[1]) for now, nxt in followed)
+    assert any(now[1] is not None and now[2] is None for now in driven)  # last of a round
 
 
 def test_sampling_gives_each_request_its_own_stream_whatever_the_batching():
