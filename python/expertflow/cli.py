@@ -200,13 +200,25 @@ def _load_traces(paths, exclude_source=None, only_source=None):
     return traces
 
 
+def _saved_path_predictor(args: argparse.Namespace, traces):
+    """``--from``: a saved path predictor for these traces, given a reuse head if it has none
+    (and ``--reuse-hidden`` asks for one)."""
+    from expertflow.predictor import PathPredictor, load_predictor
+
+    if args.kind == "history":
+        raise ValueError("--from starts from a path predictor: use --kind path or combined")
+    path = load_predictor(args.start_from)
+    if not isinstance(path, PathPredictor):
+        raise ValueError(f"--from: {args.start_from} holds a {path.kind} predictor, not path")
+    for trace in traces:
+        path.check_trace(trace)
+    if args.reuse_hidden and not path.has_reuse:
+        path.add_reuse_head(args.reuse_hidden)
+    return path
+
+
 def _train_predictor(args: argparse.Namespace) -> int:
-    from expertflow.predictor import (
-        CombinedPredictor,
-        HistoryPredictor,
-        PathPredictor,
-        load_predictor,
-    )
+    from expertflow.predictor import CombinedPredictor, HistoryPredictor, PathPredictor
 
     traces = _load_traces(args.traces, exclude_source=args.exclude_source)
     first = traces[0]
@@ -214,25 +226,7 @@ def _train_predictor(args: argparse.Namespace) -> int:
     history = HistoryPredictor(*shape).fit(traces) if args.kind != "path" else None
     path = None
     if args.start_from:
-        if args.kind == "history":
-            raise ValueError("--from starts from a path predictor: use --kind path or combined")
-        path = load_predictor(args.start_from)
-        if not isinstance(path, PathPredictor):
-            raise ValueError(f"--from: {args.start_from} holds a {path.kind} predictor, not path")
-        for trace in traces:
-            path.check_trace(trace)
-        if args.reuse_hidden and not path.has_reuse:
-            path.add_reuse_head(args.reuse_hidden)
-        if args.epochs:
-            path.fit(
-                traces,
-                epochs=args.epochs,
-                batch_size=args.batch_size,
-                lr=args.lr,
-                reuse_epochs=args.reuse_epochs,
-            )
-        elif path.has_reuse and args.reuse_epochs:
-            path.fit_reuse(traces, epochs=args.reuse_epochs)
+        path = _saved_path_predictor(args, traces)
     elif args.kind != "history":
         vocab = args.vocab_size or max(
             t.meta.get("vocab_size") or int(t.token_ids.max()) + 1
@@ -248,6 +242,7 @@ def _train_predictor(args: argparse.Namespace) -> int:
             use_previous=args.use_previous,
             reuse_hidden=args.reuse_hidden,
         )
+    if path is not None and args.epochs:
         path.fit(
             traces,
             epochs=args.epochs,
@@ -255,6 +250,8 @@ def _train_predictor(args: argparse.Namespace) -> int:
             lr=args.lr,
             reuse_epochs=args.reuse_epochs,
         )
+    elif path is not None and path.has_reuse and args.reuse_epochs:
+        path.fit_reuse(traces, epochs=args.reuse_epochs)  # --epochs 0: the reuse head alone
     if args.kind == "combined":
         predictor = CombinedPredictor([path, history], [1.0, args.history_weight])
     else:

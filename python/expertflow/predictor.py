@@ -408,17 +408,7 @@ class PathPredictor(Predictor):
             use_previous=bool(use_previous),
             reuse_hidden=int(reuse_hidden),
         )
-        self.net = _PathNet(
-            vocab_size,
-            num_layers,
-            num_experts,
-            d_model,
-            depth,
-            heads,
-            context,
-            use_previous,
-            reuse_hidden,
-        )
+        self.net = _PathNet(num_layers=num_layers, num_experts=num_experts, **self.hparams)
         self.net.eval()
         self._round_weights()
         self.history: list[dict] = []
