@@ -333,7 +333,7 @@ void CachePolicy::release(int32_t layer) {
   for (int32_t slot : pinned_by_layer_[layer]) update(slot, [](Slot& s) { --s.pins; });
   pinned_by_layer_[layer].clear();
   if (reuse_pending_[layer]) {
-    reuse_pending_[layer] = false;
+    reuse_pending_[layer] = 0;
     assign_scores(layer, &reuse_[static_cast<size_t>(layer) * options_.num_experts]);
   }
   // Real-time correction: the router of this layer has spoken; prefetches made for this step

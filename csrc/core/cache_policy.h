@@ -133,6 +133,8 @@ class CachePolicy {
   // CacheOptions::score_weight. `tick` stands in for the request of an entry never requested.
   double flow_value(size_t key, int64_t tick) const;
   bool evictable(int32_t slot) const;
+  // scores_ of one layer's experts (NaN: never needed), each resident one re-filed.
+  void assign_scores(int32_t layer, const float* scores);
   // Re-files `slot` in its pool's eviction set after `change` mutates it.
   template <typename Change>
   void update(int32_t slot, Change change);
@@ -150,8 +152,7 @@ class CachePolicy {
   std::vector<float> scores_;           // [num_layers * num_experts]
   std::vector<float> reuse_;            // [num_layers * num_experts] scores from release(layer) on
   std::vector<uint8_t> reuse_pending_;  // [num_layers]: reuse_ takes over at release(layer)
-  void assign_scores(int32_t layer, const float* scores);
-  std::vector<int64_t> next_use_;  // [num_layers * num_experts]
+  std::vector<int64_t> next_use_;       // [num_layers * num_experts]
   // kLrfu, per (layer, expert), whether resident or not: the decayed request count as
   // log(count at its last request) + decay_rate_ * that tick, which orders entries by their
   // current decayed count without ever being recomputed as time passes.
