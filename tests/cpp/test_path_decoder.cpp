@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <map>
 #include <random>
 #include <stdexcept>
@@ -62,6 +64,12 @@ struct RandomNet {
     }
     add("head.weight", {s.outputs, d});
     add("head.bias", {s.outputs});
+    if (s.reuse_hidden > 0) {
+      add("reuse.0.weight", {s.reuse_hidden, d});
+      add("reuse.0.bias", {s.reuse_hidden});
+      add("reuse.2.weight", {s.reuse_horizons * s.outputs, s.reuse_hidden});
+      add("reuse.2.bias", {s.reuse_horizons * s.outputs});
+    }
   }
 
   std::map<std::string, WeightView> views() const {
@@ -177,6 +185,59 @@ TEST(PathDecoder, ZeroStackGivesTheNormedEmbedding) {
   EXPECT_NEAR(scores[0], 0.5f, 1e-6f);
   EXPECT_NEAR(scores[1], 1.0f / (1.0f + std::exp(-1.0f)), 1e-6f);
   EXPECT_NEAR(scores[2], 1.0f / (1.0f + std::exp(2.0f)), 1e-6f);
+}
+
+// The reuse head by hand: a zero first layer leaves gelu(bias) as the hidden units, so each
+// horizon's logit is the second layer applied to those; the reuse score is the mean over
+// horizons of their sigmoids. The head does not touch the next-step scores, and rows
+// together give what each row gives alone.
+TEST(PathDecoder, ReuseHeadIsTheMeanOverHorizonsOfItsProbabilities) {
+  PathNetShape shape = small_shape(6, 3, true);
+  shape.reuse_hidden = 2;
+  shape.reuse_horizons = 4;
+  RandomNet net(shape, 5);
+  std::fill(net.data["reuse.0.weight"].begin(), net.data["reuse.0.weight"].end(), 0.0f);
+  net.data["reuse.0.bias"] = {1.0f, -0.5f};
+  const PathDecoder decoder(net.shape, net.views());
+  PathNetShape plain_shape = shape;
+  plain_shape.reuse_hidden = plain_shape.reuse_horizons = 0;
+  const PathDecoder plain(plain_shape, net.views());  // ignores the reuse weights
+  EXPECT_TRUE(decoder.has_reuse());
+  EXPECT_FALSE(plain.has_reuse());
+  const auto gelu = [](float x) { return 0.5f * x * (1.0f + std::erf(x / std::sqrt(2.0f))); };
+  const auto bf16 = [](float x) {  // the decoder keeps linear weights as bfloat16 (nearest even)
+    uint32_t bits;
+    std::memcpy(&bits, &x, 4);
+    bits = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
+    std::memcpy(&x, &bits, 4);
+    return x;
+  };
+  const float hidden[2] = {gelu(1.0f), gelu(-0.5f)};
+  const std::vector<float>& w = net.data["reuse.2.weight"];
+  const std::vector<float>& b = net.data["reuse.2.bias"];
+  std::vector<float> features(2 * 6), previous(2 * 3, 0.0f), scores(6), reuse(6), alone(6);
+  std::mt19937 rng(2);
+  std::normal_distribution<float> normal;
+  for (float& f : features) f = normal(rng);
+  previous[1] = previous[3 + 2] = 1.0f;
+  decoder.scores(features.data(), previous.data(), 2, scores.data(), reuse.data());
+  plain.scores(features.data(), previous.data(), 2, alone.data());
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(scores[i], alone[i]);
+  for (int o = 0; o < 3; ++o) {
+    float mean = 0.0f;
+    for (int h = 0; h < 4; ++h) {
+      const int row = h * 3 + o;
+      const float logit = bf16(w[row * 2]) * hidden[0] + bf16(w[row * 2 + 1]) * hidden[1] + b[row];
+      mean += 1.0f / (1.0f + std::exp(-logit)) / 4.0f;
+    }
+    EXPECT_NEAR(reuse[o], mean, 1e-6f) << o;
+    EXPECT_NEAR(reuse[3 + o], mean, 1e-6f) << o;  // the features do not reach it here
+  }
+  std::vector<float> one_score(3), one_reuse(3);
+  decoder.scores(&features[6], &previous[3], 1, one_score.data(), one_reuse.data());
+  for (int o = 0; o < 3; ++o) EXPECT_NEAR(one_reuse[o], reuse[3 + o], 1e-6f);
+  EXPECT_THROW(plain.scores(features.data(), nullptr, 1, scores.data(), reuse.data()),
+               std::invalid_argument);
 }
 
 TEST(PathDecoder, RefusesMissingOrMisshapenWeightsAndBadTokens) {
