@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 import expertflow
-from expertflow.demo_model import domain_texts, load_demo_model, load_demo_predictor
-from expertflow.generation import generate_batch
+from expertflow.demo.model import domain_texts, load_demo_model, load_demo_predictor
+from expertflow.serving.generation import generate_batch
 
 
 def mixed_prompts(corpus: str, tokenizer, count: int, length: int) -> list[list[int]]:

@@ -62,7 +62,7 @@ def device_memory(device):
 def experts_on_host_device_map(model, device) -> dict[str, str]:
     """A device_map keeping every experts module on the host ("cpu") and everything else on
     ``device``: accelerate then copies a layer's experts to the device at each of its forwards."""
-    from expertflow._offload import find_experts_modules
+    from expertflow.runtime.experts import find_experts_modules
 
     experts = {name for name, _ in find_experts_modules(model)}
     device_map: dict[str, str] = {}
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
                     torch.cuda.reset_peak_memory_stats(device)
                 expertflow.offload(model, device=device, slots=slots, policy=policy)
                 tps = decode_tokens_per_s(model, device, args.new_tokens)
-                stats = model._expertflow["cache"].stats()
+                stats = model._expertflow.cache.stats()
                 rows.append(
                     {
                         "config": f"offloaded, {policy}",

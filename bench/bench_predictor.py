@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from expertflow.predictor import (
+from expertflow.prediction import (
     REUSE_HORIZONS,
     CombinedPredictor,
     HistoryPredictor,
@@ -49,9 +49,9 @@ from expertflow.predictor import (
     multi_hot,
     uses_within,
 )
-from expertflow.predictor_eval import evaluate_predictor, evaluate_scores
-from expertflow.replay import replay
-from expertflow.trace import Trace, load_trace
+from expertflow.prediction.evaluation import evaluate_predictor, evaluate_scores
+from expertflow.traces.format import Trace, load_trace
+from expertflow.traces.replay import replay
 
 MIXTRAL_EXPERT_BYTES = 3 * 4096 * 14336 * 2
 BUDGETS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
@@ -277,7 +277,7 @@ def plot(rows, out: Path) -> None:
 def predictor_cost(args, held: Trace) -> dict:
     import torch
 
-    from expertflow.demo_model import load_demo_model
+    from expertflow.demo.model import load_demo_model
 
     predictor = load_predictor(args.predictor)
     # One sequence decoding: its history grows by one id per step, so the predictor runs as it
@@ -343,7 +343,7 @@ def _offloaded_step(base, prompt, predictor_dir, background: bool) -> tuple[floa
         predictor=load_predictor(predictor_dir),
         background=background,
     )
-    prefetcher = model._expertflow["prefetcher"]
+    prefetcher = model._expertflow.prefetcher
     with torch.no_grad():
         model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
         steps, critical, worker = (

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from expertflow.predictor import PathPredictor, multi_hot
+from expertflow.prediction import PathPredictor, multi_hot
 
 
 def whole_window_step(predictor: PathPredictor, histories, previous) -> np.ndarray:

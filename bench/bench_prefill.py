@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from expertflow.demo_model import load_demo_model
-from expertflow.generation import generate_batch
+from expertflow.demo.model import load_demo_model
+from expertflow.serving.generation import generate_batch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_generate_batch import default_corpus, mixed_prompts  # noqa: E402

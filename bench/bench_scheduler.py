@@ -6,7 +6,7 @@ Workload: the held-out sequences of all domains interleaved in arrival order (a 
 stream of requests). Every decode step j, groups of 2 (ExpertFlow's pair) or 4 consecutive
 batches of B requests decode their j-th tokens. FIFO keeps arrival order; the scheduler
 regroups each group of batches by the paths the predictor predicts for those tokens
-(``expertflow.scheduler``: one two-batch split for a pair, ``regroup`` for 4), and, as the
+(``expertflow.serving.scheduler``: one two-batch split for a pair, ``regroup`` for 4), and, as the
 bound of what this scheduler could do with perfect prediction, by the true paths. Reported:
 distinct experts per batch per layer under the routers' real choices, for B = 4, 16, 64, and
 the scheduler's decision time. End to end (real batched generation, KV rows moving, bytes and
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from expertflow.predictor import load_predictor, multi_hot
-from expertflow.scheduler import paths_from_scores, regroup, split_two_batches
-from expertflow.trace import load_trace
+from expertflow.prediction import load_predictor, multi_hot
+from expertflow.serving.scheduler import paths_from_scores, regroup, split_two_batches
+from expertflow.traces.format import load_trace
 
 
 def interleaved(trace):

@@ -33,13 +33,10 @@ using expertflow::core::Load;
 namespace {
 
 EvictionPolicy parse_policy(const std::string& name) {
-  if (name == "lru") return EvictionPolicy::kLru;
-  if (name == "lfu") return EvictionPolicy::kLfu;
-  if (name == "expertflow") return EvictionPolicy::kExpertFlow;
-  if (name == "belady") return EvictionPolicy::kBelady;
-  if (name == "lrfu") return EvictionPolicy::kLrfu;
-  throw py::value_error(
-      "policy must be one of 'lru', 'lfu', 'lrfu', 'expertflow', 'belady', got '" + name + "'");
+  if (auto policy = expertflow::core::policy_from_name(name)) return *policy;
+  std::string names;
+  for (auto n : expertflow::core::policy_names()) names += (names.empty() ? "'" : ", '") + std::string(n) + "'";
+  throw py::value_error("policy must be one of " + names + ", got '" + name + "'");
 }
 
 BudgetMode parse_budget(const std::string& name) {
@@ -397,6 +394,14 @@ void bind_path_decoder(py::module_& m) {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "expertflow native extension";
+  m.def(
+      "policy_names",
+      [] {
+        std::vector<std::string> names;
+        for (auto n : expertflow::core::policy_names()) names.emplace_back(n);
+        return names;
+      },
+      "The cache's eviction policies, as offload, replay and the command line name them.");
   m.def("build_info", [] {
     py::dict info;
     info["torch_version"] = EXPERTFLOW_TORCH_VERSION;

@@ -15,13 +15,13 @@ assets="$ROOT/python/expertflow/assets"
 mkdir -p "$work" "$assets"
 
 if [ ! -f "$work/demo-moe/model.safetensors" ]; then
-  "$py" -m expertflow.train_demo_model --corpus "$corpus" --out "$work/demo-moe" \
+  "$py" -m expertflow.demo.training --corpus "$corpus" --out "$work/demo-moe" \
     --steps 3000 --eval-every 500 | tee "$work/train_model.log"
 fi
 # Phase 2: experts the router left (nearly) unused are split off their layer's busiest expert,
 # then 600 more steps with a stronger load-balancing loss let the copies diverge.
 if [ ! -f "$work/demo-moe-2/model.safetensors" ]; then
-  "$py" -m expertflow.train_demo_model --corpus "$corpus" --init-from "$work/demo-moe" \
+  "$py" -m expertflow.demo.training --corpus "$corpus" --init-from "$work/demo-moe" \
     --out "$work/demo-moe-2" --steps 600 --lr 5e-4 --warmup 20 --aux-loss-coef 0.05 \
     --revive-dead-experts --eval-every 300 --seed 1 | tee "$work/train_model_2.log"
 fi

@@ -7,6 +7,33 @@
 
 namespace expertflow::core {
 
+namespace {
+
+struct NamedPolicy {
+  std::string_view name;
+  EvictionPolicy policy;
+};
+constexpr NamedPolicy kNamedPolicies[] = {{"lru", EvictionPolicy::kLru},
+                                          {"lfu", EvictionPolicy::kLfu},
+                                          {"lrfu", EvictionPolicy::kLrfu},
+                                          {"expertflow", EvictionPolicy::kExpertFlow},
+                                          {"belady", EvictionPolicy::kBelady}};
+
+}  // namespace
+
+std::vector<std::string_view> policy_names() {
+  std::vector<std::string_view> names;
+  for (const auto& p : kNamedPolicies) names.push_back(p.name);
+  return names;
+}
+
+std::optional<EvictionPolicy> policy_from_name(std::string_view name) {
+  for (const auto& p : kNamedPolicies) {
+    if (p.name == name) return p.policy;
+  }
+  return std::nullopt;
+}
+
 std::string validate(const CacheOptions& o) {
   if (o.num_layers < 1) return "num_layers must be >= 1, got " + std::to_string(o.num_layers);
   if (o.num_experts < 1) return "num_experts must be >= 1, got " + std::to_string(o.num_experts);

@@ -10,6 +10,7 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <string_view>
 #include <tuple>
 #include <vector>
 
@@ -24,6 +25,12 @@ enum class EvictionPolicy {
   kLrfu,        // lowest decayed request count (each request adds 1, decaying by
                 // CacheOptions::frequency_decay per token), then LRU
 };
+
+// The policies as users name them (Python API, command line, replay), in the order they are
+// listed: the single source of these names.
+std::vector<std::string_view> policy_names();
+// The policy called `name`, or std::nullopt when no policy has that name.
+std::optional<EvictionPolicy> policy_from_name(std::string_view name);
 
 enum class BudgetMode {
   kPerLayer,  // num_slots / num_layers slots reserved to each layer

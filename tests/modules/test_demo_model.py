@@ -10,13 +10,13 @@ import torch
 
 import expertflow
 from expertflow import cli
-from expertflow.demo_model import (
+from expertflow.demo.model import (
     DEMO_MODEL_DIR,
     domain_texts,
     load_demo_model,
     load_demo_tokenizer,
 )
-from expertflow.trace import load_trace
+from expertflow.traces.format import load_trace
 
 pytest.importorskip("transformers")
 
@@ -139,12 +139,12 @@ def test_trace_command_bad_input(tmp_path, capsys):
 
 
 def test_interrupted_trace_leaves_no_file(tmp_path, monkeypatch):
-    import expertflow.recording
+    import expertflow.traces.recording
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(expertflow.recording, "record_routing", interrupted)
+    monkeypatch.setattr(expertflow.traces.recording, "record_routing", interrupted)
     text = tmp_path / "a.txt"
     text.write_text("word " * 400)
     with pytest.raises(KeyboardInterrupt):
@@ -168,7 +168,7 @@ def test_corpus_split_and_bad_corpus(tmp_path):
 
 
 def test_training_script_runs_and_writes_a_loadable_model(tmp_path):
-    from expertflow import train_demo_model
+    from expertflow.demo import training as train_demo_model
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()

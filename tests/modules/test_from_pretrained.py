@@ -35,7 +35,7 @@ def test_sharded_checkpoint_loads_with_the_same_outputs(family, tmp_path):
     assert torch.equal(got_tokens, want_tokens)
     assert not any(p.is_meta for p in loaded.parameters())
     report = expertflow.memory_report(loaded)
-    assert report["slot_bytes"] == slots * loaded._expertflow["cache"].slot_bytes
+    assert report["slot_bytes"] == slots * loaded._expertflow.cache.slot_bytes
 
 
 def test_dtype_and_gpu_memory_budget(tmp_path):
@@ -46,7 +46,7 @@ def test_dtype_and_gpu_memory_budget(tmp_path):
     )
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     ref = expertflow.offload(build("qwen3_moe").to(torch.bfloat16), device="cpu", gpu_memory=10**9)
-    assert loaded._expertflow["cache"].num_slots == ref._expertflow["cache"].num_slots
+    assert loaded._expertflow.cache.num_slots == ref._expertflow.cache.num_slots
 
 
 def test_bad_checkpoints(tmp_path):
@@ -107,7 +107,7 @@ PEAK_SCRIPT = textwrap.dedent(
         expertflow.offload(model, device="cpu", slots=8)
     else:
         model = expertflow.from_pretrained(path, device="cpu", slots=8)
-    cache = model._expertflow["cache"]
+    cache = model._expertflow.cache
     resident = sum(p.numel() * p.element_size() for p in model.parameters())
     print(json.dumps({"peak": rss("VmHWM:") - base, "experts": cache.host_bytes,
                       "resident": resident}))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import expertflow
-from expertflow._offload import find_experts_modules
+from expertflow.runtime.experts import find_experts_modules
 
 transformers = pytest.importorskip("transformers")
 
@@ -177,7 +177,7 @@ def test_offloaded_model_matches(family, policy, tight):
         )
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(got_tokens, want_tokens)
-    stats = model._expertflow["cache"].stats()
+    stats = model._expertflow.cache.stats()
     assert stats["misses"] > 0
     if tight:
         assert stats["evictions"] > 0
@@ -203,7 +203,7 @@ def test_bad_input():
 def test_gpu_memory_budget_gives_slots():
     model = build("mixtral")
     expertflow.offload(model, device="cpu", gpu_memory="1GiB")
-    cache = model._expertflow["cache"]
+    cache = model._expertflow.cache
     assert cache.num_slots >= 16  # everything fits: 2 layers x 8 experts
 
 
@@ -235,7 +235,7 @@ def test_memory_report():
     report = expertflow.memory_report(model)
     assert report["resident_bytes"] >= total - expert_bytes  # buffers count too
     assert report["host_bytes"] >= expert_bytes  # plus 256-byte alignment
-    assert report["slot_bytes"] == 4 * model._expertflow["cache"].slot_bytes
+    assert report["slot_bytes"] == 4 * model._expertflow.cache.slot_bytes
     assert report["device_bytes"] == report["resident_bytes"] + report["slot_bytes"]
     assert 0 < report["saving_percent"] < 100
     with pytest.raises(ValueError, match="was not offloaded"):
@@ -272,7 +272,7 @@ class _FakeNvml(types.ModuleType):
 
 
 def test_device_totals_find_the_gpu_by_uuid_and_shut_nvml_down(monkeypatch):
-    from expertflow._offload import _device_totals
+    from expertflow.runtime.memory import _device_totals
 
     props = types.SimpleNamespace(uuid="58c5a5d5-0000-1111-2222-333344445555")
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
@@ -320,4 +320,4 @@ def test_bf16_on_cuda_matches_the_model_fully_on_the_gpu(family):
         got = model(input_ids=ids.cuda(), attention_mask=mask.cuda()).logits.float()
     # bf16: combine sums in fp32 where the eager experts sum in bf16.
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
-    assert model._expertflow["cache"].host_pinned
+    assert model._expertflow.cache.host_pinned

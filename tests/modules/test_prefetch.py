@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import expertflow
-from expertflow.predictor import HistoryPredictor, PathPredictor, Predictor, multi_hot
-from expertflow.recording import RoutingRecorder, record_routing
+from expertflow.prediction import HistoryPredictor, PathPredictor, Predictor, multi_hot
+from expertflow.traces.recording import RoutingRecorder, record_routing
 from tests.modules.test_offload import build, build_mixtral_with_agreeing_layers
 
 pytest.importorskip("transformers")
@@ -37,7 +37,7 @@ def prompt():
 
 
 def decode_stats(model, ids):
-    cache = model._expertflow["cache"]
+    cache = model._expertflow.cache
     with torch.no_grad():
         model(input_ids=ids)  # warm: the prompt's own loads are not what is compared
     before = cache.stats()
@@ -63,7 +63,7 @@ def test_an_oracle_predictor_turns_decode_misses_into_prefetch_hits(family):
     guided = expertflow.offload(
         build(family), device="cpu", slots=2 * layers, policy="expertflow", predictor=oracle
     )
-    prefetcher = guided._expertflow["prefetcher"]
+    prefetcher = guided._expertflow.prefetcher
     # the warm-up forward is a prompt (no plan); generate's prompt neither; then NEW-1 steps
     out_guided, guided_stats = decode_stats(guided, ids)
     assert torch.equal(out_plain, expected) and torch.equal(out_guided, expected)
@@ -96,9 +96,9 @@ def test_real_predictors_never_change_the_tokens(kind, budget):
     with torch.no_grad():
         got = offloaded.generate(input_ids=ids, **kwargs)
     assert torch.equal(got, expected)
-    prefetcher = offloaded._expertflow["prefetcher"]
+    prefetcher = offloaded._expertflow.prefetcher
     assert prefetcher.steps == NEW - 1 and prefetcher.seconds > 0
-    assert offloaded._expertflow["cache"].stats()["prefetches"] > 0
+    assert offloaded._expertflow.cache.stats()["prefetches"] > 0
     if kind == "history":  # it learned online from the prompt and the decoded tokens
         assert sum(predictor._token_count.values()) == int(mask.sum()) + 2 * (NEW - 1)
     expertflow.restore(offloaded)
@@ -131,7 +131,7 @@ def test_a_prefetch_threshold_copies_only_confident_predictions():
         )
         out, stats = decode_stats(model, ids)
         assert torch.equal(out, expected)
-        assert model._expertflow["prefetcher"].steps == NEW - 1
+        assert model._expertflow.prefetcher.steps == NEW - 1
         prefetches[threshold] = stats["prefetches"]
     assert prefetches[0.2] > 0 and prefetches[0.5] == 0
 
@@ -176,7 +176,7 @@ def test_a_background_predictor_runs_off_the_main_thread_without_changing_tokens
     model = expertflow.offload(
         build("mixtral"), device="cpu", slots=4, predictor=oracle, background=True
     )
-    prefetcher = model._expertflow["prefetcher"]
+    prefetcher = model._expertflow.prefetcher
     out, _ = decode_stats(model, ids)
     assert torch.equal(out, expected)
     assert oracle.threads and threading.get_ident() not in oracle.threads
@@ -219,12 +219,12 @@ def test_gate_lookahead_prefetches_the_next_layer_without_changing_tokens(family
     kwargs = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         expected = reference.generate(input_ids=ids, **kwargs)
-    layers = len(expertflow.recording.routed_modules(reference))
+    layers = len(expertflow.runtime.routing.routed_modules(reference))
     model = expertflow.offload(build(family), device="cpu", slots=2 * layers, lookahead=True)
     with torch.no_grad():
         got = model.generate(input_ids=ids, **kwargs)
     assert torch.equal(got, expected)
-    prefetcher = model._expertflow["prefetcher"]
+    prefetcher = model._expertflow.prefetcher
     assert prefetcher.predictor is None and prefetcher.steps == NEW - 1
     # Each decode step looks ahead from every layer but the last.
     assert prefetcher.lookahead_prefetches > 0 and prefetcher.lookahead_seconds > 0
@@ -236,7 +236,7 @@ def test_lookahead_is_exact_when_hidden_states_barely_change():
     model = build_mixtral_with_agreeing_layers()
     ids = prompt()
     offloaded = expertflow.offload(model, device="cpu", slots=4, lookahead=True, policy="lru")
-    cache = offloaded._expertflow["cache"]
+    cache = offloaded._expertflow.cache
     looked_ahead = []
     real_prefetch = cache.prefetch
 

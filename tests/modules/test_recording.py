@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import expertflow
-from expertflow.recording import RoutingRecorder, record_routing
-from expertflow.trace import load_trace, save_trace
+from expertflow.traces.format import load_trace, save_trace
+from expertflow.traces.recording import RoutingRecorder, record_routing
 from tests.modules.test_offload import FAMILIES, build, build_mixtral_with_agreeing_layers
 
 pytest.importorskip("transformers")
@@ -31,7 +31,7 @@ def test_prefill_trace_equals_each_prompt_alone(family, gen):
     model = build(family)
     ps = prompts(gen, [5, 9, 1, 7])
     trace = record_routing(model, ps, batch_size=3, sources=["a", "b", "a", "c"])
-    layers = len(expertflow.recording.routed_modules(model))
+    layers = len(expertflow.runtime.routing.routed_modules(model))
     assert trace.expert_ids.shape == (sum(map(len, ps)), layers, model.config.num_experts_per_tok)
     assert trace.meta["prefill"] == [True] * trace.num_tokens
     assert trace.meta["sequence_sources"] == ["a", "b", "a", "c"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from expertflow import ops, reference
+from expertflow import ops
+from expertflow.ops import reference
 from tests.ops.routing_checks import assert_same_routing
 
 # The sweep asked for by the op's contract: T x E x k (k = E included).

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from expertflow import _C
-from expertflow.predictor import REUSE_HORIZONS, PathPredictor, _PathNet
+from expertflow.prediction import REUSE_HORIZONS, PathPredictor
+from expertflow.prediction.predictor import _PathNet
 
 
 def random_net(d_model, heads, depth, context, use_previous, layers=3, experts=5, seed=0):

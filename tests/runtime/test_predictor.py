@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from expertflow.predictor import (
+from expertflow.prediction import (
     HistoryPredictor,
     PathPredictor,
     load_predictor,
     multi_hot,
     topk_recall_precision,
 )
-from expertflow.predictor_eval import decode_groups, evaluate_predictor
-from expertflow.trace import Trace
+from expertflow.prediction.evaluation import decode_groups, evaluate_predictor
+from expertflow.traces.format import Trace
 
 LAYERS, EXPERTS, VOCAB = 3, 8, 40
 
@@ -207,7 +207,7 @@ def test_select_sources_keeps_whole_sequences():
 
 
 def test_combined_predictor_sums_its_parts_and_round_trips(tmp_path):
-    from expertflow.predictor import CombinedPredictor
+    from expertflow.prediction import CombinedPredictor
 
     train, held = token_routed_trace(1), token_routed_trace(2, sequences=4)
     path = PathPredictor(LAYERS, EXPERTS, 2, vocab_size=VOCAB, d_model=16, context=8)
@@ -240,7 +240,7 @@ def test_train_and_eval_predictor_commands(tmp_path, capsys):
     import json
 
     from expertflow import cli
-    from expertflow.trace import save_trace
+    from expertflow.traces.format import save_trace
 
     save_trace(token_routed_trace(1, sources=["a", "b", "c"]), tmp_path / "train.npz")
     save_trace(token_routed_trace(2, sources=["a", "b", "c"]), tmp_path / "held.npz")
@@ -393,7 +393,7 @@ def test_predictors_without_a_reuse_head_say_so(tmp_path):
 
 def test_train_predictor_from_a_saved_one_adds_and_trains_only_the_reuse_head(tmp_path, capsys):
     from expertflow import cli
-    from expertflow.trace import save_trace
+    from expertflow.traces.format import save_trace
 
     held, _ = topic_routed_trace(4, sequences=8, length=20)
     save_trace(held, tmp_path / "t.npz")

@@ -14,9 +14,9 @@ from hypothesis import strategies as st  # noqa: E402
 
 from expertflow import _C  # noqa: E402
 from expertflow.cli import main  # noqa: E402
-from expertflow.predictor import REUSE_HORIZONS, multi_hot, uses_within  # noqa: E402
-from expertflow.replay import load_predictions, replay
-from expertflow.trace import Trace, TraceError, save_trace
+from expertflow.prediction import REUSE_HORIZONS, multi_hot, uses_within  # noqa: E402
+from expertflow.traces.format import Trace, TraceError, save_trace
+from expertflow.traces.replay import load_predictions, replay
 
 
 @st.composite

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from expertflow.routing_stats import format_routing_stats, routing_stats
-from expertflow.trace import Trace
+from expertflow.traces.format import Trace
+from expertflow.traces.stats import format_routing_stats, routing_stats
 
 
 def make_trace(ids, seqs, sources=None, experts=8):

@@ -7,7 +7,12 @@ import itertools
 import numpy as np
 import pytest
 
-from expertflow.scheduler import distinct_pairs, paths_from_scores, regroup, split_two_batches
+from expertflow.serving.scheduler import (
+    distinct_pairs,
+    paths_from_scores,
+    regroup,
+    split_two_batches,
+)
 
 
 def clustered_paths(rng, n, layers=6, experts=16, k=2, domains=4):

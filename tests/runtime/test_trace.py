@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from expertflow.trace import Trace, TraceError, load_trace, save_trace
+from expertflow.traces.format import Trace, TraceError, load_trace, save_trace
 
 
 def make_trace(tokens=6, layers=3, experts=8, k=2, seed=0, **extra) -> Trace:

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from expertflow.predictor import Predictor
+from expertflow.prediction import Predictor
+from expertflow.runtime.routing import RoutedCall, hook_routed_calls
 
 __all__ = ["PredictivePrefetcher"]
 
@@ -87,10 +88,7 @@ class PredictivePrefetcher:
         self.lookahead_seconds = 0.0
         self.lookahead_prefetches = 0
         self._handles = [model.register_forward_pre_hook(self._on_forward, with_kwargs=True)]
-        for layer, module in enumerate(modules):
-            self._handles.append(
-                module.register_forward_pre_hook(self._layer_hook(layer), with_kwargs=True)
-            )
+        self._handles += hook_routed_calls(modules, self._on_layer)
 
     def drive(
         self,
@@ -207,20 +205,15 @@ class PredictivePrefetcher:
         self._send_plan(scores, reuse, per_layer, min(self._layer + 1, self.num_layers))
         self.background_seconds += time.perf_counter() - started
 
-    def _layer_hook(self, layer: int):
-        def hook(module, args, kwargs) -> None:
-            if self._step_ids is None:
-                return
-            self._layer = layer
-            index = kwargs["top_k_index"] if "top_k_index" in kwargs else args[1]
-            self._routing[layer] = index.detach().cpu()
-            if self.routers is not None and self._decoding and layer + 1 < self.num_layers:
-                hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-                self._look_ahead(layer + 1, hidden)
-            if layer == self.num_layers - 1 and all(r is not None for r in self._routing):
-                self._finish_step()
-
-        return hook
+    def _on_layer(self, layer: int, call: RoutedCall) -> None:
+        if self._step_ids is None:
+            return
+        self._layer = layer
+        self._routing[layer] = call.top_k_index.detach().cpu()
+        if self.routers is not None and self._decoding and layer + 1 < self.num_layers:
+            self._look_ahead(layer + 1, call.hidden_states)
+        if layer == self.num_layers - 1 and all(r is not None for r in self._routing):
+            self._finish_step()
 
     @torch.no_grad()
     def _look_ahead(self, layer: int, hidden: torch.Tensor) -> None:

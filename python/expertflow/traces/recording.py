@@ -1,4 +1,4 @@
-"""Recording the routing of a real model into a :class:`~expertflow.trace.Trace`.
+"""Recording the routing of a real model into a :class:`~expertflow.traces.format.Trace`.
 
 The recorder hooks the same modules :func:`expertflow.offload` replaces (transformers' experts
 modules, or the :class:`~expertflow.OffloadedExperts` standing in for them): each receives
@@ -15,24 +15,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from expertflow._offload import OffloadedExperts, _expert_tensors, find_experts_modules
-from expertflow.trace import Trace
+from expertflow.runtime.experts import expert_tensors
+from expertflow.runtime.offloaded import OffloadedExperts
+from expertflow.runtime.routing import (
+    RoutedCall,
+    hook_routed_calls,
+    routed_modules,
+    routers_beside,
+)
+from expertflow.traces.format import Trace
 
-__all__ = ["RoutingRecorder", "record_routing", "routed_modules"]
-
-
-def routed_modules(model: nn.Module) -> list[nn.Module]:
-    """The modules that receive the routers' choices, in layer order: transformers experts
-    modules, or OffloadedExperts where the model was offloaded."""
-    offloaded = [m for m in model.modules() if isinstance(m, OffloadedExperts)]
-    return offloaded or [m for _, m in find_experts_modules(model)]
+__all__ = ["RoutingRecorder", "record_routing"]
 
 
 def _expert_bytes(module: nn.Module) -> int:
     if isinstance(module, OffloadedExperts):
         tensors = module.cache.host_expert(module.layer, 0)
     else:
-        tensors = _expert_tensors(module, 0)
+        tensors = expert_tensors(module, 0)
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -52,36 +52,20 @@ class RoutingRecorder:
             )
         self._records: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.modules]
         self._lookahead: list[list[torch.Tensor]] = [[] for _ in self.modules]
-        self._routers = None
-        if lookahead:
-            from expertflow._offload import _router_of
-
-            names = {id(m): n for n, m in model.named_modules()}
-            self._routers = []
-            for module in self.modules:
-                parent_name = names[id(module)].rpartition(".")[0]
-                parent = model.get_submodule(parent_name) if parent_name else model
-                self._routers.append(_router_of(parent, parent_name))
+        self._routers = routers_beside(model, self.modules) if lookahead else None
         self._handles = []
 
-    def _hook(self, layer: int) -> Callable:
-        def hook(module, args, kwargs):
-            index = kwargs["top_k_index"] if "top_k_index" in kwargs else args[1]
-            weights = kwargs["top_k_weights"] if "top_k_weights" in kwargs else args[2]
-            self._records[layer].append((index.detach().cpu(), weights.detach().float().cpu()))
-            if self._routers is not None and layer + 1 < len(self._routers):
-                hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-                with torch.no_grad():
-                    _, _, ahead = self._routers[layer + 1](hidden.reshape(-1, hidden.shape[-1]))
-                self._lookahead[layer + 1].append(ahead.detach().cpu())
-
-        return hook
+    def _on_call(self, layer: int, call: RoutedCall) -> None:
+        index, weights = call.top_k_index, call.top_k_weights
+        self._records[layer].append((index.detach().cpu(), weights.detach().float().cpu()))
+        if self._routers is not None and layer + 1 < len(self._routers):
+            hidden = call.hidden_states
+            with torch.no_grad():
+                _, _, ahead = self._routers[layer + 1](hidden.reshape(-1, hidden.shape[-1]))
+            self._lookahead[layer + 1].append(ahead.detach().cpu())
 
     def __enter__(self) -> RoutingRecorder:
-        for layer, module in enumerate(self.modules):
-            self._handles.append(
-                module.register_forward_pre_hook(self._hook(layer), with_kwargs=True)
-            )
+        self._handles = hook_routed_calls(self.modules, self._on_call)
         return self
 
     def __exit__(self, *exc) -> None:

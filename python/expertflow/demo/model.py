@@ -1,7 +1,7 @@
 """The bundled demo MoE language model: its shape, its corpus split, and loading it offline.
 
 The model is a small transformers ``MixtralForCausalLM`` trained on the five-domain corpus
-(``shared/data/corpus``) by :mod:`expertflow.train_demo_model`; the weights (bf16 safetensors) and
+(``shared/data/corpus``) by :mod:`expertflow.demo.training`; the weights (bf16 safetensors) and
 the byte-level BPE tokenizer ship in ``expertflow/assets/demo-moe``. It is the default model of
 ``expertflow demo``, the source of real routing traces, and a test fixture.
 """
@@ -97,7 +97,7 @@ def load_demo_model(dtype: torch.dtype = torch.float32, path: str | Path | None 
     if not (path / "model.safetensors").is_file():
         raise FileNotFoundError(
             f"no model.safetensors in {path}: train one with "
-            "`python -m expertflow.train_demo_model --corpus DIR --out DIR`"
+            "`python -m expertflow.demo.training --corpus DIR --out DIR`"
         )
     model = MixtralForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     return model.eval(), load_demo_tokenizer(path)
@@ -107,6 +107,6 @@ def load_demo_predictor(path: str | Path | None = None):
     """The routing predictor shipped with the demo model: the path predictor (d 160, 4 layers,
     bfloat16 weights) trained on its routing traces of the corpus's training part, 90% top-2
     recall on held-out text (README, "Routing predictor")."""
-    from expertflow.predictor import load_predictor
+    from expertflow.prediction import load_predictor
 
     return load_predictor(Path(path) if path is not None else DEMO_PREDICTOR_DIR)

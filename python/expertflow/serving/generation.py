@@ -1,22 +1,21 @@
 """Batched generation: many requests decoded in turns of batches, optionally regrouped.
 
-:func:`generate_batch` keeps ``active_batches`` batches of up to ``batch_size`` requests and lets
-them take one decode step each in turn (continuous batching: a finished request leaves its batch
-and the next waiting one is prefilled into its place; prompts of equal length are prefilled
-together, unpadded). Every request owns its rows of its
-batch's KV cache: rows of different lengths are left-padded with zeros and masked, and each row
-gets its own positions, so a request decodes exactly as it would alone.
+:func:`generate_batch` keeps ``active_batches`` batches of up to ``batch_size`` requests and
+lets them take one decode step each in turn (continuous batching: a finished request leaves its
+batch and the next waiting one is prefilled into its place; prompts of equal length are
+prefilled together, unpadded). Every request owns its rows of its batch's KV cache: rows of
+different lengths are left-padded with zeros and masked, and each row gets its own positions,
+so a request decodes exactly as it would alone.
 
 With ``schedule="expertflow"`` (ExpertFlow's token scheduler), before every round (one decode
 step of each active batch) the requests of the active batches are regrouped, keeping the batch
 sizes, so that the batches need as few distinct (layer, expert) pairs as possible by their
 predicted routing paths: every pair of batches is re-split with the native two-batch split
-(:func:`expertflow.scheduler.regroup`). Their KV rows move with them. With two active batches
-this is ExpertFlow's re-split of two consecutive batches; more active batches give the
+(:func:`~expertflow.serving.scheduler.regroup`). Their KV rows move with them. With two active
+batches this is ExpertFlow's re-split of two consecutive batches; more active batches give the
 scheduler more requests to match (measured in ``bench/bench_generate_batch.py``). The round
 then runs each batch after the one it shares most predicted experts with, starting from the
-batch that ran last, so that the slots one batch filled serve the next.
-"""
+batch that ran last, so that the slots one batch filled serve the next."""
 
 from __future__ import annotations
 
@@ -32,9 +31,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from expertflow.predictor import Predictor, multi_hot
-from expertflow.recording import routed_modules
-from expertflow.scheduler import paths_from_scores, regroup
+from expertflow.prediction import Predictor, multi_hot
+from expertflow.runtime.routing import RoutedCall, hook_routed_calls, routed_modules
+from expertflow.serving.scheduler import paths_from_scores, regroup
 
 __all__ = ["BatchGeneration", "generate_batch"]
 
@@ -249,13 +248,10 @@ class _RoutingTap:
         self._handles = []
 
     def __enter__(self) -> _RoutingTap:
-        for layer, module in enumerate(self.modules):
+        def keep(layer: int, call: RoutedCall) -> None:
+            self._index[layer] = call.top_k_index.detach()
 
-            def hook(module, args, kwargs, layer=layer):
-                index = kwargs["top_k_index"] if "top_k_index" in kwargs else args[1]
-                self._index[layer] = index.detach()
-
-            self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        self._handles = hook_routed_calls(self.modules, keep)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -387,7 +383,7 @@ class _Generator:
         self.finish: dict[int, str] = {}
         self.errors: dict[int, Exception] = {}
         state = getattr(model, "_expertflow", None)
-        self.prefetcher = state["prefetcher"] if state is not None else None
+        self.prefetcher = state.prefetcher if state is not None else None
         forward = inspect.signature(model.forward).parameters
         self.keep_last = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
         self.stats = {
@@ -721,13 +717,13 @@ def generate_batch(
         for i, ids in enumerate(_prompt_ids(prompts, getattr(config, "vocab_size", None), context))
     ]
     state = getattr(model, "_expertflow", None)
-    if predictor is None and state is not None and state["prefetcher"] is not None:
-        predictor = state["prefetcher"].predictor
+    if predictor is None and state is not None and state.prefetcher is not None:
+        predictor = state.prefetcher.predictor
     elif predictor is not None and not isinstance(predictor, Predictor):
-        from expertflow.predictor import load_predictor
+        from expertflow.prediction import load_predictor
 
         predictor = load_predictor(predictor)
-    cache = state["cache"] if state is not None else None
+    cache = state.cache if state is not None else None
     before = cache.stats() if cache is not None else None
     started = time.perf_counter()
     with torch.no_grad(), _RoutingTap(model) as tap:

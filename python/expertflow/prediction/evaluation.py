@@ -8,8 +8,8 @@ import time
 
 import numpy as np
 
-from expertflow.predictor import Predictor, topk_recall_precision
-from expertflow.trace import Trace
+from expertflow.prediction import Predictor, topk_recall_precision
+from expertflow.traces.format import Trace
 
 __all__ = ["decode_groups", "evaluate_predictor", "evaluate_scores", "format_evaluation"]
 

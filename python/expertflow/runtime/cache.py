@@ -22,10 +22,9 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["ExpertCache"]
+from expertflow.runtime.policies import BUDGETS, POLICIES
 
-_BUDGETS = ("per_layer", "global")
-_POLICIES = ("lru", "lfu", "lrfu", "expertflow", "belady")
+__all__ = ["ExpertCache"]
 
 
 class ExpertCache:
@@ -59,10 +58,10 @@ class ExpertCache:
     ):
         from expertflow import _C
 
-        if budget not in _BUDGETS:
-            raise ValueError(f"budget must be one of {_BUDGETS}, got {budget!r}")
-        if policy not in _POLICIES:
-            raise ValueError(f"policy must be one of {_POLICIES}, got {policy!r}")
+        if budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -122,7 +121,7 @@ class ExpertCache:
             min_score: prefetch only experts scored at least this (a confidence threshold:
                 fewer wasted copies); lower-scored ones still rank evictions.
             reuse_scores: float ``[num_layers, num_experts]``, a reuse head's predicted demand
-                after this step (:meth:`expertflow.predictor.Predictor.predict_step_with_reuse`):
+                after this step (:meth:`~expertflow.prediction.Predictor.predict_step_with_reuse`):
                 each layer's eviction scores once the layer has run this step.
         """
         self._native.plan(layer_scores, per_layer, first_layer, float(min_score), reuse_scores)

@@ -1,21 +1,20 @@
 """Replays a routing trace through the native cache policy, with an optional timing model.
 
-Every step (see :mod:`expertflow.trace`) runs its layers in order: the layer's experts (the union
-over the step's tokens) are acquired from the cache, missing ones load at once, then the layer
-is released. With predictions and ``policy="expertflow"``, each step starts by scoring every
-layer's experts and prefetching the predicted ones in layer order. With ``lookahead`` scores
-(gate lookahead: layer l's router applied to layer l-1's hidden states), layer l's are scored
-and prefetched only when layer l-1 starts, as they are in a real forward pass. With ``reuse``
-scores (a reuse head's predicted demand after the step), each layer's experts are valued by
-them from the layer's release on (``CachePolicy.set_scores``). Belady is told
-each expert's next use from the trace itself (the optimum no real policy can reach).
+Every step (:mod:`~expertflow.traces.format`) runs its layers in order: the layer's experts
+(the union over the step's tokens) are acquired from the cache, missing ones load at once, then
+the layer is released. With predictions and ``policy="expertflow"``, each step starts by
+scoring every layer's experts and prefetching the predicted ones in layer order. With
+``lookahead`` scores (gate lookahead: layer l's router applied to layer l-1's hidden states),
+layer l's are scored and prefetched only when layer l-1 starts, as they are in a real forward
+pass. With ``reuse`` scores (a reuse head's predicted demand after the step), each layer's
+experts are valued by them from the layer's release on (``CachePolicy.set_scores``). Belady is
+told each expert's next use from the trace itself (the optimum no real policy can reach).
 
-Timing model (with ``bandwidth_gbps`` and ``layer_compute_ms``): one host-to-device link of that
-bandwidth moves one expert at a time; prefetches queue on it in issue order, and an urgent load
-(a miss) goes ahead of every prefetch that has not started yet. A layer starts when the previous
-one has finished and all of its experts have arrived, and then computes for ``layer_compute_ms``.
-Stalled time is the time layers spend waiting for copies.
-"""
+Timing model (with ``bandwidth_gbps`` and ``layer_compute_ms``): one host-to-device link of
+that bandwidth moves one expert at a time; prefetches queue on it in issue order, and an urgent
+load (a miss) goes ahead of every prefetch that has not started yet. A layer starts when the
+previous one has finished and all of its experts have arrived, and then computes for
+``layer_compute_ms``. Stalled time is the time layers spend waiting for copies."""
 
 from __future__ import annotations
 
@@ -24,7 +23,7 @@ import dataclasses
 
 import numpy as np
 
-from expertflow.trace import Trace, TraceError
+from expertflow.traces.format import Trace, TraceError
 
 __all__ = ["ReplayResult", "replay", "load_predictions"]
 

@@ -1,9 +1,9 @@
 """Train the bundled demo MoE model on the five-domain corpus.
 
-    python -m expertflow.train_demo_model --corpus ../shared/data/corpus --out DIR
+    python -m expertflow.demo.training --corpus ../shared/data/corpus --out DIR
 
 Trains a byte-level BPE tokenizer (``tokenizers``) and a small ``MixtralForCausalLM`` (shape in
-:func:`expertflow.demo_model.demo_model_config`, router load-balancing loss on) on the first 90%
+:func:`expertflow.demo.model.demo_model_config`, router load-balancing loss on) on the first 90%
 of every corpus file; prints the loss curve and the held-out perplexity per domain, and writes
 ``config.json``, ``model.safetensors`` (bf16), the tokenizer files and ``training.json`` (the
 curves, timings and perplexities) to ``--out``. Deterministic for a given seed and thread count.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from expertflow.demo_model import demo_model_config, domain_texts
+from expertflow.demo.model import demo_model_config, domain_texts
 
 EOS = "<|endoftext|>"
 
@@ -138,7 +138,7 @@ def train(args: argparse.Namespace) -> dict:
     held_texts = domain_texts(args.corpus, "held_out")
     if args.init_from:
         # A further phase on a trained model: same tokenizer, same weights to start from.
-        from expertflow.demo_model import load_demo_tokenizer
+        from expertflow.demo.model import load_demo_tokenizer
 
         tokenizer = load_demo_tokenizer(args.init_from)
     else:
@@ -262,7 +262,7 @@ def train(args: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m expertflow.train_demo_model", description=__doc__.splitlines()[0]
+        prog="python -m expertflow.demo.training", description=__doc__.splitlines()[0]
     )
     p.add_argument("--corpus", required=True, help="directory of *.txt files, one per domain")
     p.add_argument("--out", required=True, help="output directory")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from expertflow.trace import Trace
+from expertflow.traces.format import Trace
 
 __all__ = ["format_routing_stats", "routing_stats"]
 

@@ -86,7 +86,7 @@ def run_demo(
     path predictor gave both more hits and fewer expert loads per token than the history
     predictor bundled before it (README, "Routing predictor")."""
     import expertflow
-    from expertflow.demo_model import load_demo_model, load_demo_predictor
+    from expertflow.demo.model import load_demo_model, load_demo_predictor
 
     if max_new_tokens < 2:
         raise ValueError(f"max_new_tokens must be >= 2, got {max_new_tokens}")
@@ -126,7 +126,7 @@ def run_demo(
             predictor=predictor,
             prefetch_threshold=prefetch_threshold if predictor is not None else 0.0,
         )
-        cache = model._expertflow["cache"]
+        cache = model._expertflow.cache
         after_prefill = {}
 
         def snapshot(cache=cache, after_prefill=after_prefill):
@@ -141,7 +141,7 @@ def run_demo(
         loads = decode["misses"] + decode["prefetches"]
         lookups = decode["hits"] + decode["misses"]
         report = expertflow.memory_report(model)
-        prefetcher = model._expertflow["prefetcher"]
+        prefetcher = model._expertflow.prefetcher
         rows.append(
             {
                 "name": f"offloaded, {policy}" + (" + predictor" if predictor else ""),

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from expertflow.trace import Trace
+from expertflow.traces.format import Trace
 
 __all__ = [
     "REUSE_HORIZONS",

@@ -1,0 +1,36 @@
+"""expertflow: run Mixture-of-Experts models larger than GPU memory.
+
+The ``expertflow`` command line: ``demo``, ``trace``, ``routing-stats``, ``replay``,
+``train-predictor`` and ``eval-predictor``, one module each (``add_parser`` and ``run``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from expertflow.cli import demo, eval_predictor, replay, routing_stats, trace, train_predictor
+from expertflow.traces import TraceError
+
+_COMMANDS = (demo, replay, trace, train_predictor, eval_predictor, routing_stats)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="expertflow", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in _COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (TraceError, ValueError) as exc:
+        print(f"expertflow {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,23 @@
+"""``expertflow routing-stats``: usage, specialisation, reuse and affinity of a trace."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from expertflow.traces import load_trace
+
+
+def run(args: argparse.Namespace) -> int:
+    from expertflow.traces.stats import format_routing_stats, routing_stats
+
+    stats = routing_stats(load_trace(args.trace))
+    print(json.dumps(stats, indent=1) if args.json else format_routing_stats(stats))
+    return 0
+
+
+def add_parser(sub) -> None:
+    sp = sub.add_parser("routing-stats", help="usage, specialisation, reuse and affinity")
+    sp.add_argument("--trace", required=True)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(run=run)

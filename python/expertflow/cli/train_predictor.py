@@ -1,0 +1,112 @@
+"""``expertflow train-predictor``: train a routing predictor on traces."""
+
+from __future__ import annotations
+
+import argparse
+
+from expertflow.cli.common import load_traces
+
+
+def _saved_path_predictor(args: argparse.Namespace, traces):
+    """``--from``: a saved path predictor for these traces, given a reuse head if it has none
+    (and ``--reuse-hidden`` asks for one)."""
+    from expertflow.prediction import PathPredictor, load_predictor
+
+    if args.kind == "history":
+        raise ValueError("--from starts from a path predictor: use --kind path or combined")
+    path = load_predictor(args.start_from)
+    if not isinstance(path, PathPredictor):
+        raise ValueError(f"--from: {args.start_from} holds a {path.kind} predictor, not path")
+    for trace in traces:
+        path.check_trace(trace)
+    if args.reuse_hidden and not path.has_reuse:
+        path.add_reuse_head(args.reuse_hidden)
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    from expertflow.prediction import CombinedPredictor, HistoryPredictor, PathPredictor
+
+    traces = load_traces(args.traces, exclude_source=args.exclude_source)
+    first = traces[0]
+    shape = (first.num_layers, first.num_experts, first.top_k)
+    history = HistoryPredictor(*shape).fit(traces) if args.kind != "path" else None
+    path = None
+    if args.start_from:
+        path = _saved_path_predictor(args, traces)
+    elif args.kind != "history":
+        vocab = args.vocab_size or max(
+            t.meta.get("vocab_size") or int(t.token_ids.max()) + 1
+            for t in traces
+            if t.token_ids is not None
+        )
+        path = PathPredictor(
+            *shape,
+            vocab_size=vocab,
+            d_model=args.d_model,
+            depth=args.depth,
+            context=args.context,
+            use_previous=args.use_previous,
+            reuse_hidden=args.reuse_hidden,
+        )
+    if path is not None and args.epochs:
+        path.fit(
+            traces,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            reuse_epochs=args.reuse_epochs,
+        )
+    elif path is not None and path.has_reuse and args.reuse_epochs:
+        path.fit_reuse(traces, epochs=args.reuse_epochs)  # --epochs 0: the reuse head alone
+    if args.kind == "combined":
+        predictor = CombinedPredictor([path, history], [1.0, args.history_weight])
+    else:
+        predictor = path or history
+    predictor.save(args.out)
+    tokens = sum(t.num_tokens for t in traces)
+    print(f"wrote {args.kind} predictor to {args.out} (trained on {tokens} tokens)")
+    return 0
+
+
+def add_parser(sub) -> None:
+    tr = sub.add_parser("train-predictor", help="train a routing predictor on traces")
+    tr.add_argument("--traces", nargs="+", required=True)
+    tr.add_argument("--out", required=True, help="predictor folder to write")
+    tr.add_argument(
+        "--kind",
+        default="path",
+        choices=["path", "history", "combined"],
+        help="combined: path predictor + history predictor (weighted by --history-weight)",
+    )
+    tr.add_argument("--history-weight", type=float, default=0.5)
+    tr.add_argument("--exclude-source", help="leave this source (domain) out of training")
+    tr.add_argument("--epochs", type=int, default=10)
+    tr.add_argument("--batch-size", type=int, default=32)
+    tr.add_argument("--lr", type=float, default=2e-3)
+    tr.add_argument("--context", type=int, default=64, help="token ids the path predictor sees")
+    tr.add_argument("--d-model", type=int, default=96)
+    tr.add_argument("--depth", type=int, default=2)
+    tr.add_argument(
+        "--use-previous",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the path predictor also reads the previous token's routing (default: yes)",
+    )
+    tr.add_argument("--vocab-size", type=int, help="default: the traces' meta.vocab_size")
+    tr.add_argument(
+        "--reuse-hidden",
+        type=int,
+        default=128,
+        help="width of the path predictor's reuse head (predicts uses 1-16 tokens ahead, "
+        "for evictions); 0: none (default: 128)",
+    )
+    tr.add_argument("--reuse-epochs", type=int, default=3, help="epochs of the reuse head")
+    tr.add_argument(
+        "--from",
+        dest="start_from",
+        metavar="DIR",
+        help="start from this saved path predictor (adds a reuse head if it has none); with "
+        "--epochs 0 only the reuse head is trained",
+    )
+    tr.set_defaults(run=run)

@@ -1,0 +1,76 @@
+"""Finding the routed experts of a transformers MoE model, by structure.
+
+Transformers' shared experts interface (classes decorated with ``use_experts_implementation``)
+holds each layer's experts as 3-D ``gate_up_proj``/``up_proj`` and ``down_proj`` stacks with the
+``is_transposed``/``has_bias``/``has_gate`` flags. Detection is by those, so a new family using
+the same interface needs no code here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = [
+    "EXPERT_FLAGS",
+    "expert_param_names",
+    "expert_tensors",
+    "find_experts_modules",
+    "offloadable_modules",
+]
+
+EXPERT_FLAGS = ("is_transposed", "has_bias", "has_gate")
+
+
+def _is_experts_module(module: nn.Module) -> bool:
+    return all(hasattr(module, f) for f in EXPERT_FLAGS) and isinstance(
+        getattr(module, "down_proj", None), nn.Parameter
+    )
+
+
+def find_experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The experts modules of ``model`` in layer order, as (qualified name, module)."""
+    return [(name, m) for name, m in model.named_modules() if _is_experts_module(m)]
+
+
+def expert_param_names(module: nn.Module) -> list[str]:
+    """The experts module's per-expert stacks, in the order the host store keeps them."""
+    up = "gate_up_proj" if module.has_gate else "up_proj"
+    names = [up] + ([f"{up}_bias"] if module.has_bias else []) + ["down_proj"]
+    return names + (["down_proj_bias"] if module.has_bias else [])
+
+
+def expert_tensors(module: nn.Module, expert: int) -> list[torch.Tensor]:
+    """One expert's tensors (views of the module's stacks), in the host store's order."""
+    return [getattr(module, name)[expert].detach() for name in expert_param_names(module)]
+
+
+def _check_layout(name: str, module: nn.Module) -> None:
+    """Refuses experts modules whose tensors are not the interface's 3-D per-expert stacks."""
+    experts = getattr(module, "num_experts", None)
+    for attr in expert_param_names(module):
+        t = getattr(module, attr, None)
+        dims = 2 if attr.endswith("_bias") else 3
+        if not isinstance(t, torch.Tensor) or t.dim() != dims or t.shape[0] != experts:
+            raise ValueError(
+                f"offload: unsupported expert layout in {name} ({type(module).__name__}): "
+                f"expected {attr} as a {dims}-D tensor with num_experts={experts} rows, got "
+                f"{None if not isinstance(t, torch.Tensor) else list(t.shape)}"
+            )
+
+
+def offloadable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The experts modules ``offload`` replaces; refuses a model already offloaded, one without
+    experts, and experts of another layout."""
+    if hasattr(model, "_expertflow"):
+        raise ValueError("offload: this model is already offloaded; call restore(model) first")
+    found = find_experts_modules(model)
+    if not found:
+        raise ValueError(
+            f"offload: {type(model).__name__} has no MoE experts module (looked for modules with "
+            f"a 3-D down_proj parameter and the flags {', '.join(EXPERT_FLAGS)}, as transformers' "
+            "use_experts_implementation classes have)"
+        )
+    for name, module in found:
+        _check_layout(name, module)
+    return found

@@ -1,0 +1,197 @@
+"""``expertflow.offload()``: a transformers MoE model whose routed experts live in host memory.
+
+Every experts module of transformers' shared experts interface (:mod:`expertflow.runtime.experts`)
+is replaced by an :class:`~expertflow.runtime.offloaded.OffloadedExperts` module. The model's own
+routers still decide; the experts run once per step over their grouped tokens, on device slots of
+one :class:`~expertflow.ExpertCache`, and the outputs are combined with the routing weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from expertflow.runtime.cache import ExpertCache
+from expertflow.runtime.experts import (
+    expert_param_names,
+    expert_tensors,
+    offloadable_modules,
+)
+from expertflow.runtime.offloaded import OffloadedExperts
+from expertflow.runtime.options import OffloadOptions, parse_bytes
+from expertflow.runtime.routing import router_of
+from expertflow.runtime.state import OffloadState, offload_state
+
+__all__ = ["offload", "restore"]
+
+
+def offload(
+    model: nn.Module,
+    *,
+    device: str | torch.device = "cuda",
+    slots: int | None = None,
+    gpu_memory: int | str | None = None,
+    policy: str = "expertflow",
+    budget: str = "per_layer",
+    predictor=None,
+    lookahead: bool = False,
+    background: bool = False,
+    prefetch_threshold: float = 0.0,
+) -> nn.Module:
+    """Moves ``model``'s routed experts into host memory behind one expert cache.
+
+    Non-expert weights (attention, norms, embeddings, routers, shared experts) go to ``device``.
+
+    Args:
+        model: a transformers model (or any module) using the shared experts interface.
+        device: where the model runs.
+        slots: total device slots for experts (exclusive with ``gpu_memory``).
+        gpu_memory: a total budget ("24GiB" or bytes); slots are what remains after the
+            resident weights, divided by the slot size.
+        policy: cache policy, ``"expertflow"`` (prediction-aware), ``"lrfu"`` (decayed
+            request counts: the fewest bytes when no predictor prefetches), ``"lru"``, ``"lfu"``
+            or ``"belady"`` (:data:`expertflow.runtime.policies.POLICIES`).
+        budget: ``"per_layer"`` or ``"global"`` slot pools.
+        predictor: an :class:`expertflow.prediction.Predictor` (or the folder of a saved one):
+            each decode step it scores every layer's experts before layer 0 runs and the
+            cache prefetches the predicted ones (:mod:`expertflow.runtime.prefetch`). A path
+            predictor with a reuse head (the bundled one) also ranks each layer's experts,
+            once the layer has run, by how soon they are predicted to be needed again.
+        lookahead: also apply each layer's router one layer early (to the previous layer's
+            hidden states) during decoding and prefetch what it picks.
+        background: run the predictor on a worker thread while each step's first layers
+            compute, instead of before layer 0 (:mod:`expertflow.runtime.prefetch`).
+        prefetch_threshold: copy ahead only the predicted experts scored at least this; the
+            others still rank evictions. 0 (default) prefetches every positive score; with
+            the path predictor and its reuse head, 0.9 took the least time in our replays at
+            25-62.5% budgets, for fewer hits than 0 (README, "Measured results").
+
+    Returns:
+        The same model, modified in place. ``restore(model)`` undoes it.
+    """
+    options = OffloadOptions(
+        device, slots, gpu_memory, policy, budget, predictor, lookahead, background,
+        prefetch_threshold,
+    )  # fmt: skip
+    found = offloadable_modules(model)
+    experts = [[expert_tensors(m, e) for e in range(m.num_experts)] for _, m in found]
+    cache = build_cache(model, found, experts, options)
+    del experts
+    return install(model, found, cache, options)
+
+
+def _top_k(model: nn.Module) -> int:
+    return int(getattr(getattr(model, "config", None), "num_experts_per_tok", 1) or 1)
+
+
+def _slots_for_memory(model, found, experts, options: OffloadOptions, top_k: int) -> int:
+    """The slots that fit in ``options.gpu_memory`` after the resident, non-expert weights."""
+    expert_ids = {id(p) for _, m in found for p in m.parameters(recurse=False)}
+    resident = sum(
+        p.numel() * p.element_size() for p in model.parameters() if id(p) not in expert_ids
+    )
+    slot_bytes = max(
+        sum((t.numel() * t.element_size() + 255) // 256 * 256 for t in tensors[0])
+        for tensors in experts
+    )
+    slots = (parse_bytes(options.gpu_memory) - resident) // slot_bytes
+    minimum = top_k * (len(found) if options.budget == "per_layer" else 1)
+    if slots < minimum:
+        need = resident + minimum * slot_bytes
+        raise ValueError(
+            f"offload: gpu_memory={options.gpu_memory!r} is below the minimum of {need} bytes "
+            f"({resident} resident + {minimum} slots x {slot_bytes} bytes)"
+        )
+    return slots
+
+
+def build_cache(model, found, experts, options: OffloadOptions) -> ExpertCache:
+    """The cache over ``experts`` (``[layer][expert]`` tensor lists), with the slots given or
+    derived from the GPU memory budget."""
+    top_k = _top_k(model)
+    slots = options.slots
+    if options.gpu_memory is not None:
+        slots = _slots_for_memory(model, found, experts, options, top_k)
+    return ExpertCache(
+        experts,
+        device=options.device,
+        slots=int(slots),
+        top_k=top_k,
+        budget=options.budget,
+        policy=options.policy,
+    )
+
+
+def install(model: nn.Module, found, cache: ExpertCache, options: OffloadOptions) -> nn.Module:
+    """Swaps every experts module for an OffloadedExperts over ``cache``; moves the rest of the
+    model to the cache's device and attaches the prefetcher the options ask for."""
+    per_layer = options.budget == "per_layer"
+    pool_size = cache.num_slots // len(found) if per_layer else cache.num_slots
+    originals = []
+    for layer, (name, module) in enumerate(found):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        replacement = OffloadedExperts(module, cache, layer, pool_size)
+        # The original keeps host views of the store (no second copy) for restore().
+        _point_at_store(module, cache, layer)
+        setattr(parent, child, replacement)
+        originals.append((parent_name, child, module))
+    model.to(cache.device)
+    model._expertflow = OffloadState(cache, originals, pool_size, _top_k(model))
+    if options.prefetching:
+        try:
+            model._expertflow.prefetcher = _prefetcher(model, cache, options)
+        except ValueError:
+            restore(model)
+            raise
+    return model
+
+
+def _prefetcher(model: nn.Module, cache: ExpertCache, options: OffloadOptions):
+    from expertflow.prediction import Predictor, load_predictor
+    from expertflow.runtime.prefetch import PredictivePrefetcher
+
+    state = model._expertflow
+    predictor = options.predictor
+    if predictor is not None and not isinstance(predictor, Predictor):
+        predictor = load_predictor(predictor)
+    parents = [model.get_submodule(p) if p else model for p, _, _ in state.originals]
+    modules = [
+        getattr(parent, c) for parent, (_, c, _) in zip(parents, state.originals, strict=True)
+    ]
+    routers = None
+    if options.lookahead:
+        names = [p for p, _, _ in state.originals]
+        routers = [router_of(parent, n) for parent, n in zip(parents, names, strict=True)]
+    return PredictivePrefetcher(
+        model, cache, predictor, modules, state.top_k, state.pool_size, routers,
+        options.background, options.prefetch_threshold,
+    )  # fmt: skip
+
+
+def _point_at_store(module: nn.Module, cache: ExpertCache, layer: int) -> None:
+    """Replaces the module's expert parameters by strided views of the host store, so that no
+    second copy of the experts stays alive and restore() has them back."""
+    first = cache.host_expert(layer, 0)
+    stride_bytes = 0
+    if module.num_experts > 1:
+        stride_bytes = cache.host_expert(layer, 1)[0].data_ptr() - first[0].data_ptr()
+    for name, base in zip(expert_param_names(module), first, strict=True):
+        view = base.as_strided(
+            (module.num_experts, *base.shape),
+            (stride_bytes // base.element_size(), *base.stride()),
+            base.storage_offset(),
+        )
+        setattr(module, name, nn.Parameter(view, requires_grad=False))
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Undoes :func:`offload`: puts the original experts modules back (on the host)."""
+    state = offload_state(model, "restore")
+    if state.prefetcher is not None:
+        state.prefetcher.remove()
+    for parent_name, child, module in state.originals:
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, module)
+    del model._expertflow
+    return model

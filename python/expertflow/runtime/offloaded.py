@@ -1,0 +1,74 @@
+"""The experts module an offloaded model runs: a drop-in for a transformers experts module whose
+weights live in an :class:`~expertflow.ExpertCache`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from expertflow import ops
+from expertflow.runtime.cache import ExpertCache
+from expertflow.runtime.experts import EXPERT_FLAGS
+
+__all__ = ["OffloadedExperts"]
+
+
+class OffloadedExperts(nn.Module):
+    """Drop-in for a transformers experts module: ``forward(hidden_states, top_k_index,
+    top_k_weights) -> [tokens, hidden]`` with the experts' weights in an ExpertCache."""
+
+    def __init__(self, original: nn.Module, cache: ExpertCache, layer: int, pool_size: int):
+        super().__init__()
+        self.cache = cache
+        self.layer = layer
+        self.pool_size = pool_size  # experts that fit in the layer's slots at once
+        self.num_experts = original.num_experts
+        for flag in (*EXPERT_FLAGS, "has_post_expert_norm"):
+            setattr(self, flag, bool(getattr(original, flag, False)))
+        self.act_fn = getattr(original, "act_fn", None)  # gated families may gate without one
+        if self.has_post_expert_norm:
+            self.post_expert_norm = original.post_expert_norm
+        self._gate = type(original)._apply_gate  # the family's own gating (e.g. GPT-OSS clamps)
+        # Its attributes (alpha, limit, ...) are read by _apply_gate. Held in a tuple so that it
+        # is not registered as a submodule: model.to(device) must not move its host experts.
+        self._gate_owner = (original,)
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        out = x @ weight if self.is_transposed else x @ weight.t()
+        return out + bias if bias is not None else out
+
+    def _run_expert(self, x: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
+        if self.has_bias:
+            up, up_bias, down, down_bias = tensors
+        else:
+            (up, down), up_bias, down_bias = tensors, None, None
+        h = self._linear(x, up, up_bias)
+        h = self._gate(self._gate_owner[0], h) if self.has_gate else self.act_fn(h)
+        h = self._linear(h, down, down_bias)
+        return self.post_expert_norm(h) if self.has_post_expert_norm else h
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        num_tokens, top_k = top_k_index.shape
+        order, counts, offsets, inverse = ops.group_by_expert(top_k_index, self.num_experts)
+        tokens = (order // top_k).long()
+        bounds = offsets.tolist()
+        experts = [e for e in range(self.num_experts) if bounds[e + 1] > bounds[e]]
+        rows = hidden_states.new_empty((order.numel(), hidden_states.shape[-1]))
+        # A prompt can need more experts than the layer's slots: run them in pool-sized groups.
+        for start in range(0, len(experts), self.pool_size):
+            group = experts[start : start + self.pool_size]
+            slots, ready = self.cache.acquire(self.layer, group)
+            try:
+                for i in ready:  # experts already on the device first
+                    e, slot = group[i], slots[i]
+                    lo, hi = bounds[e], bounds[e + 1]
+                    self.cache.wait(slot)
+                    tensors = self.cache.views(slot, self.layer)
+                    rows[lo:hi] = self._run_expert(hidden_states[tokens[lo:hi]], tensors)
+            finally:
+                self.cache.release(self.layer)
+        out = ops.combine(rows, top_k_weights.float(), inverse)
+        return out.to(hidden_states.dtype)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, num_experts={self.num_experts}, pool_size={self.pool_size}"

@@ -1,0 +1,2 @@
+"""Serving: batched generation (``generation``) and the token scheduler that regroups requests
+by predicted routing path (``scheduler``)."""
