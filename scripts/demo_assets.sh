@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuilds the bundled demo assets in python/expertflow/assets/ from the five-domain corpus:
+# Rebuilds the bundled demo assets in python/expertflow/demo/assets/ from the five-domain corpus:
 # trains the demo MoE model (about an hour on 2 CPU cores), records its routing on the corpus's
 # training part (for the predictor) and on the held-out part (for the reports and benchmarks),
 # and trains the routing predictors. Every step is deterministic for a given seed and threads.
@@ -11,7 +11,7 @@ corpus="${1:?usage: bash scripts/demo_assets.sh CORPUS_DIR [WORK_DIR]}"
 work="${2:-$ROOT/build/demo-assets}"
 VENV="${EXPERTFLOW_VENV:-$ROOT/.venv}"
 py="$VENV/bin/python"
-assets="$ROOT/python/expertflow/assets"
+assets="$ROOT/python/expertflow/demo/assets"
 mkdir -p "$work" "$assets"
 
 if [ ! -f "$work/demo-moe/model.safetensors" ]; then
