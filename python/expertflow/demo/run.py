@@ -70,6 +70,63 @@ def _generate(model, input_ids, max_new_tokens, desc, on_first=None):
     }
 
 
+def _whole_model_row(base, input_ids, max_new_tokens, device):
+    """The whole model on the device: its tokens (the reference) and its row of figures."""
+    full = copy.deepcopy(base).to(device)
+    full_bytes = sum(p.numel() * p.element_size() for p in full.parameters())
+    full_bytes += sum(b.numel() * b.element_size() for b in full.buffers())
+    reference, timing = _generate(full, input_ids.to(device), max_new_tokens, "whole model")
+    return reference, {"name": "whole model on device", "device_bytes": full_bytes, **timing}
+
+
+def _offloaded_row(
+    base, input_ids, max_new_tokens, policy, options: dict, threshold: float, reference
+) -> dict:
+    """The model offloaded under ``policy`` (``options``: offload's device and budget): figures of
+    its decode steps, prompt excluded."""
+    import expertflow
+    from expertflow.demo.model import load_demo_predictor
+
+    model = copy.deepcopy(base)
+    # expertflow's policy runs with the bundled routing predictor; the others on demand.
+    predictor = load_demo_predictor() if policy == "expertflow" else None
+    threshold = threshold if predictor is not None else 0.0
+    expertflow.offload(
+        model, policy=policy, predictor=predictor, prefetch_threshold=threshold, **options
+    )
+    state = model._expertflow
+    after_prefill = {}
+    device = state.cache.device
+    tokens, timing = _generate(
+        model, input_ids.to(device), max_new_tokens, f"offloaded, {policy}",
+        lambda: after_prefill.update(state.cache.stats()),
+    )  # fmt: skip
+    stats = state.cache.stats()
+    decode = {k: stats[k] - after_prefill.get(k, 0) for k in stats}
+    lookups = decode["hits"] + decode["misses"]
+    prefetcher = state.prefetcher
+    row = {
+        "name": f"offloaded, {policy}" + (" + predictor" if predictor else ""),
+        "predictor_ms_per_step": (
+            1e3 * prefetcher.seconds / prefetcher.steps
+            if prefetcher is not None and prefetcher.steps
+            else None
+        ),
+        "policy": policy,
+        "slots": state.cache.num_slots,
+        "hit_ratio": decode["hits"] / lookups if lookups else None,
+        "experts_loaded_per_token": (decode["misses"] + decode["prefetches"])
+        / (max_new_tokens - 1),
+        "bytes_moved": decode["bytes_copied"],
+        "bytes_moved_with_prompt": stats["bytes_copied"],
+        "device_bytes": expertflow.memory_report(model)["device_bytes"],
+        "same_tokens": tokens == reference,
+        **timing,
+    }
+    expertflow.restore(model)
+    return row
+
+
 def run_demo(
     prompt: str = DEFAULT_PROMPT,
     *,
@@ -85,8 +142,7 @@ def run_demo(
     ``prefetch_threshold`` applies to the expertflow policy's predictor: at 0.5 the bundled
     path predictor gave both more hits and fewer expert loads per token than the history
     predictor bundled before it (README, "Routing predictor")."""
-    import expertflow
-    from expertflow.demo.model import load_demo_model, load_demo_predictor
+    from expertflow.demo.model import load_demo_model
 
     if max_new_tokens < 2:
         raise ValueError(f"max_new_tokens must be >= 2, got {max_new_tokens}")
@@ -104,65 +160,14 @@ def run_demo(
     total_experts = config.num_hidden_layers * config.num_local_experts
     if slots is None and gpu_memory is None:
         slots = max(total_experts // 4, config.num_hidden_layers * config.num_experts_per_tok)
-
-    full = copy.deepcopy(base).to(device)
-    full_bytes = sum(p.numel() * p.element_size() for p in full.parameters())
-    full_bytes += sum(b.numel() * b.element_size() for b in full.buffers())
-    reference, timing = _generate(full, input_ids.to(device), max_new_tokens, "whole model")
-    del full
-    rows = [{"name": "whole model on device", "device_bytes": full_bytes, **timing}]
-
-    for policy in policies:
-        model = copy.deepcopy(base)
-        # expertflow's policy runs with the bundled routing predictor; the others on demand.
-        predictor = load_demo_predictor() if policy == "expertflow" else None
-        expertflow.offload(
-            model,
-            device=device,
-            slots=slots,
-            gpu_memory=gpu_memory,
-            policy=policy,
-            budget=budget,
-            predictor=predictor,
-            prefetch_threshold=prefetch_threshold if predictor is not None else 0.0,
+    reference, whole = _whole_model_row(base, input_ids, max_new_tokens, device)
+    options = {"device": device, "slots": slots, "gpu_memory": gpu_memory, "budget": budget}
+    rows = [whole] + [
+        _offloaded_row(
+            base, input_ids, max_new_tokens, policy, options, prefetch_threshold, reference
         )
-        cache = model._expertflow.cache
-        after_prefill = {}
-
-        def snapshot(cache=cache, after_prefill=after_prefill):
-            after_prefill.update(cache.stats())
-
-        tokens, timing = _generate(
-            model, input_ids.to(device), max_new_tokens, f"offloaded, {policy}", snapshot
-        )
-        stats = cache.stats()
-        decode = {k: stats[k] - after_prefill.get(k, 0) for k in stats}
-        decode_tokens = max_new_tokens - 1
-        loads = decode["misses"] + decode["prefetches"]
-        lookups = decode["hits"] + decode["misses"]
-        report = expertflow.memory_report(model)
-        prefetcher = model._expertflow.prefetcher
-        rows.append(
-            {
-                "name": f"offloaded, {policy}" + (" + predictor" if predictor else ""),
-                "predictor_ms_per_step": (
-                    1e3 * prefetcher.seconds / prefetcher.steps
-                    if prefetcher is not None and prefetcher.steps
-                    else None
-                ),
-                "policy": policy,
-                "slots": cache.num_slots,
-                "hit_ratio": decode["hits"] / lookups if lookups else None,
-                "experts_loaded_per_token": loads / decode_tokens,
-                "bytes_moved": decode["bytes_copied"],
-                "bytes_moved_with_prompt": stats["bytes_copied"],
-                "device_bytes": report["device_bytes"],
-                "same_tokens": tokens == reference,
-                **timing,
-            }
-        )
-        expertflow.restore(model)
-        del model, cache
+        for policy in policies
+    ]
     return {
         "prompt": prompt,
         "text": tokenizer.decode(reference),
