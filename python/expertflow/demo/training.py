@@ -125,15 +125,9 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(args: argparse.Namespace) -> dict:
-    from transformers import MixtralForCausalLM
-
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-
+def _tokenized_corpus(args: argparse.Namespace, out: Path):
+    """The tokenizer (trained, or the one of ``--init-from``) and the train / held-out ids of
+    each domain."""
     train_texts = domain_texts(args.corpus, "train")
     held_texts = domain_texts(args.corpus, "held_out")
     if args.init_from:
@@ -151,6 +145,12 @@ def train(args: argparse.Namespace) -> dict:
         + ", ".join(f"{d} {len(train_ids[d])}/{len(held_ids[d])}" for d in train_ids),
         flush=True,
     )
+    return tokenizer, train_ids, held_ids
+
+
+def _model_for_training(args: argparse.Namespace, vocab_size: int):
+    """A new demo model, or the ``--init-from`` one, set up for training."""
+    from transformers import MixtralForCausalLM
 
     if args.init_from:
         model = MixtralForCausalLM.from_pretrained(
@@ -158,7 +158,7 @@ def train(args: argparse.Namespace) -> dict:
         )
         config = model.config
     else:
-        config = demo_model_config(len(tokenizer))
+        config = demo_model_config(vocab_size)
     if args.aux_loss_coef is not None:
         config.router_aux_loss_coef = args.aux_loss_coef
     config.output_router_logits = True
@@ -166,45 +166,53 @@ def train(args: argparse.Namespace) -> dict:
     if not args.init_from:
         model = MixtralForCausalLM(config)
     model.train()
-    params = sum(p.numel() for p in model.parameters())
     print(
-        f"model: {params / 1e6:.2f}M parameters, {config.num_hidden_layers} layers x "
-        f"{config.num_local_experts} experts (top-{config.num_experts_per_tok})",
+        f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"{config.num_hidden_layers} layers x {config.num_local_experts} experts "
+        f"(top-{config.num_experts_per_tok})",
         flush=True,
     )
+    return model
 
+
+def _optimizer(model, lr: float) -> torch.optim.Optimizer:
+    """AdamW, with weight decay on matrices only."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optim = torch.optim.AdamW(
+    return torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr,
+        lr=lr,
         betas=(0.9, 0.95),
     )
-    gen = torch.Generator().manual_seed(args.seed)
-    revived = []
-    if args.revive_dead_experts:
-        revived = revive_dead_experts(model, train_ids, args.seq_len, gen)
-        print(f"revived {len(revived)} dead experts (layer, expert, donor): {revived}", flush=True)
+
+
+def _train_step(model, optim, batch: torch.Tensor) -> tuple[float, float]:
+    """One optimiser step on ``batch`` [B, seq_len + 1]; returns (LM loss, router aux loss)."""
+    outputs = model(input_ids=batch[:, :-1], output_router_logits=True)
+    lm_loss = torch.nn.functional.cross_entropy(
+        outputs.logits.flatten(0, 1), batch[:, 1:].flatten()
+    )
+    loss = lm_loss + model.config.router_aux_loss_coef * outputs.aux_loss
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optim.step()
+    return lm_loss.item(), outputs.aux_loss.item()
+
+
+def _training_loop(args, model, optim, train_ids, held_ids, gen) -> tuple[list, list]:
+    """``args.steps`` steps with a logged loss curve and periodic held-out perplexity."""
     curve, evals = [], []
-    train_started = time.perf_counter()
+    started = time.perf_counter()
     running = running_aux = 0.0
     for step in range(args.steps):
         for group in optim.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         batch = sample_batch(train_ids, args.batch_size, args.seq_len, gen)
-        outputs = model(input_ids=batch[:, :-1], output_router_logits=True)
-        lm_loss = torch.nn.functional.cross_entropy(
-            outputs.logits.flatten(0, 1), batch[:, 1:].flatten()
-        )
-        loss = lm_loss + config.router_aux_loss_coef * outputs.aux_loss
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optim.step()
-        running += lm_loss.item()
-        running_aux += outputs.aux_loss.item()
+        lm_loss, aux_loss = _train_step(model, optim, batch)
+        running, running_aux = running + lm_loss, running_aux + aux_loss
         if (step + 1) % args.log_every == 0:
-            elapsed = time.perf_counter() - train_started
+            elapsed = time.perf_counter() - started
             entry = {
                 "step": step + 1,
                 "loss": running / args.log_every,
@@ -227,9 +235,30 @@ def train(args: argparse.Namespace) -> dict:
                 + ", ".join(f"{d} {p:.1f}" for d, p in ppl.items()),
                 flush=True,
             )
+    return curve, evals
 
-    model.config.output_router_logits = False
-    model.config._experts_implementation = None
+
+def train(args: argparse.Namespace) -> dict:
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    tokenizer, train_ids, held_ids = _tokenized_corpus(args, out)
+    model = _model_for_training(args, len(tokenizer))
+    optim = _optimizer(model, args.lr)
+    gen = torch.Generator().manual_seed(args.seed)
+    revived = []
+    if args.revive_dead_experts:
+        revived = revive_dead_experts(model, train_ids, args.seq_len, gen)
+        print(f"revived {len(revived)} dead experts (layer, expert, donor): {revived}", flush=True)
+    train_started = time.perf_counter()
+    curve, evals = _training_loop(args, model, optim, train_ids, held_ids, gen)
+    train_minutes = round((time.perf_counter() - train_started) / 60, 1)
+
+    config = model.config
+    config.output_router_logits = False
+    config._experts_implementation = None
     model.to(torch.bfloat16).save_pretrained(str(out))
     previous = None
     if args.init_from and (Path(args.init_from) / "training.json").is_file():
@@ -245,11 +274,11 @@ def train(args: argparse.Namespace) -> dict:
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
         "lr": args.lr,
-        "parameters": params,
+        "parameters": sum(p.numel() for p in model.parameters()),
         "train_tokens": {d: len(t) for d, t in train_ids.items()},
         "held_out_tokens": {d: len(t) for d, t in held_ids.items()},
         "tokens_seen": args.steps * args.batch_size * args.seq_len,
-        "train_minutes": round((time.perf_counter() - train_started) / 60, 1),
+        "train_minutes": train_minutes,
         "total_minutes": round((time.perf_counter() - started) / 60, 1),
         "loss_curve": curve,
         "evals": evals,
