@@ -106,6 +106,15 @@ def from_pretrained(
     layouts = [[expert_tensors(m, e) for e in range(m.num_experts)] for _, m in found]
     cache = build_cache(model, found, layouts, options)
     del layouts
+    filled = _stream_shards(model, found, cache, files, device, dtype)
+    model.tie_weights()
+    _check_complete(model, found, filled, path)
+    return install(model, found, cache, options)
+
+
+def _stream_shards(model, found, cache, files, device, dtype) -> dict:
+    """Reads the checkpoint one shard at a time: expert tensors into the host store, every other
+    tensor to ``device``. Returns the expert pieces written, per (layer, part)."""
     # model key of an experts stack -> (layer, part in the store's expert tensors)
     stacks = {
         f"{name}.{param}": (layer, i)
@@ -131,9 +140,7 @@ def from_pretrained(
                         )
             finally:
                 shard.close()
-    model.tie_weights()
-    _check_complete(model, found, filled, path)
-    return install(model, found, cache, options)
+    return filled
 
 
 def _fill_expert_piece(cache, shard: Shard, key, layer, part, piece, filled) -> None:
