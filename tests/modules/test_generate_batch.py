@@ -293,7 +293,7 @@ def test_prompts_of_different_lengths_are_prefilled_together_padded(family):
 
 
 def test_prefill_groups_cap_the_padding():
-    from expertflow.serving.generation import _prefill_groups, _Request
+    from expertflow.serving.requests import _prefill_groups, _Request
 
     lengths = [10, 1000, 11, 12, 990, 1, 400, 12]
     requests = [_Request(index=i, ids=[1] * n) for i, n in enumerate(lengths)]
@@ -370,7 +370,8 @@ def test_batches_of_a_kind_take_their_turns_one_after_another():
 
 
 def test_top_k_and_top_p_keep_the_right_tokens():
-    from expertflow.serving.generation import _Request, _Sampling
+    from expertflow.serving.requests import _Request
+    from expertflow.serving.sampling import _Sampling
 
     probs = torch.tensor([[0.05, 0.5, 0.3, 0.15]])
     logits = probs.log()
@@ -396,7 +397,8 @@ def test_top_k_and_top_p_keep_the_right_tokens():
 
 def random_rows(gen: torch.Generator, size: int, length: int, first_index: int):
     """A batch of ``size`` requests, keys/values of 2 layers left-padded to ``length``."""
-    from expertflow.serving.generation import _Request, _Rows
+    from expertflow.serving.kv_rows import _Rows
+    from expertflow.serving.requests import _Request
 
     real = torch.randint(1, length + 1, (size,), generator=gen)
     mask = (torch.arange(length)[None] >= length - real[:, None]).long()
@@ -426,7 +428,7 @@ def test_exchanging_rows_in_place_moves_each_request_with_its_kv(seed):
     """Batches of different lengths, requests moved along random size-keeping regroupings
     (cycles through three batches, longer rows into shorter batches): every request ends in
     its new batch with exactly its keys/values, and only moving rows' slots change."""
-    from expertflow.serving.generation import _exchange_rows, _regroup_moves
+    from expertflow.serving.kv_rows import _exchange_rows, _regroup_moves
 
     gen = torch.Generator().manual_seed(seed)
     sizes = [4, 3, 4]
@@ -460,7 +462,7 @@ def test_exchanging_rows_in_place_moves_each_request_with_its_kv(seed):
 
 
 def test_a_regrouping_that_changes_batch_sizes_is_refused():
-    from expertflow.serving.generation import _regroup_moves
+    from expertflow.serving.kv_rows import _regroup_moves
 
     with pytest.raises(ValueError, match="keep every batch's size"):
         _regroup_moves([2, 2], [0, 0, 1, 1], [0, 1, 1, 1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 from torch import nn
 
@@ -22,6 +23,9 @@ class OffloadState:
         prefetcher: the :class:`~expertflow.runtime.prefetch.PredictivePrefetcher`, if any.
         pool_size: experts one layer can hold at once (its pool of slots).
         top_k: experts per token and layer.
+        lock: held by a thread for each whole forward call of the model (re-entrant). The
+            cache pins a layer's slots per call and the prefetcher keeps per-call state, so
+            calls from several threads run one after another, never interleaved.
     """
 
     cache: ExpertCache
@@ -29,6 +33,7 @@ class OffloadState:
     pool_size: int
     top_k: int
     prefetcher: object = None
+    lock: threading.RLock = dataclasses.field(default_factory=threading.RLock, repr=False)
 
 
 def offload_state(model: nn.Module, caller: str) -> OffloadState:
