@@ -15,6 +15,7 @@ struct NamedPolicy {
 };
 constexpr NamedPolicy kNamedPolicies[] = {{"lru", EvictionPolicy::kLru},
                                           {"lfu", EvictionPolicy::kLfu},
+                                          {"lfu_history", EvictionPolicy::kLfuHistory},
                                           {"lrfu", EvictionPolicy::kLrfu},
                                           {"expertflow", EvictionPolicy::kExpertFlow},
                                           {"belady", EvictionPolicy::kBelady}};
@@ -75,6 +76,7 @@ CachePolicy::CachePolicy(const CacheOptions& options) : options_(options) {
   reuse_pending_.assign(options.num_layers, 0);
   next_use_.assign(keys, -1);
   frequency_order_.assign(keys, -std::numeric_limits<double>::infinity());
+  request_count_.assign(keys, 0);
   decay_rate_ = -std::log(options.frequency_decay) / options.num_layers;
   free_.resize(num_pools_);
   evictable_.resize(num_pools_);
@@ -126,6 +128,8 @@ CachePolicy::EvictKey CachePolicy::evict_key(int32_t slot) const {
       return {s.contradicted ? 0 : 1, flow_value(key, s.last_use), s.last_use, slot};
     case EvictionPolicy::kLrfu:
       return {0, frequency_order_[key], s.last_use, slot};
+    case EvictionPolicy::kLfuHistory:
+      return {0, static_cast<double>(request_count_[key]), s.last_use, slot};
     case EvictionPolicy::kBelady: {
       const int64_t next = next_use_[key];
       const double order = next < 0 ? -std::numeric_limits<double>::infinity()
@@ -147,6 +151,7 @@ double CachePolicy::flow_value(size_t key, int64_t tick) const {
 }
 
 void CachePolicy::count_request(size_t key) {
+  ++request_count_[key];  // kLfuHistory's count; LRFU's decayed one below
   // count(t) = count(t0) * exp(-rate (t - t0)) + 1, kept as log(count) + rate * t.
   const double now = decay_rate_ * static_cast<double>(tick_);
   const double previous = frequency_order_[key];

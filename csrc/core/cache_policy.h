@@ -18,12 +18,15 @@ namespace expertflow::core {
 
 enum class EvictionPolicy {
   kLru,         // least recently used
-  kLfu,         // least frequently used, then least recently used
+  kLfu,         // fewest requests since the entry was loaded (in-cache LFU: an expert's count
+                // restarts at each load), then least recently used
   kExpertFlow,  // contradicted prefetches first, then the lowest CacheOptions::score_weight x
                 // predicted score + log(decayed request count, as kLrfu's), then LRU
   kBelady,      // farthest next use (needs the future: replay only), then LRU
   kLrfu,        // lowest decayed request count (each request adds 1, decaying by
                 // CacheOptions::frequency_decay per token), then LRU
+  kLfuHistory,  // fewest requests over the whole run, resident or not (classic "perfect" LFU:
+                // an evicted expert keeps its count), then least recently used
 };
 
 // The policies as users name them (Python API, command line, replay), in the order they are
@@ -165,6 +168,8 @@ class CachePolicy {
   // current decayed count without ever being recomputed as time passes.
   std::vector<double> frequency_order_;  // [num_layers * num_experts]
   double decay_rate_ = 0.0;              // -ln(frequency_decay) per tick (one acquire)
+  // kLfuHistory, per (layer, expert): requests over the whole run, kept across evictions.
+  std::vector<int64_t> request_count_;  // [num_layers * num_experts]
   void count_request(size_t key);
   std::vector<std::vector<int32_t>> free_;                  // per pool, a stack of free slots
   std::vector<std::set<EvictKey>> evictable_;               // per pool

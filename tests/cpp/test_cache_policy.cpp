@@ -73,6 +73,27 @@ TEST(CachePolicy, LfuKeepsTheFrequentlyUsed) {
   EXPECT_EQ(cache.slot_of(0, 1), -1);
 }
 
+TEST(CachePolicy, LfuCountsSinceLoadLfuHistoryOverTheWholeRun) {
+  // 1 used 3 times, 0 twice; 2 pushes 0 out; 0 comes back (pushing 2 out); then 3 arrives.
+  // Since its reload 0 was requested once (lfu: it goes), but 3 times over the run, as often
+  // as 1, which was used longer ago (lfu_history: 1 goes).
+  const std::vector<std::vector<int32_t>> requests = {{1}, {1}, {1}, {0}, {0}, {2}, {0}, {3}};
+  CachePolicy in_cache(options(1, 8, 2, 1, BudgetMode::kGlobal, EvictionPolicy::kLfu));
+  CachePolicy history(options(1, 8, 2, 1, BudgetMode::kGlobal, EvictionPolicy::kLfuHistory));
+  for (const auto& experts : requests) {
+    step(in_cache, 0, experts);
+    step(history, 0, experts);
+  }
+  EXPECT_EQ(in_cache.slot_of(0, 0), -1);
+  EXPECT_GE(in_cache.slot_of(0, 1), 0);
+  EXPECT_GE(history.slot_of(0, 0), 0);
+  EXPECT_EQ(history.slot_of(0, 1), -1);
+  EXPECT_EQ(in_cache.stats().misses, history.stats().misses);  // 1, 0, 2, 0, 3
+  EXPECT_EQ(policy_from_name("lfu_history"), EvictionPolicy::kLfuHistory);
+  const auto names = policy_names();
+  EXPECT_NE(std::find(names.begin(), names.end(), "lfu_history"), names.end());
+}
+
 TEST(CachePolicy, LrfuKeepsTheFrequentlyUsedUntilTheirUseDecays) {
   CacheOptions o = options(1, 8, 2, 1, BudgetMode::kGlobal, EvictionPolicy::kLrfu);
   o.frequency_decay = 0.5;  // a request halves in weight every token (one layer here)
@@ -377,6 +398,8 @@ TEST(CachePolicy, RandomTracesKeepInvariantsAndBeladyIsOptimal) {
     const int slots = layers * (2 + trial % 5);
     const int64_t lru = replay(EvictionPolicy::kLru, BudgetMode::kGlobal, slots, trace);
     const int64_t lfu = replay(EvictionPolicy::kLfu, BudgetMode::kGlobal, slots, trace);
+    const int64_t lfu_history =
+        replay(EvictionPolicy::kLfuHistory, BudgetMode::kGlobal, slots, trace);
     const int64_t flow = replay(EvictionPolicy::kExpertFlow, BudgetMode::kGlobal, slots, trace);
     const int64_t lrfu = replay(EvictionPolicy::kLrfu, BudgetMode::kGlobal, slots, trace);
     const int64_t belady = replay(EvictionPolicy::kBelady, BudgetMode::kGlobal, slots, trace);
@@ -384,6 +407,7 @@ TEST(CachePolicy, RandomTracesKeepInvariantsAndBeladyIsOptimal) {
     replay(EvictionPolicy::kLru, BudgetMode::kPerLayer, slots, trace);
     EXPECT_LE(belady, lru) << "trial " << trial;
     EXPECT_LE(belady, lfu) << "trial " << trial;
+    EXPECT_LE(belady, lfu_history) << "trial " << trial;
     EXPECT_LE(belady, flow) << "trial " << trial;
   }
 }

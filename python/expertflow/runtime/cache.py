@@ -40,10 +40,12 @@ class ExpertCache:
         slots: total number of device slots (each the size of the largest expert).
         top_k: experts per token and layer: the least a pool must hold.
         budget: ``"per_layer"`` (``slots // num_layers`` reserved per layer) or ``"global"``.
-        policy: ``"lru"``, ``"lfu"``, ``"lrfu"`` (lowest decayed request count: each request
-            adds 1, halving in weight about every 70 tokens), ``"expertflow"`` (unused
-            prefetches first, then the lowest 4 x predicted score + log(decayed request count))
-            or ``"belady"``.
+        policy: ``"lru"``, ``"lfu"`` (fewest requests since the expert was last loaded: its
+            count restarts at every load), ``"lfu_history"`` (fewest requests over the whole
+            run, kept while the expert is evicted: classic LFU), ``"lrfu"`` (lowest decayed
+            request count: each request adds 1, halving in weight about every 70 tokens),
+            ``"expertflow"`` (unused prefetches first, then the lowest 4 x predicted score +
+            log(decayed request count)) or ``"belady"``. Ties go to the least recently used.
     """
 
     def __init__(
