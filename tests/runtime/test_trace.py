@@ -112,3 +112,46 @@ def test_corrupt_and_incomplete_files_are_rejected(tmp_path):
     )
     with pytest.raises(TraceError):
         load_trace(pickled)  # object arrays need pickle, which is never allowed
+
+
+def quadratic_sequence_rows(trace: Trace) -> list[np.ndarray]:
+    """The former definition (one scan of every row per sequence): the reference."""
+    if trace.sequence_ids is None:
+        return [np.arange(trace.num_tokens)]
+    order = dict.fromkeys(trace.sequence_ids.tolist())
+    return [np.flatnonzero(trace.sequence_ids == s) for s in order]
+
+
+def loop_steps(trace: Trace) -> list[np.ndarray]:
+    """The former definition of steps (a Python loop per sequence and step): the reference."""
+    prefill = np.asarray(trace.meta.get("prefill") or [False] * trace.num_tokens, dtype=bool)
+    per_sequence = []
+    for tokens in quadratic_sequence_rows(trace):
+        prompt_len = 0
+        while prompt_len < len(tokens) and prefill[tokens[prompt_len]]:
+            prompt_len += 1
+        steps = [tokens[:prompt_len]] if prompt_len else []
+        steps += [tokens[i : i + 1] for i in range(prompt_len, len(tokens))]
+        per_sequence.append(steps)
+    longest = max((len(s) for s in per_sequence), default=0)
+    return [np.concatenate([s[i] for s in per_sequence if i < len(s)]) for i in range(longest)]
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_sequence_rows_and_steps_match_their_former_definitions(seed):
+    """Interleaved sequences with arbitrary (negative, sparse) ids, prompts anywhere (a prefill
+    token after a generated one is not part of the prompt), and empty traces."""
+    rng = np.random.default_rng(seed)
+    tokens = int(rng.integers(0, 40))
+    sequences = rng.integers(-2, int(rng.integers(1, 6)), size=tokens) * int(rng.choice([1, 7]))
+    meta = {"model": "m", "num_experts": 2, "top_k": 1, "expert_bytes": 1}
+    if rng.random() < 0.7:
+        meta["prefill"] = (rng.random(tokens) < rng.random()).tolist()
+    trace = Trace(
+        expert_ids=np.zeros((tokens, 1, 1), dtype=np.int32),
+        meta=meta,
+        sequence_ids=sequences if rng.random() < 0.9 else None,
+    )
+    got, want = trace.sequence_rows(), quadratic_sequence_rows(trace)
+    assert [r.tolist() for r in got] == [r.tolist() for r in want]
+    assert [s.tolist() for s in trace.steps()] == [s.tolist() for s in loop_steps(trace)]

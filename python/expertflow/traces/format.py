@@ -162,22 +162,34 @@ class Trace:
         order (one sequence when there are no sequence_ids)."""
         if self.sequence_ids is None:
             return [np.arange(self.num_tokens)]
-        order = dict.fromkeys(self.sequence_ids.tolist())
-        return [np.flatnonzero(self.sequence_ids == s) for s in order]
+        # One stable sort groups each sequence's rows, still in time order: O(T log T) where
+        # a scan of all T rows per sequence took minutes on a 15k-sequence trace.
+        order = np.argsort(self.sequence_ids, kind="stable")
+        starts = np.flatnonzero(np.diff(self.sequence_ids[order])) + 1
+        groups = np.split(order, starts) if len(order) else []
+        return sorted(groups, key=lambda rows: rows[0])  # by each sequence's first token
 
     def steps(self) -> list[np.ndarray]:
         """Token indices of each step, in order (see the module docstring)."""
+        sequences = self.sequence_rows()
+        rows = np.concatenate(sequences) if sequences else np.zeros(0, dtype=np.intp)
+        if not len(rows):
+            return []
         prefill = np.asarray(self.meta.get("prefill") or [False] * self.num_tokens, dtype=bool)
-        per_sequence: list[list[np.ndarray]] = []
-        for tokens in self.sequence_rows():
-            prompt_len = 0
-            while prompt_len < len(tokens) and prefill[tokens[prompt_len]]:
-                prompt_len += 1
-            steps = [tokens[:prompt_len]] if prompt_len else []
-            steps += [tokens[i : i + 1] for i in range(prompt_len, len(tokens))]
-            per_sequence.append(steps)
-        longest = max((len(s) for s in per_sequence), default=0)
-        return [np.concatenate([s[i] for s in per_sequence if i < len(s)]) for i in range(longest)]
+        lengths = np.array([len(s) for s in sequences])
+        start = np.repeat(np.cumsum(lengths) - lengths, lengths)  # its sequence's first index
+        position = np.arange(len(rows)) - start  # within its sequence
+        # The prompt: a sequence's leading prefill tokens (no generated token before them).
+        generated = np.cumsum(~prefill[rows])
+        generated_before_start = np.r_[0, generated][start]
+        in_prompt = generated == generated_before_start
+        prompt_len = np.repeat(np.add.reduceat(in_prompt, np.cumsum(lengths) - lengths), lengths)
+        # The prompt is step 0, then one step per generated token.
+        step = np.where(in_prompt, 0, position - prompt_len + (prompt_len > 0))
+        # A stable sort on the step keeps sequences in order, each one's tokens in time order.
+        order = np.argsort(step, kind="stable")
+        bounds = np.cumsum(np.bincount(step))[:-1]
+        return np.split(rows[order], bounds)
 
 
 def save_trace(trace: Trace, path: str | os.PathLike) -> None:
