@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
-from expertflow.traces.format import Trace
+from expertflow.cli import main
+from expertflow.traces.format import Trace, save_trace
 from expertflow.traces.stats import format_routing_stats, routing_stats
 
 
@@ -62,3 +65,31 @@ def test_unrecorded_entries_are_ignored():
     stats = routing_stats(make_trace(ids, np.zeros(6, dtype=int)))
     assert stats["usage"][1] == [0.0] * 8
     assert stats["reuse"][0] == pytest.approx(1.0)
+
+
+def test_a_single_sequence_has_no_cross_layer_figure_and_says_why(tmp_path, capsys):
+    """Cross-layer affinity is fitted on half the sequences and scored on the other: with one
+    sequence there is nothing to score. It is None (JSON null), printed as not applicable."""
+    rng = np.random.default_rng(2)
+    ids = np.stack([rng.choice(8, 2, replace=False) for _ in range(30 * 3)]).reshape(30, 3, 2)
+    trace = make_trace(ids, np.zeros(30, dtype=int))
+    stats = routing_stats(trace)
+    assert stats["sequences"] == 1
+    assert stats["cross_layer_recall"] == [None, None]
+    assert stats["cross_layer_popularity_baseline"] == [None, None]
+    assert all(r is not None for r in stats["reuse"])  # one sequence still has reuse
+    json.dumps(stats, allow_nan=False)  # valid JSON: no NaN anywhere
+    text = format_routing_stats(stats)
+    assert "nan" not in text and text.count("not applicable (1 sequence)") == 2
+    save_trace(trace, tmp_path / "one.npz")
+    assert main(["routing-stats", "--trace", str(tmp_path / "one.npz"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["cross_layer_recall"] == [None, None]
+
+
+def test_cross_layer_figures_need_two_sequences_not_an_odd_id():
+    """Sequences split by the rank of their ids: ids 0 and 2 are two sequences, not one."""
+    rng = np.random.default_rng(3)
+    first = rng.integers(0, 8, size=(200, 1))
+    ids = np.concatenate([first, (first + 3) % 8], axis=1)[:, :, None]
+    stats = routing_stats(make_trace(ids, np.repeat([0, 2], 100)))
+    assert stats["cross_layer_recall"] == pytest.approx([1.0])

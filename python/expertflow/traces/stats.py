@@ -11,6 +11,10 @@ cross-layer affinity; each figure next to the baseline it has to beat.
 * **cross-layer affinity**: top-k recall at layer l+1 when predicting from the token's experts at
   layer l with a transition table fitted on half the sequences and scored on the other half;
   baseline: predicting layer l+1's most used experts.
+
+A figure a trace cannot give (cross-layer affinity of a single sequence: nothing to score on;
+reuse when no sequence has two tokens; a layer with no recorded routing) is None (``null`` in
+JSON), and printed as "not applicable" with the reason.
 """
 
 from __future__ import annotations
@@ -53,8 +57,10 @@ def _overlap(a: np.ndarray, b: np.ndarray) -> float:
 
 def _affinity(ids: np.ndarray, seqs: np.ndarray, experts: int) -> tuple[list, list]:
     """Per layer pair (l, l+1): (recall of the transition-table prediction, of the popularity
-    baseline), fitted on even-numbered sequences, scored on odd ones."""
-    fit = seqs % 2 == 0
+    baseline), fitted on the even sequences (by rank of their ids), scored on the odd ones;
+    NaN where there is nothing to fit or score."""
+    rank = np.unique(seqs, return_inverse=True)[1].reshape(-1)
+    fit = rank % 2 == 0
     score = ~fit
     k = ids.shape[2]
     table_recall, popular_recall = [], []
@@ -117,6 +123,7 @@ def routing_stats(trace: Trace, seed: int = 0) -> dict:
 
     return {
         "tokens": trace.num_tokens,
+        "sequences": int(len(np.unique(seqs))),
         "layers": trace.num_layers,
         "experts": experts,
         "top_k": trace.top_k,
@@ -129,11 +136,29 @@ def routing_stats(trace: Trace, seed: int = 0) -> dict:
         "domain_divergence_mean": float(np.mean(list(pairs.values()))) if pairs else None,
         "same_domain_divergence_bits": noise,
         "same_domain_divergence_mean": float(np.mean(list(noise.values()))) if noise else None,
-        "reuse": reuse,
-        "reuse_random_baseline": reuse_base,
-        "cross_layer_recall": table_recall,
-        "cross_layer_popularity_baseline": popular_recall,
+        "reuse": _nan_to_none(reuse),
+        "reuse_random_baseline": _nan_to_none(reuse_base),
+        "cross_layer_recall": _nan_to_none(table_recall),
+        "cross_layer_popularity_baseline": _nan_to_none(popular_recall),
     }
+
+
+def _nan_to_none(values: list[float]) -> list[float | None]:
+    """NaN (a figure with nothing to compute it on) as None: ``null`` in JSON, not ``NaN``."""
+    return [None if np.isnan(v) else v for v in values]
+
+
+def _not_applicable(stats: dict) -> str:
+    if stats["sequences"] < 2:
+        count = stats["sequences"]
+        return f"not applicable ({count} sequence{'' if count == 1 else 's'})"
+    return "not applicable"
+
+
+def _with_baseline(value: float | None, baseline: float | None, stats: dict) -> str:
+    if value is None or baseline is None:
+        return _not_applicable(stats)
+    return f"{value:.3f} ({baseline:.3f})"
 
 
 def format_routing_stats(stats: dict) -> str:
@@ -144,16 +169,17 @@ def format_routing_stats(stats: dict) -> str:
         "layer  dead  max share  reuse (random)   next-layer recall (popularity)",
     ]
     for layer in range(stats["layers"]):
-        nxt = (
-            f"{stats['cross_layer_recall'][layer]:.3f} "
-            f"({stats['cross_layer_popularity_baseline'][layer]:.3f})"
-            if layer < stats["layers"] - 1
-            else "-"
-        )
+        nxt = "-"
+        if layer < stats["layers"] - 1:
+            nxt = _with_baseline(
+                stats["cross_layer_recall"][layer],
+                stats["cross_layer_popularity_baseline"][layer],
+                stats,
+            )
+        reuse = _with_baseline(stats["reuse"][layer], stats["reuse_random_baseline"][layer], stats)
         lines.append(
             f"{layer:5d}  {len(stats['dead_experts'][layer]):4d}  "
-            f"{stats['max_share'][layer]:9.3f}  {stats['reuse'][layer]:.3f} "
-            f"({stats['reuse_random_baseline'][layer]:.3f})   {nxt}"
+            f"{stats['max_share'][layer]:9.3f}  {reuse:13s}   {nxt}"
         )
     if stats["domain_divergence_mean"] is not None:
         lines += [
