@@ -8,45 +8,80 @@ import json
 from expertflow.runtime.policies import POLICIES
 from expertflow.traces import TraceError, load_trace
 
+_BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def human_bytes(count: float) -> str:
+    """``count`` bytes in the largest binary unit that keeps it at least 1: ``1.5 GiB``."""
+    unit = 0
+    while abs(count) >= 1024 and unit + 1 < len(_BYTE_UNITS):
+        count /= 1024
+        unit += 1
+    return f"{count:.0f} B" if unit == 0 else f"{count:.1f} {_BYTE_UNITS[unit]}"
+
+
+def _lookahead_scores(args: argparse.Namespace, trace):
+    if not args.lookahead:
+        return None
+    if trace.lookahead_ids is None:
+        raise TraceError(
+            f"{args.trace}: --lookahead needs a trace recorded with `expertflow trace "
+            "--lookahead` (it has no lookahead_ids)"
+        )
+    from expertflow.prediction import multi_hot
+
+    return multi_hot(trace.lookahead_ids, trace.num_experts)
+
 
 def run(args: argparse.Namespace) -> int:
     from expertflow.traces.replay import load_predictions, replay
+    from expertflow.traces.replay_options import check_options, option_spelling
 
     trace = load_trace(args.trace)
+    options = dict(
+        slots_per_layer=args.slots_per_layer,
+        slots=args.slots,
+        bandwidth_gbps=args.bandwidth_gbps,
+        layer_compute_ms=args.layer_compute_ms,
+        prefetch_threshold=args.prefetch_threshold,
+    )
+    # Refuse before reading predictions (they can be large): only their presence matters here.
+    check_options(
+        trace,
+        args.policy,
+        predictions=args.predictions,
+        lookahead=True if args.lookahead else None,
+        spell=option_spelling,
+        **options,
+    )
     predictions = reuse = None
     if args.predictions:
         predictions, reuse = load_predictions(args.predictions, trace)
-    lookahead = None
-    if args.lookahead:
-        if trace.lookahead_ids is None:
-            raise TraceError(
-                f"{args.trace}: --lookahead needs a trace recorded with `expertflow trace "
-                "--lookahead` (it has no lookahead_ids)"
-            )
-        from expertflow.prediction import multi_hot
-
-        lookahead = multi_hot(trace.lookahead_ids, trace.num_experts)
     result = replay(
         trace,
         args.policy,
-        slots_per_layer=args.slots_per_layer,
-        slots=args.slots,
         predictions=predictions,
-        bandwidth_gbps=args.bandwidth_gbps,
-        layer_compute_ms=args.layer_compute_ms,
-        lookahead=lookahead,
-        prefetch_threshold=args.prefetch_threshold,
+        lookahead=_lookahead_scores(args, trace),
         reuse=reuse,
+        spell=option_spelling,
+        **options,
     )
     if args.json:
         print(json.dumps(result.as_dict(), indent=1))
-        return 0
+    else:
+        _print_result(args, trace, result)
+    return 0
+
+
+def _print_result(args: argparse.Namespace, trace, result) -> None:
     print(
         f"trace: {args.trace} ({trace.meta['model']}, {trace.num_tokens} tokens, "
         f"{result.steps} steps, {trace.num_layers} layers x {trace.num_experts} experts, "
         f"top-{trace.top_k})"
     )
     print(f"policy {result.policy}, {result.slots} slots ({result.budget})")
+    if result.note:
+        print(f"  note: {result.note}")
     print(
         f"  hit ratio          {result.hit_ratio:.4f}  ({result.hits} hits, {result.misses} misses)"
     )
@@ -54,11 +89,20 @@ def run(args: argparse.Namespace) -> int:
         f"  prefetches         {result.prefetches}  (used {result.prefetch_hits}, "
         f"wasted {result.wasted_prefetches})"
     )
-    print(f"  bytes moved        {result.bytes_moved / 2**20:.1f} MiB")
+    if result.tokens:
+        print(
+            f"  bytes moved        {human_bytes(result.bytes_per_token)} per token, "
+            f"{human_bytes(result.bytes_per_step)} per step "
+            f"({human_bytes(result.bytes_moved)} in all)"
+        )
+    else:
+        print(f"  bytes moved        {human_bytes(result.bytes_moved)}")
     if result.time_per_token_ms is not None:
-        print(f"  time per token     {result.time_per_token_ms:.3f} ms (modelled)")
+        print(
+            f"  time per step      {result.time_per_step_ms:.3f} ms, per token "
+            f"{result.time_per_token_ms:.3f} ms (modelled)"
+        )
         print(f"  stalled on copies  {100 * result.stall_share:.1f}% of the time")
-    return 0
 
 
 def add_parser(sub) -> None:
@@ -66,24 +110,33 @@ def add_parser(sub) -> None:
     rp.add_argument("--trace", required=True, help="trace .npz (see expertflow.traces.format)")
     rp.add_argument("--policy", required=True, choices=POLICIES)
     budget = rp.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--slots-per-layer", type=int, help="per-layer budget")
-    budget.add_argument("--slots", type=int, help="one pool shared by all layers")
+    budget.add_argument(
+        "--slots-per-layer",
+        type=int,
+        help="per-layer budget, at least top_k (above num_experts: replayed as num_experts)",
+    )
+    budget.add_argument(
+        "--slots",
+        type=int,
+        help="one pool shared by all layers, at least top_k (above num_layers x num_experts: "
+        "replayed as that)",
+    )
     rp.add_argument(
         "--predictions",
-        help=".npz with scores float [T, L, E] (and reuse scores 'reuse', if the predictor has "
-        "a reuse head: eval-predictor --write-scores writes both)",
+        help="(expertflow policy) .npz with scores float [T, L, E] (and reuse scores 'reuse', "
+        "if the predictor has a reuse head: eval-predictor --write-scores writes both)",
     )
     rp.add_argument(
         "--lookahead",
         action="store_true",
-        help="also prefetch the trace's recorded gate-lookahead picks, each layer's when the "
-        "layer before it starts (trace recorded with --lookahead)",
+        help="(expertflow policy) also prefetch the trace's recorded gate-lookahead picks, each "
+        "layer's when the layer before it starts (trace recorded with --lookahead)",
     )
     rp.add_argument(
         "--prefetch-threshold",
         type=float,
-        default=0.0,
-        help="prefetch only predictions scored at least this (the others still rank evictions)",
+        help="(expertflow policy, with --predictions) prefetch only predictions scored at "
+        "least this (the others still rank evictions; default 0)",
     )
     rp.add_argument("--bandwidth-gbps", type=float, help="timing model: copy bandwidth")
     rp.add_argument("--layer-compute-ms", type=float, help="timing model: compute per layer")

@@ -14,7 +14,11 @@ Timing model (with ``bandwidth_gbps`` and ``layer_compute_ms``): one host-to-dev
 that bandwidth moves one expert at a time; prefetches queue on it in issue order, and an urgent
 load (a miss) goes ahead of every prefetch that has not started yet. A layer starts when the
 previous one has finished and all of its experts have arrived, and then computes for
-``layer_compute_ms``. Stalled time is the time layers spend waiting for copies."""
+``layer_compute_ms``. Stalled time is the time layers spend waiting for copies.
+
+Options a policy would not read are refused rather than ignored (:func:`check_options`): only
+``expertflow`` reads predictions, lookahead and reuse scores, the prefetch threshold and the
+score weight."""
 
 from __future__ import annotations
 
@@ -24,10 +28,14 @@ import dataclasses
 import numpy as np
 
 from expertflow.traces.format import Trace, TraceError
+from expertflow.traces.replay_options import (
+    PREDICTION_POLICIES,
+    Spell,
+    check_options,
+    clamp_budget,
+)
 
-__all__ = ["ReplayResult", "replay", "load_predictions"]
-
-POLICIES = ("lru", "lfu", "lrfu", "expertflow", "belady")
+__all__ = ["PREDICTION_POLICIES", "ReplayResult", "check_options", "load_predictions", "replay"]
 
 
 @dataclasses.dataclass
@@ -44,14 +52,29 @@ class ReplayResult:
     wasted_prefetches: int
     bytes_moved: int
     time_per_token_ms: float | None = None
+    time_per_step_ms: float | None = None  # a step runs a prompt or one token per sequence
     stall_share: float | None = None
+    slots_requested: int | None = None  # the budget asked for, as ``slots`` counts it
+    note: str | None = None  # set when the budget was cut to what can ever be used
 
     @property
     def hit_ratio(self) -> float:
         return self.hits / max(1, self.hits + self.misses)
 
+    @property
+    def bytes_per_token(self) -> float | None:
+        return self.bytes_moved / self.tokens if self.tokens else None
+
+    @property
+    def bytes_per_step(self) -> float | None:
+        return self.bytes_moved / self.steps if self.steps else None
+
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self) | {"hit_ratio": self.hit_ratio}
+        return dataclasses.asdict(self) | {
+            "hit_ratio": self.hit_ratio,
+            "bytes_per_token": self.bytes_per_token,
+            "bytes_per_step": self.bytes_per_step,
+        }
 
 
 def load_predictions(path, trace: Trace) -> tuple[np.ndarray, np.ndarray | None]:
@@ -155,13 +178,14 @@ def _prefetch_plan(
 
 def _prefetch_layer(
     cache, link: _Link | None, scores: np.ndarray, tokens: np.ndarray, layer: int, top_k: int,
-    now: float,
+    now: float, prefetch: bool = True,
 ) -> None:  # fmt: skip
-    """Gate lookahead for one layer: its scores (max over the step's tokens), then each token's
-    top-k experts prefetched, best first."""
+    """Gate lookahead for one layer: its scores (max over the step's tokens), then (with
+    ``prefetch``) each token's top-k experts prefetched, best first."""
     layer_scores = scores[tokens, layer].max(axis=0)  # [E]
     cache.set_scores(layer, layer_scores.tolist())
-    _prefetch_top_k(cache, link, scores[tokens, layer], layer_scores, top_k, layer, now)
+    if prefetch:
+        _prefetch_top_k(cache, link, scores[tokens, layer], layer_scores, top_k, layer, now)
 
 
 def _prefetch_top_k(
@@ -190,132 +214,177 @@ def replay(
     layer_compute_ms: float | None = None,
     prefetch: bool = True,
     lookahead: np.ndarray | None = None,
-    prefetch_threshold: float = 0.0,
+    prefetch_threshold: float | None = None,
     score_weight: float | None = None,
     reuse: np.ndarray | None = None,
+    spell: Spell = str,
 ) -> ReplayResult:
     """Replays ``trace`` through the native policy; see the module docstring.
 
+    Options a policy would not read, budgets no layer could run in, and a half-given or
+    non-finite timing model are refused (ValueError naming the argument), never ignored: see
+    :func:`~expertflow.traces.replay_options.check_options`. A budget above every expert is
+    cut to it, with ``result.note`` saying so.
+
     Args:
         trace: the routing trace.
-        policy: one of ``lru``, ``lfu``, ``expertflow``, ``belady``.
-        slots_per_layer: a per-layer budget (exactly one of this and ``slots``).
-        slots: one global pool of this many slots shared by all layers.
-        predictions: ``[T, L, E]`` predicted probabilities (used by ``expertflow``).
+        policy: one of :data:`expertflow.runtime.policies.POLICIES` (``lru``, ``lfu``, ...).
+        slots_per_layer: a per-layer budget, at least top_k (exactly one of this and
+            ``slots``); more than num_experts is replayed as num_experts (``result.note``).
+        slots: one global pool of this many slots shared by all layers; more than
+            num_layers x num_experts is replayed as that (``result.note``).
+        predictions: ``[T, L, E]`` predicted probabilities (``expertflow`` only).
         bandwidth_gbps: host-to-device copy bandwidth, GB/s (timing model, with the next).
         layer_compute_ms: compute time of one layer step (timing model).
-        prefetch: copy the predicted experts ahead; without, predictions only rank evictions
-            (every copy is then a miss's, and no byte is spent on a wrong guess).
-        lookahead: ``[T, L, E]`` gate-lookahead scores (used by ``expertflow``): layer l's are
+        prefetch: copy the predicted experts ahead; without, predictions (and lookahead
+            scores) only rank evictions (every copy is then a miss's, and no byte is spent on
+            a wrong guess).
+        lookahead: ``[T, L, E]`` gate-lookahead scores (``expertflow`` only): layer l's are
             applied when layer l-1 starts (layer 0 has none).
         prefetch_threshold: prefetch only predictions scored at least this (as
-            ``offload(..., prefetch_threshold=)``); the others still rank evictions.
+            ``offload(..., prefetch_threshold=)``); the others still rank evictions. Needs
+            ``predictions``; None: 0, every prediction in a token's top-k.
         score_weight: ``expertflow``'s weight of a predicted score against the decayed request
             count (csrc/core/cache_policy.h; None: the native default). A huge weight evicts by
             next-step scores alone, as the ExpertFlow paper's PLEC does.
-        reuse: ``[T, L, E]`` reuse scores (used by ``expertflow`` with ``predictions``): each
-            layer's eviction scores from its release on, see the module docstring.
+        reuse: ``[T, L, E]`` reuse scores (``expertflow`` with ``predictions``): each layer's
+            eviction scores from its release on, see the module docstring.
+        spell: how error messages name an argument (the command line: its option,
+            :func:`~expertflow.traces.replay_options.option_spelling`).
     """
-    from expertflow import _C
-
-    if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-    if (slots_per_layer is None) == (slots is None):
-        raise ValueError("give exactly one of slots_per_layer and slots")
-    if (bandwidth_gbps is None) != (layer_compute_ms is None):
-        raise ValueError("the timing model needs both bandwidth_gbps and layer_compute_ms")
-    if bandwidth_gbps is not None and (bandwidth_gbps <= 0 or layer_compute_ms < 0):
-        raise ValueError("bandwidth_gbps must be > 0 and layer_compute_ms >= 0")
-    if not (np.isfinite(prefetch_threshold) and prefetch_threshold >= 0):
-        raise ValueError(
-            f"prefetch_threshold must be a finite number >= 0, got {prefetch_threshold}"
-        )
-    want = (trace.num_tokens, trace.num_layers, trace.num_experts)
-    if reuse is not None and predictions is None:
-        raise ValueError("reuse scores come with predictions: give predictions too")
-    for name, scores in (
-        ("predictions", predictions),
-        ("lookahead", lookahead),
-        ("reuse", reuse),
-    ):
-        if scores is not None and np.shape(scores) != want:
-            raise ValueError(
-                f"{name} must be [T, L, E] = {list(want)} to match the trace, got "
-                f"{list(np.shape(scores))}"
-            )
-    budget = "per_layer" if slots_per_layer is not None else "global"
-    total = slots_per_layer * trace.num_layers if slots_per_layer is not None else slots
-    cache = _C.CachePolicy(
-        trace.num_layers,
-        trace.num_experts,
-        total,
-        trace.top_k,
-        budget=budget,
-        policy=policy,
-        score_weight=score_weight,
-    )
+    check_options(
+        trace, policy, slots_per_layer=slots_per_layer, slots=slots, predictions=predictions,
+        lookahead=lookahead, reuse=reuse, prefetch=prefetch,
+        prefetch_threshold=prefetch_threshold, score_weight=score_weight,
+        bandwidth_gbps=bandwidth_gbps, layer_compute_ms=layer_compute_ms, spell=spell,
+    )  # fmt: skip
+    _check_shapes(trace, predictions=predictions, lookahead=lookahead, reuse=reuse)
+    requested = slots_per_layer * trace.num_layers if slots_per_layer is not None else slots
+    slots_per_layer, slots, note = clamp_budget(trace, slots_per_layer, slots, spell)
+    run = _Run(trace, policy, slots_per_layer, slots, score_weight, spell)
+    if bandwidth_gbps is not None:
+        run.link = _Link(trace.meta["expert_bytes"] / (bandwidth_gbps * 1e9))
+        run.compute_s = layer_compute_ms / 1e3
     steps = trace.steps()
     next_uses = _next_uses(trace, steps) if policy == "belady" else None
-    expert_bytes = trace.meta["expert_bytes"]
-    link = None
-    if bandwidth_gbps is not None:
-        link = _Link(expert_bytes / (bandwidth_gbps * 1e9))
-        compute = layer_compute_ms / 1e3
-    now = stalled = 0.0
-
+    threshold = prefetch_threshold or 0.0
     for s, tokens in enumerate(steps):
-        if predictions is not None and policy == "expertflow":
+        if predictions is not None:
             _prefetch_plan(
-                cache,
-                link,
-                predictions,
-                tokens,
-                trace.top_k,
-                now,
-                prefetch,
-                prefetch_threshold,
-                reuse,
-            )
+                run.cache, run.link, predictions, tokens, trace.top_k, run.now, prefetch,
+                threshold, reuse,
+            )  # fmt: skip
         for layer in range(trace.num_layers):
-            if lookahead is not None and policy == "expertflow" and layer + 1 < trace.num_layers:
-                _prefetch_layer(cache, link, lookahead, tokens, layer + 1, trace.top_k, now)
-            experts = _layer_experts(trace, tokens, layer)
-            if not experts:
+            if lookahead is not None and layer + 1 < trace.num_layers:
+                _prefetch_layer(
+                    run.cache, run.link, lookahead, tokens, layer + 1, trace.top_k, run.now,
+                    prefetch,
+                )  # fmt: skip
+            if not run.run_layer(steps, s, layer):
                 continue
-            try:
-                got, loads = cache.acquire(layer, experts)
-            except ValueError as exc:
-                raise ValueError(
-                    f"step {s} needs {len(experts)} experts at layer {layer} at once: {exc}"
-                ) from exc
-            for slot, *_ in loads:
-                if link is not None:
-                    link.urgent(slot, now)
-                cache.loaded(slot)
-            if link is not None:
-                ready = max([now] + [link.arrival(slot) for slot in got])
-                stalled += ready - now
-                now = ready + compute
             if next_uses is not None:
                 for expert, tick in next_uses[s][layer].items():
-                    cache.set_next_use(layer, expert, tick)
-            cache.release(layer)
-
-    stats = cache.stats()
-    result = ReplayResult(
-        policy=policy,
-        slots=total,
-        budget=budget,
-        steps=len(steps),
-        tokens=trace.num_tokens,
-        hits=stats["hits"],
-        misses=stats["misses"],
-        prefetches=stats["prefetches"],
-        prefetch_hits=stats["prefetch_hits"],
-        wasted_prefetches=stats["wasted_prefetches"],
-        bytes_moved=stats["loads"] * expert_bytes,
-    )
-    if link is not None and trace.num_tokens:
-        result.time_per_token_ms = now / trace.num_tokens * 1e3
-        result.stall_share = stalled / now if now > 0 else 0.0
+                    run.cache.set_next_use(layer, expert, tick)
+            run.cache.release(layer)
+    result = run.result(len(steps))
+    result.slots_requested, result.note = requested, note
     return result
+
+
+def _check_shapes(trace: Trace, **scores: np.ndarray | None) -> None:
+    want = (trace.num_tokens, trace.num_layers, trace.num_experts)
+    for name, value in scores.items():
+        if value is not None and np.shape(value) != want:
+            raise ValueError(
+                f"{name} must be [T, L, E] = {list(want)} to match the trace, got "
+                f"{list(np.shape(value))}"
+            )
+
+
+class _Run:
+    """One replay's state: the native policy, the copy link (timing model, if any), the clock."""
+
+    def __init__(self, trace: Trace, policy, slots_per_layer, slots, score_weight, spell: Spell):
+        from expertflow import _C
+
+        self.trace = trace
+        self.spell = spell
+        self.budget = "per_layer" if slots_per_layer is not None else "global"
+        self.slots = slots_per_layer * trace.num_layers if slots_per_layer is not None else slots
+        self.cache = _C.CachePolicy(
+            trace.num_layers,
+            trace.num_experts,
+            self.slots,
+            trace.top_k,
+            budget=self.budget,
+            policy=policy,
+            score_weight=score_weight,
+        )
+        self.policy = policy
+        self.link: _Link | None = None
+        self.compute_s = 0.0
+        self.now = self.stalled = 0.0
+
+    def run_layer(self, steps: list[np.ndarray], s: int, layer: int) -> bool:
+        """Acquires step ``s``'s experts of ``layer``, loads the misses and (timing model)
+        waits for every copy, then computes. False when the step routes nothing there."""
+        experts = _layer_experts(self.trace, steps[s], layer)
+        if not experts:
+            return False
+        try:
+            got, loads = self.cache.acquire(layer, experts)
+        except ValueError as exc:
+            raise ValueError(self._pool_too_small(steps, s, layer, len(experts), exc)) from exc
+        for slot, *_ in loads:
+            if self.link is not None:
+                self.link.urgent(slot, self.now)
+            self.cache.loaded(slot)
+        if self.link is not None:
+            ready = max([self.now] + [self.link.arrival(slot) for slot in got])
+            self.stalled += ready - self.now
+            self.now = ready + self.compute_s
+        return True
+
+    def _pool_too_small(self, steps, s: int, layer: int, wanted: int, exc: Exception) -> str:
+        """The refusal, with the budget that the whole trace needs (one pass, on failure only)."""
+        trace, spell = self.trace, self.spell
+        need = max(
+            len(_layer_experts(trace, tokens, lay))
+            for tokens in steps
+            for lay in range(trace.num_layers)
+        )
+        message = (
+            f"step {s} needs {wanted} experts of layer {layer} at once ({exc}). A step runs a "
+            "prompt's tokens, or one token of each sequence of a batched trace, together: "
+            f"this trace needs up to {need} of one layer's {trace.num_experts} experts at once"
+        )
+        if self.budget == "global":
+            return f"{message}; give {spell('slots')} >= {need}"
+        everything = " (every expert: nothing left to cache)" if need == trace.num_experts else ""
+        return (
+            f"{message}, so a per-layer budget needs {spell('slots_per_layer')} >= {need}"
+            f"{everything}; one pool shared by all layers ({spell('slots')}) needs only "
+            f"{spell('slots')} >= {need}"
+        )
+
+    def result(self, steps: int) -> ReplayResult:
+        stats = self.cache.stats()
+        tokens = self.trace.num_tokens
+        result = ReplayResult(
+            policy=self.policy,
+            slots=self.slots,
+            budget=self.budget,
+            steps=steps,
+            tokens=tokens,
+            hits=stats["hits"],
+            misses=stats["misses"],
+            prefetches=stats["prefetches"],
+            prefetch_hits=stats["prefetch_hits"],
+            wasted_prefetches=stats["wasted_prefetches"],
+            bytes_moved=stats["loads"] * self.trace.meta["expert_bytes"],
+        )
+        if self.link is not None and tokens:
+            result.time_per_token_ms = self.now / tokens * 1e3
+            result.time_per_step_ms = self.now / steps * 1e3
+            result.stall_share = self.stalled / self.now if self.now > 0 else 0.0
+        return result
