@@ -1,4 +1,5 @@
 # Records what this build was made against, for expertflow.build_info() and the import check.
+# Inputs:  EXPERTFLOW_WITH_CUDA, EXPERTFLOW_CUDA_DISABLED_REASON (cmake/ExpertflowTorch.cmake)
 # Outputs: EXPERTFLOW_GIT_REVISION, EXPERTFLOW_BUILT_CUDA_VERSION, EXPERTFLOW_BUILD_INFO_PY
 
 find_package(Git QUIET)
@@ -28,5 +29,10 @@ if(EXPERTFLOW_WITH_CUDA)
 else()
   set(EXPERTFLOW_WITH_CUDA_PY False)
 endif()
+# A Python string literal: the reason may name paths or quote versions.
+string(REPLACE "\\" "\\\\" EXPERTFLOW_CUDA_DISABLED_REASON_PY
+       "${EXPERTFLOW_CUDA_DISABLED_REASON}")
+string(REPLACE "\"" "\\\"" EXPERTFLOW_CUDA_DISABLED_REASON_PY
+       "${EXPERTFLOW_CUDA_DISABLED_REASON_PY}")
 set(EXPERTFLOW_BUILD_INFO_PY "${CMAKE_CURRENT_BINARY_DIR}/_build_info.py")
 configure_file("${CMAKE_CURRENT_LIST_DIR}/_build_info.py.in" "${EXPERTFLOW_BUILD_INFO_PY}" @ONLY)

@@ -7,7 +7,8 @@
 # Inputs:  EXPERTFLOW_CUDA = AUTO | ON | OFF (cache variable, defaults to $ENV{EXPERTFLOW_CUDA})
 #          TORCH_CUDA_ARCH_LIST (environment or cache), e.g. "9.0" or "8.0;9.0+PTX"
 # Outputs: expertflow::torch (interface target), EXPERTFLOW_WITH_CUDA, EXPERTFLOW_TORCH_VERSION,
-#          EXPERTFLOW_TORCH_CUDA, EXPERTFLOW_CUDA_ARCH_LIST, CMAKE_CUDA_ARCHITECTURES
+#          EXPERTFLOW_TORCH_CUDA, EXPERTFLOW_CUDA_ARCH_LIST, CMAKE_CUDA_ARCHITECTURES,
+#          EXPERTFLOW_CUDA_DISABLED_REASON ("" with CUDA kernels, else why they are absent)
 
 set(_ef_cuda_default "$ENV{EXPERTFLOW_CUDA}")
 if(NOT _ef_cuda_default)
@@ -79,6 +80,7 @@ function(_ef_find_nvcc)
 endfunction()
 
 set(EXPERTFLOW_WITH_CUDA OFF)
+set(EXPERTFLOW_CUDA_DISABLED_REASON "EXPERTFLOW_CUDA=OFF")
 if(NOT EXPERTFLOW_CUDA STREQUAL "OFF")
   if(NOT EXPERTFLOW_TORCH_CUDA)
     set(_ef_nvcc_problem "torch ${EXPERTFLOW_TORCH_VERSION} is a CPU-only build")
@@ -87,16 +89,31 @@ if(NOT EXPERTFLOW_CUDA STREQUAL "OFF")
   endif()
   if(_ef_nvcc)
     set(EXPERTFLOW_WITH_CUDA ON)
+    set(EXPERTFLOW_CUDA_DISABLED_REASON "")
   elseif(EXPERTFLOW_CUDA STREQUAL "ON")
     message(FATAL_ERROR "EXPERTFLOW_CUDA=ON but CUDA kernels cannot be built: ${_ef_nvcc_problem}")
   else()
-    message(STATUS "expertflow: building without CUDA kernels: ${_ef_nvcc_problem}")
+    set(EXPERTFLOW_CUDA_DISABLED_REASON "${_ef_nvcc_problem}")
+    if(EXPERTFLOW_TORCH_CUDA)
+      # A CUDA torch was surely meant to run on a GPU: say loudly that this build cannot, on one
+      # summary line (scripts/dev shows those) and as a CMake warning (CMake wraps its text).
+      string(CONCAT _ef_why "torch is a CUDA ${EXPERTFLOW_TORCH_CUDA} build but "
+                    "${_ef_nvcc_problem}. Install the matching CUDA toolkit and set CUDA_HOME "
+                    "(EXPERTFLOW_CUDA=ON makes this an error, OFF silences it)")
+      message(STATUS "expertflow: WARNING: building WITHOUT CUDA kernels: ${_ef_why}")
+      message(WARNING "No CUDA kernels in this expertflow build: ${_ef_why}")
+    else()
+      message(STATUS "expertflow: building without CUDA kernels: ${_ef_nvcc_problem}")
+    endif()
   endif()
 endif()
 
 # TORCH_CUDA_ARCH_LIST ("8.0;9.0a+PTX", spaces or semicolons) -> CMAKE_CUDA_ARCHITECTURES.
-# A fixed default: the build never probes a GPU.
-set(EXPERTFLOW_DEFAULT_ARCH_LIST "8.0;8.6;8.9;9.0;10.0;12.0+PTX")
+# A fixed default: the build never probes a GPU (scripts/dev does, and passes what it finds).
+# The default is the SASS of torch 2.14's own CUDA 13 wheels (Turing to Blackwell: a GPU torch
+# runs on, these kernels run on; 8.6 covers 8.9, 10.0 covers 10.3, 12.0 covers 12.1), plus PTX of
+# the newest so that later GPUs JIT-compile it. scripts/dev reads this line: keep it one line.
+set(EXPERTFLOW_DEFAULT_ARCH_LIST "7.5;8.0;8.6;9.0;10.0;12.0+PTX")
 function(_ef_cuda_architectures arch_list out_var)
   string(REPLACE " " ";" _entries "${arch_list}")
   set(_archs "")
@@ -118,12 +135,14 @@ endfunction()
 
 set(EXPERTFLOW_CUDA_ARCH_LIST "")
 if(EXPERTFLOW_WITH_CUDA)
+  set(_ef_arch_source "TORCH_CUDA_ARCH_LIST")
   if(DEFINED ENV{TORCH_CUDA_ARCH_LIST} AND NOT "$ENV{TORCH_CUDA_ARCH_LIST}" STREQUAL "")
     set(EXPERTFLOW_CUDA_ARCH_LIST "$ENV{TORCH_CUDA_ARCH_LIST}")
   elseif(TORCH_CUDA_ARCH_LIST)
     set(EXPERTFLOW_CUDA_ARCH_LIST "${TORCH_CUDA_ARCH_LIST}")
   else()
     set(EXPERTFLOW_CUDA_ARCH_LIST "${EXPERTFLOW_DEFAULT_ARCH_LIST}")
+    set(_ef_arch_source "the default, TORCH_CUDA_ARCH_LIST unset")
   endif()
   _ef_cuda_architectures("${EXPERTFLOW_CUDA_ARCH_LIST}" CMAKE_CUDA_ARCHITECTURES)
   set(CMAKE_CUDA_COMPILER "${_ef_nvcc}")
@@ -133,8 +152,8 @@ if(EXPERTFLOW_WITH_CUDA)
   set(CMAKE_CUDA_STANDARD_REQUIRED ON)
   enable_language(CUDA)
   find_package(CUDAToolkit REQUIRED)
-  message(STATUS "expertflow: CUDA kernels for ${EXPERTFLOW_CUDA_ARCH_LIST} "
-                 "(${CMAKE_CUDA_ARCHITECTURES}) with ${_ef_nvcc}")
+  message(STATUS "expertflow: CUDA kernels for ${EXPERTFLOW_CUDA_ARCH_LIST} (${_ef_arch_source}: "
+                 "${CMAKE_CUDA_ARCHITECTURES}) with ${_ef_nvcc}")
 endif()
 
 # The libraries an extension links: the CPU core always, the CUDA ones with CUDA kernels.

@@ -25,8 +25,18 @@ def test_build_info_reports_the_build():
             info["cuda_arch_list"]
             and info["cuda_version"].split(".")[0] == (torch.version.cuda.split(".")[0])
         )
+        assert info["cuda_disabled_reason"] == ""
+        _extension.arch_list_supports(info["cuda_arch_list"], (9, 0))  # every entry parses
     else:
         assert info["cuda_arch_list"] == [] and info["cuda_version"] == ""
+        assert info["cuda_disabled_reason"], "a build without CUDA kernels says why"
+
+
+def test_build_info_arch_list_is_the_recorded_one():
+    from expertflow import _build_info
+
+    recorded = [a for a in _build_info.CUDA_ARCH_LIST.split(";") if a]
+    assert expertflow.build_info()["cuda_arch_list"] == recorded
 
 
 def test_ops_are_registered_for_cpu():

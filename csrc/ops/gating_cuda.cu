@@ -209,6 +209,7 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cuda(
               "topk_gating: on CUDA num_experts must be <= ", kMaxExpertsCuda, ", got ",
               spec.num_experts);
   const c10::cuda::CUDAGuard guard(router_logits.device());
+  cuda::check_device_arch("topk_gating", reinterpret_cast<const void*>(&topk_gating_kernel<float>));
   const at::Tensor logits = router_logits.contiguous();
   const int64_t num_tokens = logits.size(0);
   at::Tensor ids = at::empty({num_tokens, top_k}, logits.options().dtype(at::kInt));

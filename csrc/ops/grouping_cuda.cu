@@ -79,6 +79,7 @@ __global__ void combine_kernel(const scalar_t* __restrict__ rows, int64_t num_ro
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_by_expert_cuda(
     const at::Tensor& topk_ids, int64_t num_experts) {
   const c10::cuda::CUDAGuard guard(topk_ids.device());
+  cuda::check_device_arch("group_by_expert", reinterpret_cast<const void*>(&sort_inputs_kernel));
   const at::Tensor ids = flat_expert_ids(topk_ids, num_experts);
   const int32_t n = static_cast<int32_t>(ids.numel());
   const int32_t experts = static_cast<int32_t>(num_experts);
@@ -124,6 +125,7 @@ at::Tensor combine_cuda(const at::Tensor& expert_outputs, const at::Tensor& topk
                         const at::Tensor& inverse) {
   check_combine_args(expert_outputs, topk_weights, inverse);
   const c10::cuda::CUDAGuard guard(expert_outputs.device());
+  cuda::check_device_arch("combine", reinterpret_cast<const void*>(&combine_kernel<float>));
   const at::Tensor rows = expert_outputs.contiguous();
   const at::Tensor weights = topk_weights.contiguous();
   const at::Tensor inv = inverse.contiguous();
