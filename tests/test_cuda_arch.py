@@ -128,6 +128,23 @@ def test_check_cuda_device_on_this_build():
         check_cuda_device("cuda", capability=(5, 0))
 
 
+@pytest.mark.parametrize("load", ["offload", "from_pretrained"])
+def test_offload_refuses_a_gpu_the_build_cannot_run_on(monkeypatch, tmp_path, load):
+    """offload and from_pretrained check the device before building anything."""
+    from expertflow.demo.model import DEMO_MODEL_DIR, load_demo_model
+
+    info = {"cuda_kernels": False, "cuda_arch_list": [], "cuda_disabled_reason": "nvcc absent"}
+    monkeypatch.setattr(_extension, "build_info", lambda: info)
+    with pytest.raises(RuntimeError, match="built without CUDA kernels \\(nvcc absent\\)"):
+        if load == "offload":
+            model, _ = load_demo_model()
+            expertflow.offload(model, device="cuda", slots=32)
+        else:
+            expertflow.from_pretrained(DEMO_MODEL_DIR, device="cuda", slots=32)
+    if load == "offload":
+        assert not hasattr(model, "_expertflow")
+
+
 @pytest.mark.cuda
 def test_this_build_runs_on_every_visible_gpu():
     for index in range(torch.cuda.device_count()):

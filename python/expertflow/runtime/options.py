@@ -8,6 +8,7 @@ import re
 
 import torch
 
+from expertflow._extension import check_cuda_device
 from expertflow.runtime.policies import BUDGETS, POLICIES
 
 __all__ = ["OffloadOptions", "parse_bytes"]
@@ -76,6 +77,9 @@ class OffloadOptions:
         if not (number and math.isfinite(t) and t >= 0):
             raise ValueError(f"prefetch_threshold must be a finite number >= 0, got {t!r}")
         self.device = torch.device(self.device)
+        # A GPU the kernels were not built for fails here, with how to rebuild, not at the
+        # first op deep inside a forward pass.
+        check_cuda_device(self.device)
 
     @property
     def prefetching(self) -> bool:
