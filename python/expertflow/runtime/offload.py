@@ -8,6 +8,8 @@ one :class:`~expertflow.ExpertCache`, and the outputs are combined with the rout
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
@@ -20,7 +22,7 @@ from expertflow.runtime.experts import (
 from expertflow.runtime.offloaded import OffloadedExperts
 from expertflow.runtime.options import OffloadOptions, parse_bytes
 from expertflow.runtime.routing import router_of
-from expertflow.runtime.state import OffloadState, offload_state
+from expertflow.runtime.state import OffloadState, lock_each_forward, offload_state
 
 __all__ = ["offload", "restore"]
 
@@ -67,7 +69,9 @@ def offload(
             25-62.5% budgets, for fewer hits than 0 (README, "Measured results").
 
     Returns:
-        The same model, modified in place. ``restore(model)`` undoes it.
+        The same model, modified in place. ``restore(model)`` undoes it. Its forward calls
+        from several threads run one at a time, each whole (``OffloadState.lock``): the
+        cache's slots and the prefetcher serve one call at once.
     """
     options = OffloadOptions(
         device, slots, gpu_memory, policy, budget, predictor, lookahead, background,
@@ -127,17 +131,19 @@ def install(model: nn.Module, found, cache: ExpertCache, options: OffloadOptions
     model to the cache's device and attaches the prefetcher the options ask for."""
     per_layer = options.budget == "per_layer"
     pool_size = cache.num_slots // len(found) if per_layer else cache.num_slots
+    lock = threading.RLock()
     originals = []
     for layer, (name, module) in enumerate(found):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        replacement = OffloadedExperts(module, cache, layer, pool_size)
+        replacement = OffloadedExperts(module, cache, layer, pool_size, lock)
         # The original keeps host views of the store (no second copy) for restore().
         _point_at_store(module, cache, layer)
         setattr(parent, child, replacement)
         originals.append((parent_name, child, module))
     model.to(cache.device)
-    model._expertflow = OffloadState(cache, originals, pool_size, _top_k(model))
+    model._expertflow = OffloadState(cache, originals, pool_size, _top_k(model), lock=lock)
+    model._expertflow.lock_hooks = lock_each_forward(model, lock)
     if options.prefetching:
         try:
             model._expertflow.prefetcher = _prefetcher(model, cache, options)
@@ -190,6 +196,8 @@ def restore(model: nn.Module) -> nn.Module:
     state = offload_state(model, "restore")
     if state.prefetcher is not None:
         state.prefetcher.remove()
+    for handle in state.lock_hooks:
+        handle.remove()
     for parent_name, child, module in state.originals:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, module)

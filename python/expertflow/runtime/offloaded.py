@@ -3,6 +3,9 @@ weights live in an :class:`~expertflow.ExpertCache`."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 from torch import nn
 
@@ -17,9 +20,20 @@ class OffloadedExperts(nn.Module):
     """Drop-in for a transformers experts module: ``forward(hidden_states, top_k_index,
     top_k_weights) -> [tokens, hidden]`` with the experts' weights in an ExpertCache."""
 
-    def __init__(self, original: nn.Module, cache: ExpertCache, layer: int, pool_size: int):
+    def __init__(
+        self,
+        original: nn.Module,
+        cache: ExpertCache,
+        layer: int,
+        pool_size: int,
+        lock: threading.RLock | None = None,
+    ):
         super().__init__()
         self.cache = cache
+        # The model's forward lock (re-entrant: already held inside a whole-model call). Held
+        # here too so that a direct call of an inner module cannot interleave with another
+        # thread's use of the layer's slots: release() unpins every slot of the layer.
+        self._lock = lock if lock is not None else contextlib.nullcontext()
         self.layer = layer
         self.pool_size = pool_size  # experts that fit in the layer's slots at once
         self.num_experts = original.num_experts
@@ -48,6 +62,10 @@ class OffloadedExperts(nn.Module):
         return self.post_expert_norm(h) if self.has_post_expert_norm else h
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
+        with self._lock:
+            return self._forward(hidden_states, top_k_index, top_k_weights)
+
+    def _forward(self, hidden_states, top_k_index, top_k_weights):
         num_tokens, top_k = top_k_index.shape
         order, counts, offsets, inverse = ops.group_by_expert(top_k_index, self.num_experts)
         tokens = (order // top_k).long()

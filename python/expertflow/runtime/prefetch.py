@@ -13,10 +13,17 @@ prefetch the router did not use becomes the first to be evicted: real-time corre
 With ``background=True`` the path prediction runs on a worker thread while the step's first
 layers compute (off the critical path); its plan then starts at the first layer whose experts
 have not run yet, and the step waits for it, if still running, only before its last layer.
+
+Threads: an offloaded model's forward calls run one at a time (``OffloadState.lock``), so the
+per-call state here is never shared by two calls. The rows a decode step continues are followed
+per thread (each thread's ``generate`` is its own sequence), and a single-position call counts
+as their next step only if its KV cache holds exactly the positions followed so far; any other
+call starts a new sequence. Histories of different sequences never mix.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -28,6 +35,36 @@ from expertflow.prediction import Predictor
 from expertflow.runtime.routing import RoutedCall, hook_routed_calls
 
 __all__ = ["PredictivePrefetcher"]
+
+
+class _Followed(threading.local):
+    """The rows one thread's forward calls follow (each thread sees its own attributes).
+
+    Attributes:
+        histories: each row's token ids so far, padding left out; None: nothing followed.
+        previous: ``[B, L, K]`` the routing of the rows' last token, once a call finished.
+        positions: the positions (padding included) the rows' KV cache holds after the last
+            call: the next decode step's cache must hold exactly these.
+        driven: what :meth:`PredictivePrefetcher.drive` declared for the next call, if any.
+    """
+
+    histories: list[list[int]] | None = None
+    previous: np.ndarray | None = None
+    positions: int = 0
+    driven: tuple | None = None
+
+
+def _past_length(kwargs: dict) -> int | None:
+    """Positions the call's KV cache holds before it runs (0 without one), or None when the
+    cache is of a kind this cannot read."""
+    past = kwargs.get("past_key_values")
+    if past is None:
+        return 0
+    if hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    if isinstance(past, tuple | list) and past and isinstance(past[0], tuple | list) and past[0]:
+        return int(past[0][0].shape[-2])  # legacy tuples: [B, heads, S, dim] keys per layer
+    return None
 
 
 class PredictivePrefetcher:
@@ -65,13 +102,11 @@ class PredictivePrefetcher:
         self.cache, self.predictor, self.routers = cache, predictor, routers
         self.top_k, self.pool_size, self.num_layers = top_k, pool_size, layers
         self.min_score = min_score
-        self.histories: list[list[int]] | None = None
-        self.previous: np.ndarray | None = None
+        self._followed = _Followed()
         self._routing: list[torch.Tensor | None] = [None] * layers
         self._step_ids: list[list[int]] | None = None
         self._keep: list[bool] = []  # per flattened row: a real token, not padding
         self._decoding = False
-        self._driven = None
         self.seconds = 0.0  # predictor time
         self.steps = 0
         self.background_seconds = 0.0
@@ -103,13 +138,16 @@ class PredictivePrefetcher:
         rows change between calls, so the prefetcher cannot follow them itself. ``histories``
         are each row's ids so far (last = the token about to run), ``previous`` ``[B, L, K]``
         their preceding routing; ``scores`` ``[B, L, E]`` (and the predictor's ``reuse``
-        scores), if the driver already predicted them, are planned as they are.
+        scores), if the driver already predicted them, are planned as they are. It applies to
+        the calling thread's next call only.
         """
-        self._driven = (histories, previous, scores, reuse)
+        self._followed.driven = (histories, previous, scores, reuse)
 
     def reset(self) -> None:
-        """Forgets the rows followed so far: the next forward call is a prompt."""
-        self.histories, self.previous, self._driven = None, None, None
+        """Forgets the rows the calling thread followed so far: its next call is a prompt."""
+        followed = self._followed
+        followed.histories, followed.previous, followed.driven = None, None, None
+        followed.positions = 0
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -135,38 +173,54 @@ class PredictivePrefetcher:
         self._layer = -1
         ids = kwargs.get("input_ids", args[0] if args else None)
         self._routing = [None] * self.num_layers
+        followed = self._followed
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
             self._step_ids = None  # inputs_embeds: nothing to predict from
+            followed.histories = None  # and the rows followed are no longer continued
             return
         rows = ids.tolist()
         self._decoding = False
-        if self._driven is not None:
-            histories, previous, scores, reuse = self._driven
-            self._driven, self.histories = None, None
+        if followed.driven is not None:
+            histories, previous, scores, reuse = followed.driven
+            followed.driven, followed.histories = None, None
             self._begin_decode(rows)
             self._plan(histories, previous, scores, reuse)
             return
-        mask = kwargs.get("attention_mask")
-        decode = (
-            ids.shape[1] == 1 and self.histories is not None and len(self.histories) == len(rows)
-        )
-        if not decode:
-            keep = (
-                mask.bool().tolist()
-                if isinstance(mask, torch.Tensor) and mask.shape == ids.shape
-                else [[True] * len(r) for r in rows]
-            )
-            self.histories = [
-                [t for t, k in zip(r, km, strict=True) if k] or r[-1:]
-                for r, km in zip(rows, keep, strict=True)
-            ]
-            self.previous = None
-            self._step_ids, self._keep = rows, [k for km in keep for k in km]
+        past = _past_length(kwargs)
+        if not self._continues(followed, tuple(ids.shape), past):
+            self._follow_prompt(followed, rows, kwargs.get("attention_mask"))
+            followed.positions = (past or 0) + ids.shape[1]
             return
-        for history, row in zip(self.histories, rows, strict=True):
+        for history, row in zip(followed.histories, rows, strict=True):
             history.append(row[-1])
+        followed.positions += 1
         self._begin_decode(rows)
-        self._plan(self.histories, self.previous, None)
+        self._plan(followed.histories, followed.previous, None)
+
+    @staticmethod
+    def _continues(followed: _Followed, shape: tuple[int, int], past: int | None) -> bool:
+        """Whether a call over ids of ``shape`` ``(B, width)`` whose KV cache holds ``past``
+        positions (None: unknown) is the next decode step of the rows followed: one position
+        per row, as many rows, and a cache holding exactly the positions followed (another
+        sequence's step, with a cache of its own, starts a new sequence)."""
+        if followed.histories is None or shape[1] != 1 or shape[0] != len(followed.histories):
+            return False
+        return past is None or past == followed.positions
+
+    def _follow_prompt(self, followed: _Followed, rows: list[list[int]], mask) -> None:
+        """Starts following the rows of a prompt (padding, where ``mask`` is 0, left out)."""
+        shape = (len(rows), len(rows[0]) if rows else 0)
+        keep = (
+            mask.bool().tolist()
+            if isinstance(mask, torch.Tensor) and tuple(mask.shape) == shape
+            else [[True] * len(r) for r in rows]
+        )
+        followed.histories = [
+            [t for t, k in zip(r, km, strict=True) if k] or r[-1:]
+            for r, km in zip(rows, keep, strict=True)
+        ]
+        followed.previous = None
+        self._step_ids, self._keep = rows, [k for km in keep for k in km]
 
     def _begin_decode(self, rows: list[list[int]]) -> None:
         self._step_ids, self._keep = rows, [True] * len(rows)
@@ -230,7 +284,7 @@ class PredictivePrefetcher:
         batch, width = len(rows), len(rows[0])
         routing = torch.stack(self._routing, dim=1).view(batch, width, self.num_layers, -1)
         routing = routing.numpy()
-        self.previous = routing[:, -1]
+        self._followed.previous = routing[:, -1]
         flat_ids = [t for r in rows for t in r]
         flat = routing.reshape(batch * width, self.num_layers, -1)
         real = np.flatnonzero(self._keep)

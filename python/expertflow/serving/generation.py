@@ -244,6 +244,10 @@ def generate_batch(
         ran per MoE layer), ``kv_rows_moved``, ``regroups`` and, for an offloaded model, the
         cache's counters over the call (``hits``, ``misses``, ``prefetches``,
         ``bytes_copied``, ...). If every request fails, the first error is raised.
+
+    Threads: calls from several threads on one model each get their own tokens. An offloaded
+    model's forward calls take turns (``OffloadState.lock``), so the calls share its speed, and
+    their ``stats["cache"]`` count every call the cache served meanwhile.
     """
     _check_arguments(max_new_tokens, batch_size, active_batches, regroup_every, prefill_padding)
     sampling = _Sampling(bool(do_sample), temperature, top_k, top_p, seed)
