@@ -8,12 +8,12 @@ import torch
 
 from expertflow import _C
 from expertflow.prediction import REUSE_HORIZONS, PathPredictor
-from expertflow.prediction.predictor import _PathNet
+from expertflow.prediction.path.net import PathNet
 
 
 def random_net(d_model, heads, depth, context, use_previous, layers=3, experts=5, seed=0):
     torch.manual_seed(seed)
-    net = _PathNet(50, layers, experts, d_model, depth, heads, context, use_previous)
+    net = PathNet(50, layers, experts, d_model, depth, heads, context, use_previous)
     with torch.no_grad():
         for param in net.parameters():  # untrained weights are too small to test anything
             # bfloat16 values, as PathPredictor keeps them: the decoder stores bfloat16.
@@ -21,7 +21,7 @@ def random_net(d_model, heads, depth, context, use_previous, layers=3, experts=5
     return net.eval()
 
 
-def decoder_of(net: _PathNet, **override):
+def decoder_of(net: PathNet, **override):
     sizes = dict(
         vocab_size=net.embed.num_embeddings,
         context=net.context,

@@ -131,7 +131,7 @@ def test_path_predictor_batched_cached_steps_match_the_whole_trace_scoring(nativ
         histories = [trace.token_ids[rows[s][: t + offsets[s] + 1]].tolist() for s in order]
         scores = predictor.predict_step(histories, trace.expert_ids[np.asarray(at) - 1])
         np.testing.assert_allclose(scores, whole[at], atol=2e-5)
-    assert len(predictor._kv) <= 2 * 3  # grown windows' shorter selves are dropped
+    assert len(predictor._decoding.cache) <= 2 * 3  # grown windows' shorter selves are dropped
 
 
 def markov_routed_trace(seed, sequences=60, length=24):

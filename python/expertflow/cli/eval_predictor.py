@@ -12,7 +12,11 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from expertflow.prediction import HistoryPredictor, load_predictor
-    from expertflow.prediction.evaluation import evaluate_predictor, format_evaluation
+    from expertflow.prediction.evaluation import (
+        evaluate_predictor,
+        format_evaluation,
+        predictor_for_trace,
+    )
 
     (trace,) = load_traces([args.traces], only_source=args.only_source)
     if args.predictor == "history":
@@ -22,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_predictor(predictor, trace)
     scores = result.pop("scores")
     if args.write_scores:
-        reuse = predictor.reuse_trace(trace)
+        # On a trace without token ids, the parts that scored it (evaluate_predictor's notes).
+        reuse = predictor_for_trace(predictor, trace)[0].reuse_trace(trace)
         extra = {} if reuse is None else {"reuse": reuse}
         np.savez_compressed(args.write_scores, scores=scores, **extra)
     print(json.dumps(result, indent=1) if args.json else format_evaluation(result))

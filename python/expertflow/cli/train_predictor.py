@@ -24,10 +24,23 @@ def _saved_path_predictor(args: argparse.Namespace, traces):
     return path
 
 
+def _refuse_traces_without_ids(kind: str, traces) -> None:
+    """The path predictor reads token ids: ``--kind path`` or ``combined`` needs them in
+    every trace (the history predictor trains on the others too)."""
+    missing = sum(t.token_ids is None for t in traces)
+    if kind != "history" and missing:
+        raise ValueError(
+            f"--traces: {missing} of {len(traces)} traces have no token_ids, and --kind {kind} "
+            "trains the path predictor, which reads token ids (--kind history trains without "
+            "them: from routing alone)"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     from expertflow.prediction import CombinedPredictor, HistoryPredictor, PathPredictor
 
     traces = load_traces(args.traces, exclude_source=args.exclude_source)
+    _refuse_traces_without_ids(args.kind, traces)
     first = traces[0]
     shape = (first.num_layers, first.num_experts, first.top_k)
     history = HistoryPredictor(*shape).fit(traces) if args.kind != "path" else None
@@ -36,9 +49,7 @@ def run(args: argparse.Namespace) -> int:
         path = _saved_path_predictor(args, traces)
     elif args.kind != "history":
         vocab = args.vocab_size or max(
-            t.meta.get("vocab_size") or int(t.token_ids.max()) + 1
-            for t in traces
-            if t.token_ids is not None
+            t.meta.get("vocab_size") or int(t.token_ids.max()) + 1 for t in traces
         )
         path = PathPredictor(
             *shape,
@@ -65,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
         predictor = path or history
     predictor.save(args.out)
     tokens = sum(t.num_tokens for t in traces)
-    print(f"wrote {args.kind} predictor to {args.out} (trained on {tokens} tokens)")
+    without_ids = sum(t.num_tokens for t in traces if t.token_ids is None)
+    routing_only = f"; {without_ids} without token ids: routing only" if without_ids else ""
+    print(f"wrote {args.kind} predictor to {args.out} (trained on {tokens} tokens{routing_only})")
     return 0
 
 
