@@ -49,6 +49,9 @@ def test_predictors_that_read_token_ids_refuse_a_trace_without_them():
         path.predict_trace(held)
     with pytest.raises(ValueError, match="nothing of the path predictor scores from routing"):
         evaluate_predictor(path, held)
+    other = PathPredictor(LAYERS + 1, EXPERTS, 2, vocab_size=VOCAB, d_model=16, context=8)
+    with pytest.raises(ValueError, match="4 layers x 8 experts, the trace has 3 layers"):
+        evaluate_predictor(other, held)  # the other model, before the missing ids
 
     class Constant(Predictor):  # a kind of its own: assumed to read ids, as before
         def predict_step(self, histories, previous):

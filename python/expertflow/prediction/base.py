@@ -67,9 +67,8 @@ class Predictor:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
 
-    def check_trace(self, trace: Trace) -> None:
-        """Refuses a trace of another model (layers/experts mismatch), naming both shapes, and
-        a trace without token ids if this predictor reads them."""
+    def check_shape(self, trace: Trace) -> None:
+        """Refuses a trace of another model (layers/experts mismatch), naming both shapes."""
         mine = (self.num_layers, self.num_experts)
         theirs = (trace.num_layers, trace.num_experts)
         if mine != theirs:
@@ -77,6 +76,11 @@ class Predictor:
                 f"predictor is for {mine[0]} layers x {mine[1]} experts, the trace has "
                 f"{theirs[0]} layers x {theirs[1]} experts"
             )
+
+    def check_trace(self, trace: Trace) -> None:
+        """Refuses a trace of another model (:meth:`check_shape`), and a trace without token
+        ids if this predictor reads them."""
+        self.check_shape(trace)
         if self.needs_token_ids and trace.token_ids is None:
             raise ValueError(
                 f"{self.label} reads token ids: this trace has no token_ids "

@@ -66,7 +66,8 @@ def predictor_for_trace(predictor: Predictor, trace: Trace) -> tuple[Predictor, 
     """The predictor to score ``trace`` with and notes on what it lacks: ``predictor`` itself
     and no notes on a trace with token ids; on one without, what of it runs from routing
     alone (:meth:`Predictor.without_token_ids`) and one note saying what is left out. Raises
-    ValueError when nothing of it runs without token ids."""
+    ValueError when nothing of it runs without token ids, or for a trace of another model."""
+    predictor.check_shape(trace)  # the more basic mismatch first
     if trace.token_ids is None:
         usable, lost = predictor.without_token_ids()
         if usable is None:
