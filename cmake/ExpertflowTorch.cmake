@@ -6,9 +6,10 @@
 #
 # Inputs:  EXPERTFLOW_CUDA = AUTO | ON | OFF (cache variable, defaults to $ENV{EXPERTFLOW_CUDA})
 #          TORCH_CUDA_ARCH_LIST (environment or cache), e.g. "9.0" or "8.0;9.0+PTX"
-# Outputs: expertflow::torch (interface target), EXPERTFLOW_WITH_CUDA, EXPERTFLOW_TORCH_VERSION,
-#          EXPERTFLOW_TORCH_CUDA, EXPERTFLOW_CUDA_ARCH_LIST, CMAKE_CUDA_ARCHITECTURES,
-#          EXPERTFLOW_CUDA_DISABLED_REASON ("" with CUDA kernels, else why they are absent)
+# Outputs: expertflow::torch_cpp and expertflow::torch (interface targets), EXPERTFLOW_WITH_CUDA,
+#          EXPERTFLOW_TORCH_VERSION, EXPERTFLOW_TORCH_CUDA, EXPERTFLOW_CUDA_ARCH_LIST,
+#          CMAKE_CUDA_ARCHITECTURES, EXPERTFLOW_CUDA_DISABLED_REASON ("" with CUDA kernels, else
+#          why they are absent)
 
 set(_ef_cuda_default "$ENV{EXPERTFLOW_CUDA}")
 if(NOT _ef_cuda_default)
@@ -156,24 +157,32 @@ if(EXPERTFLOW_WITH_CUDA)
                  "${CMAKE_CUDA_ARCHITECTURES}) with ${_ef_nvcc}")
 endif()
 
-# The libraries an extension links: the CPU core always, the CUDA ones with CUDA kernels.
-set(_ef_torch_libs c10 torch torch_cpu torch_python)
+# The libraries C++ code on tensors links (expertflow::torch_cpp: c10 and torch_cpu, with CUDA
+# kernels also the CUDA ones), and what the Python extension adds (expertflow::torch: torch and
+# torch_python). A test executable must not link torch_python: it needs libpython's symbols.
+set(_ef_torch_cpp_libs c10 torch_cpu)
 if(EXPERTFLOW_WITH_CUDA)
-  list(APPEND _ef_torch_libs c10_cuda torch_cuda)
+  list(APPEND _ef_torch_cpp_libs c10_cuda torch_cuda)
 endif()
-add_library(expertflow_torch INTERFACE)
-add_library(expertflow::torch ALIAS expertflow_torch)
-foreach(_lib IN LISTS _ef_torch_libs)
-  find_library(_ef_lib_${_lib} NAMES ${_lib} PATHS ${_ef_torch_library_dirs} NO_DEFAULT_PATH)
-  if(NOT _ef_lib_${_lib})
-    message(FATAL_ERROR "torch library '${_lib}' not found in ${_ef_torch_library_dirs}")
-  endif()
-  target_link_libraries(expertflow_torch INTERFACE "${_ef_lib_${_lib}}")
-endforeach()
-target_include_directories(expertflow_torch SYSTEM INTERFACE ${_ef_torch_include_dirs})
-target_compile_definitions(expertflow_torch INTERFACE
+function(_ef_torch_target name)
+  add_library(${name} INTERFACE)
+  foreach(_lib IN LISTS ARGN)
+    find_library(_ef_lib_${_lib} NAMES ${_lib} PATHS ${_ef_torch_library_dirs} NO_DEFAULT_PATH)
+    if(NOT _ef_lib_${_lib})
+      message(FATAL_ERROR "torch library '${_lib}' not found in ${_ef_torch_library_dirs}")
+    endif()
+    target_link_libraries(${name} INTERFACE "${_ef_lib_${_lib}}")
+  endforeach()
+endfunction()
+_ef_torch_target(expertflow_torch_cpp ${_ef_torch_cpp_libs})
+add_library(expertflow::torch_cpp ALIAS expertflow_torch_cpp)
+target_include_directories(expertflow_torch_cpp SYSTEM INTERFACE ${_ef_torch_include_dirs})
+target_compile_definitions(expertflow_torch_cpp INTERFACE
   _GLIBCXX_USE_CXX11_ABI=${_ef_torch_cxx11_abi})
 if(EXPERTFLOW_WITH_CUDA)
-  target_link_libraries(expertflow_torch INTERFACE CUDA::cudart)
+  target_link_libraries(expertflow_torch_cpp INTERFACE CUDA::cudart)
 endif()
+_ef_torch_target(expertflow_torch torch torch_python)
+add_library(expertflow::torch ALIAS expertflow_torch)
+target_link_libraries(expertflow_torch INTERFACE expertflow_torch_cpp)
 set(EXPERTFLOW_TORCH_LIBRARY_DIRS "${_ef_torch_library_dirs}")

@@ -28,13 +28,6 @@ std::vector<std::string_view> policy_names() {
   return names;
 }
 
-std::optional<EvictionPolicy> policy_from_name(std::string_view name) {
-  for (const auto& p : kNamedPolicies) {
-    if (p.name == name) return p.policy;
-  }
-  return std::nullopt;
-}
-
 std::string validate(const CacheOptions& o) {
   if (o.num_layers < 1) return "num_layers must be >= 1, got " + std::to_string(o.num_layers);
   if (o.num_experts < 1) return "num_experts must be >= 1, got " + std::to_string(o.num_experts);
@@ -58,6 +51,22 @@ std::string validate(const CacheOptions& o) {
     return "score_weight must be a finite number >= 0, got " + std::to_string(o.score_weight);
   }
   return {};
+}
+
+EvictionPolicy parse_eviction_policy(const std::string& name) {
+  for (const auto& p : kNamedPolicies) {
+    if (p.name == name) return p.policy;
+  }
+  std::string names;
+  for (const auto& p : kNamedPolicies)
+    names += (names.empty() ? "'" : ", '") + std::string(p.name) + "'";
+  throw std::invalid_argument("policy must be one of " + names + ", got '" + name + "'");
+}
+
+BudgetMode parse_budget_mode(const std::string& name) {
+  if (name == "per_layer") return BudgetMode::kPerLayer;
+  if (name == "global") return BudgetMode::kGlobal;
+  throw std::invalid_argument("budget must be 'per_layer' or 'global', got '" + name + "'");
 }
 
 CachePolicy::CachePolicy(const CacheOptions& options) : options_(options) {
@@ -141,8 +150,7 @@ CachePolicy::EvictKey CachePolicy::evict_key(int32_t slot) const {
 }
 
 double CachePolicy::flow_value(size_t key, int64_t tick) const {
-  const double score = scores_[key];
-  if (std::isinf(score)) return score;  // "never needed" (a NaN score) or "surely needed"
+  const double score = scores_[key];  // finite: set_scores refuses anything else
   // An entry prefetched but never requested counts as one request at `tick` (its prefetch),
   // not as log(0): a confident prediction must still protect it.
   const double order = std::isinf(frequency_order_[key]) ? decay_rate_ * static_cast<double>(tick)
@@ -205,9 +213,40 @@ int32_t CachePolicy::take_slot(int32_t pool) {
   return victim;
 }
 
+namespace {
+
+// Throws std::invalid_argument naming the first non-finite score of `values` [n].
+void check_finite(const float* values, int32_t n, const char* name) {
+  for (int32_t e = 0; e < n; ++e) {
+    if (!std::isfinite(values[e])) {
+      throw std::invalid_argument(std::string("set_scores: ") + name + " must be finite, got " +
+                                  std::to_string(values[e]) + " for expert " + std::to_string(e));
+    }
+  }
+}
+
+void check_length(std::span<const float> values, int32_t n, const char* name) {
+  if (values.size() != static_cast<size_t>(n)) {
+    throw std::invalid_argument(std::string("set_scores: ") + name +
+                                " must have num_experts=" + std::to_string(n) + " entries, got " +
+                                std::to_string(values.size()));
+  }
+}
+
+}  // namespace
+
+void CachePolicy::set_scores(int32_t layer, std::span<const float> scores,
+                             std::span<const float> reuse) {
+  check_length(scores, options_.num_experts, "scores");
+  if (!reuse.empty()) check_length(reuse, options_.num_experts, "reuse");
+  set_scores(layer, scores.data(), reuse.empty() ? nullptr : reuse.data());
+}
+
 void CachePolicy::set_scores(int32_t layer, const float* scores, const float* reuse) {
   check_layer(layer, "set_scores");
   const int32_t n = options_.num_experts;
+  check_finite(scores, n, "scores");
+  if (reuse != nullptr) check_finite(reuse, n, "reuse");
   float* saved = &reuse_[static_cast<size_t>(layer) * n];
   if (reuse != nullptr) {
     std::copy(reuse, reuse + n, saved);
@@ -218,16 +257,13 @@ void CachePolicy::set_scores(int32_t layer, const float* scores, const float* re
     return;
   }
   std::vector<float> until_release(n);
-  for (int32_t e = 0; e < n; ++e) {
-    until_release[e] = std::isnan(scores[e]) ? saved[e] : std::max(scores[e], saved[e]);
-  }
+  for (int32_t e = 0; e < n; ++e) until_release[e] = std::max(scores[e], saved[e]);
   assign_scores(layer, until_release.data());
 }
 
 void CachePolicy::assign_scores(int32_t layer, const float* scores) {
   for (int32_t e = 0; e < options_.num_experts; ++e) {
-    // NaN would break the eviction order: it counts as "never needed".
-    const float score = std::isnan(scores[e]) ? -std::numeric_limits<float>::infinity() : scores[e];
+    const float score = scores[e];
     const size_t key = static_cast<size_t>(layer) * options_.num_experts + e;
     const int32_t slot = slot_of_[key];
     if (slot < 0) {
@@ -352,12 +388,30 @@ void CachePolicy::acquire(int32_t layer, const int32_t* experts, int32_t n, int3
   }
 }
 
-void CachePolicy::loaded(int32_t slot) {
+void CachePolicy::check_loading(int32_t slot, const char* what) const {
   if (slot < 0 || slot >= static_cast<int32_t>(slots_.size()) ||
       slots_[slot].state != State::kLoading) {
-    throw std::out_of_range("loaded: slot " + std::to_string(slot) + " has no copy in flight");
+    throw std::out_of_range(std::string(what) + ": slot " + std::to_string(slot) +
+                            " has no copy in flight");
   }
+}
+
+void CachePolicy::loaded(int32_t slot) {
+  check_loading(slot, "loaded");
   update(slot, [](Slot& s) { s.state = State::kResident; });
+}
+
+void CachePolicy::cancel_load(int32_t slot) {
+  check_loading(slot, "cancel_load");
+  Slot& s = slots_[slot];
+  // Whoever pinned or prefetched it must not find it again: the slot may soon hold another
+  // expert. Only acquires of its own layer pin an entry, and only prefetches for it list it.
+  std::erase(pinned_by_layer_[s.layer], slot);
+  std::erase(prefetched_for_layer_[s.layer], slot);
+  if (s.prefetched_unused) --stats_.prefetches;  // never loaded
+  slot_of_[static_cast<size_t>(s.layer) * options_.num_experts + s.expert] = -1;
+  free_[pool_of(s.layer)].push_back(slot);
+  s = Slot{};
 }
 
 void CachePolicy::release(int32_t layer) {

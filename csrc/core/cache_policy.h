@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <optional>
 #include <set>
+#include <span>
 #include <string>
 #include <string_view>
 #include <tuple>
@@ -30,10 +31,8 @@ enum class EvictionPolicy {
 };
 
 // The policies as users name them (Python API, command line, replay), in the order they are
-// listed: the single source of these names.
+// listed: the single source of these names (parse_eviction_policy reads the same table).
 std::vector<std::string_view> policy_names();
-// The policy called `name`, or std::nullopt when no policy has that name.
-std::optional<EvictionPolicy> policy_from_name(std::string_view name);
 
 enum class BudgetMode {
   kPerLayer,  // num_slots / num_layers slots reserved to each layer
@@ -60,6 +59,11 @@ struct CacheOptions {
 
 // Empty when the options are usable, else a message naming the field and the minimum.
 std::string validate(const CacheOptions& options);
+
+// One of policy_names() / "per_layer", "global"; anything else throws std::invalid_argument
+// listing the accepted names.
+EvictionPolicy parse_eviction_policy(const std::string& name);
+BudgetMode parse_budget_mode(const std::string& name);
 
 // A copy the runtime must perform: expert (layer, expert) into `slot`.
 struct Load {
@@ -91,7 +95,12 @@ class CachePolicy {
   // score and its reuse score (also for scores set again without `reuse`, as gate lookahead
   // does), and from release(layer) on at its reuse score alone, for the step no longer needs
   // the layer: its next use is a later token's, as Belady's next use would say.
+  // Throws std::invalid_argument, changing nothing, if a score is not finite: an eviction order
+  // over NaN is no order at all, and a NaN or infinite prediction is a broken predictor.
   void set_scores(int32_t layer, const float* scores, const float* reuse = nullptr);
+  // The same over arrays that carry their length: each must hold num_experts scores (`reuse`
+  // may be empty: none), else std::invalid_argument naming it.
+  void set_scores(int32_t layer, std::span<const float> scores, std::span<const float> reuse);
 
   // Belady only: the tick (acquire count) at which (layer, expert) is next requested; a
   // negative tick means never again.
@@ -109,6 +118,11 @@ class CachePolicy {
 
   // The copy into `slot` has completed: loading -> resident.
   void loaded(int32_t slot);
+
+  // The copy into `slot` could not be started: the entry is dropped (loading -> free, unpinned,
+  // its layer's release() no longer sees it), as if it had never been requested or prefetched,
+  // except that a miss still counts as a miss. A failed copy then costs a slot nothing.
+  void cancel_load(int32_t slot);
 
   // The layer is done: unpins its experts. Under kExpertFlow, the layer's prefetched entries the
   // router did not ask for are marked contradicted and go first.
@@ -143,7 +157,7 @@ class CachePolicy {
   // CacheOptions::score_weight. `tick` stands in for the request of an entry never requested.
   double flow_value(size_t key, int64_t tick) const;
   bool evictable(int32_t slot) const;
-  // scores_ of one layer's experts (NaN: never needed), each resident one re-filed.
+  // scores_ of one layer's experts, each resident one re-filed.
   void assign_scores(int32_t layer, const float* scores);
   // Re-files `slot` in its pool's eviction set after `change` mutates it.
   template <typename Change>
@@ -153,6 +167,7 @@ class CachePolicy {
   void evict(int32_t slot);
   void check_layer(int32_t layer, const char* what) const;
   void check_expert(int32_t expert, const char* what) const;
+  void check_loading(int32_t slot, const char* what) const;
 
   CacheOptions options_;
   int32_t num_pools_;

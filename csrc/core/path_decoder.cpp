@@ -13,7 +13,10 @@
 // (x86-64-v3, which GCC dispatches on ISA features; "arch=haswell" would test the CPU model
 // and miss every later one); the build itself targets baseline x86-64 so the wheel runs
 // anywhere. The baseline clone keeps the same tiles in SSE registers: correct, slower.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+// Not under ThreadSanitizer: it instruments the clones' resolver, which the loader runs before
+// the sanitizer's runtime is initialised, and the program crashes while loading.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && \
+    !defined(__SANITIZE_THREAD__)
 #define EXPERTFLOW_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define EXPERTFLOW_VECTOR_CLONES

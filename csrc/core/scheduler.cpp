@@ -9,7 +9,10 @@
 // The scheduler is popcounts over bitsets: x86-64 builds also get a POPCNT clone of its entry
 // points, picked at load time where the CPU has the instruction (about 2x faster than the
 // baseline's bit-twiddling popcount), without requiring it of the CPUs that run the build.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__POPCNT__) && defined(__ELF__)
+// Not under ThreadSanitizer: it instruments the clones' resolver, which the loader runs before
+// the sanitizer's runtime is initialised, and the program crashes while loading.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__POPCNT__) && defined(__ELF__) && \
+    !defined(__SANITIZE_THREAD__)
 #define EXPERTFLOW_POPCNT_CLONES __attribute__((target_clones("popcnt", "default")))
 #else
 #define EXPERTFLOW_POPCNT_CLONES

@@ -11,8 +11,8 @@
 
 namespace expertflow::ops {
 
-// Checks every argument (TORCH_CHECK, naming it) and returns the router it describes.
-// router_logits: [num_tokens, num_experts]; correction_bias: [num_experts] or none.
+// Checks every argument (TORCH_CHECK_VALUE: ValueError, naming it) and returns the router it
+// describes. router_logits: [num_tokens, num_experts]; correction_bias: [num_experts] or none.
 core::RouterSpec make_router_spec(const at::Tensor& router_logits, int64_t top_k,
                                   std::string_view scoring, bool renormalize,
                                   const std::optional<at::Tensor>& correction_bias, int64_t n_group,

@@ -205,9 +205,9 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cuda(
   const core::RouterSpec spec =
       make_router_spec(router_logits, top_k, scoring, renormalize, correction_bias, n_group,
                        topk_group, routed_scaling_factor, softmax_after_topk);
-  TORCH_CHECK(spec.num_experts <= kMaxExpertsCuda,
-              "topk_gating: on CUDA num_experts must be <= ", kMaxExpertsCuda, ", got ",
-              spec.num_experts);
+  TORCH_CHECK_VALUE(spec.num_experts <= kMaxExpertsCuda,
+                    "topk_gating: on CUDA num_experts must be <= ", kMaxExpertsCuda, ", got ",
+                    spec.num_experts);
   const c10::cuda::CUDAGuard guard(router_logits.device());
   cuda::check_device_arch("topk_gating", reinterpret_cast<const void*>(&topk_gating_kernel<float>));
   const at::Tensor logits = router_logits.contiguous();
@@ -223,7 +223,7 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cuda(
   const int warps = static_cast<int>(
       std::max<size_t>(1, std::min<size_t>(kMaxWarpsPerBlock, kSmemBudget / per_warp)));
   const int64_t blocks = (num_tokens + warps - 1) / warps;
-  TORCH_CHECK(blocks < (int64_t{1} << 31), "topk_gating: too many tokens: ", num_tokens);
+  TORCH_CHECK_VALUE(blocks < (int64_t{1} << 31), "topk_gating: too many tokens: ", num_tokens);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   EXPERTFLOW_DISPATCH_FLOAT_TYPES(logits.scalar_type(), "topk_gating", [&] {
     topk_gating_kernel<scalar_t><<<blocks, warps * kWarpSize, warps * per_warp, stream>>>(

@@ -11,7 +11,7 @@ namespace expertflow::ops {
 // int64 ids outside int32's range become "not routed" (-1 or num_experts).
 at::Tensor flat_expert_ids(const at::Tensor& topk_ids, int64_t num_experts);
 
-// Checks combine's arguments (TORCH_CHECK, naming each).
+// Checks combine's arguments (TORCH_CHECK_VALUE: ValueError, naming each).
 void check_combine_args(const at::Tensor& expert_outputs, const at::Tensor& topk_weights,
                         const at::Tensor& inverse);
 

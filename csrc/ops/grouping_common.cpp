@@ -7,16 +7,17 @@
 namespace expertflow::ops {
 
 at::Tensor flat_expert_ids(const at::Tensor& topk_ids, int64_t num_experts) {
-  TORCH_CHECK(topk_ids.dim() == 2,
-              "group_by_expert: topk_ids must be 2-D [num_tokens, top_k], got shape ",
-              topk_ids.sizes());
-  TORCH_CHECK(topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong,
-              "group_by_expert: topk_ids must be int32 or int64, got ", topk_ids.scalar_type());
-  TORCH_CHECK(num_experts >= 1 && num_experts < std::numeric_limits<int32_t>::max(),
-              "group_by_expert: num_experts must be >= 1, got ", num_experts);
-  TORCH_CHECK(topk_ids.numel() < std::numeric_limits<int32_t>::max(),
-              "group_by_expert: topk_ids must have fewer than 2^31 entries, got ",
-              topk_ids.numel());
+  TORCH_CHECK_VALUE(topk_ids.dim() == 2,
+                    "group_by_expert: topk_ids must be 2-D [num_tokens, top_k], got shape ",
+                    topk_ids.sizes());
+  TORCH_CHECK_VALUE(topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong,
+                    "group_by_expert: topk_ids must be int32 or int64, got ",
+                    topk_ids.scalar_type());
+  TORCH_CHECK_VALUE(num_experts >= 1 && num_experts < std::numeric_limits<int32_t>::max(),
+                    "group_by_expert: num_experts must be >= 1, got ", num_experts);
+  TORCH_CHECK_VALUE(topk_ids.numel() < std::numeric_limits<int32_t>::max(),
+                    "group_by_expert: topk_ids must have fewer than 2^31 entries, got ",
+                    topk_ids.numel());
   if (topk_ids.scalar_type() == at::kLong) {
     return topk_ids.clamp(-1, num_experts).to(at::kInt).reshape({-1}).contiguous();
   }
@@ -25,26 +26,26 @@ at::Tensor flat_expert_ids(const at::Tensor& topk_ids, int64_t num_experts) {
 
 void check_combine_args(const at::Tensor& expert_outputs, const at::Tensor& topk_weights,
                         const at::Tensor& inverse) {
-  TORCH_CHECK(expert_outputs.dim() == 2,
-              "combine: expert_outputs must be 2-D [num_rows, hidden], got shape ",
-              expert_outputs.sizes());
+  TORCH_CHECK_VALUE(expert_outputs.dim() == 2,
+                    "combine: expert_outputs must be 2-D [num_rows, hidden], got shape ",
+                    expert_outputs.sizes());
   const auto dtype = expert_outputs.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
-              "combine: expert_outputs must be float32, bfloat16 or float16, got ", dtype);
-  TORCH_CHECK(topk_weights.dim() == 2,
-              "combine: topk_weights must be 2-D [num_tokens, top_k], got shape ",
-              topk_weights.sizes());
-  TORCH_CHECK(topk_weights.scalar_type() == at::kFloat,
-              "combine: topk_weights must be float32, got ", topk_weights.scalar_type());
-  TORCH_CHECK(inverse.dim() == 1 && inverse.size(0) == topk_weights.numel(),
-              "combine: inverse must be 1-D [num_tokens * top_k = ", topk_weights.numel(),
-              "], got shape ", inverse.sizes());
-  TORCH_CHECK(inverse.scalar_type() == at::kInt, "combine: inverse must be int32, got ",
-              inverse.scalar_type());
-  TORCH_CHECK(topk_weights.device() == expert_outputs.device() &&
-                  inverse.device() == expert_outputs.device(),
-              "combine: expert_outputs, topk_weights and inverse must be on one device, got ",
-              expert_outputs.device(), ", ", topk_weights.device(), ", ", inverse.device());
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+                    "combine: expert_outputs must be float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK_VALUE(topk_weights.dim() == 2,
+                    "combine: topk_weights must be 2-D [num_tokens, top_k], got shape ",
+                    topk_weights.sizes());
+  TORCH_CHECK_VALUE(topk_weights.scalar_type() == at::kFloat,
+                    "combine: topk_weights must be float32, got ", topk_weights.scalar_type());
+  TORCH_CHECK_VALUE(inverse.dim() == 1 && inverse.size(0) == topk_weights.numel(),
+                    "combine: inverse must be 1-D [num_tokens * top_k = ", topk_weights.numel(),
+                    "], got shape ", inverse.sizes());
+  TORCH_CHECK_VALUE(inverse.scalar_type() == at::kInt, "combine: inverse must be int32, got ",
+                    inverse.scalar_type());
+  TORCH_CHECK_VALUE(topk_weights.device() == expert_outputs.device() &&
+                        inverse.device() == expert_outputs.device(),
+                    "combine: expert_outputs, topk_weights and inverse must be on one device, got ",
+                    expert_outputs.device(), ", ", topk_weights.device(), ", ", inverse.device());
 }
 
 }  // namespace expertflow::ops

@@ -60,9 +60,9 @@ at::Tensor combine_cpu(const at::Tensor& expert_outputs, const at::Tensor& topk_
   const int64_t num_rows = rows.size(0);
   const int32_t* inv_ptr = inv.const_data_ptr<int32_t>();
   for (int64_t p = 0; p < inv.numel(); ++p) {
-    TORCH_CHECK(inv_ptr[p] >= -1 && inv_ptr[p] < num_rows, "combine: inverse[", p,
-                "] = ", inv_ptr[p], " is outside [-1, ", num_rows, ") (expert_outputs has ",
-                num_rows, " rows)");
+    TORCH_CHECK_INDEX(inv_ptr[p] >= -1 && inv_ptr[p] < num_rows, "combine: inverse[", p,
+                      "] = ", inv_ptr[p], " is outside [-1, ", num_rows, ") (expert_outputs has ",
+                      num_rows, " rows)");
   }
   const int64_t num_tokens = weights.size(0);
   const int64_t hidden = rows.size(1);

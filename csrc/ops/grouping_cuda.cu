@@ -133,7 +133,7 @@ at::Tensor combine_cuda(const at::Tensor& expert_outputs, const at::Tensor& topk
   const int64_t hidden = rows.size(1);
   at::Tensor out = at::empty({num_tokens, hidden}, rows.options());
   if (num_tokens == 0 || hidden == 0) return out;
-  TORCH_CHECK(num_tokens < (int64_t{1} << 31), "combine: too many tokens: ", num_tokens);
+  TORCH_CHECK_VALUE(num_tokens < (int64_t{1} << 31), "combine: too many tokens: ", num_tokens);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int threads = static_cast<int>(std::min<int64_t>(kThreads, (hidden + 31) / 32 * 32));
   EXPERTFLOW_DISPATCH_FLOAT_TYPES(rows.scalar_type(), "combine", [&] {

@@ -30,11 +30,28 @@ int32_t pool_slots(const core::CacheOptions& o) {
                                                  : o.num_slots;
 }
 
+// `t` as a contiguous float32 CPU tensor whose values are all finite, or a ValueError naming
+// `what` and the first bad entry: sorting or ranking evictions by NaN would be undefined.
+at::Tensor finite_floats(const at::Tensor& t, const char* what) {
+  at::Tensor f = t.to(at::kFloat).cpu().contiguous();
+  const float* v = f.const_data_ptr<float>();
+  for (int64_t i = 0; i < f.numel(); ++i) {
+    if (std::isfinite(v[i])) continue;
+    std::vector<int64_t> index(f.dim());
+    for (int64_t d = f.dim() - 1, rest = i; d >= 0; rest /= f.size(d), --d) {
+      index[d] = rest % f.size(d);
+    }
+    TORCH_CHECK_VALUE(false, "ExpertCache.", what, " must be finite, got ", v[i], " at ",
+                      at::IntArrayRef(index));
+  }
+  return f;
+}
+
 }  // namespace
 
 ExpertCache::ExpertCache(std::shared_ptr<const HostExpertStore> store, int32_t num_slots,
                          int32_t top_k, core::BudgetMode budget, core::EvictionPolicy policy,
-                         const at::Device& device)
+                         const at::Device& device, const TransferEngineFactory& make_engine)
     : store_(std::move(store)),
       policy_(cache_options(*store_, num_slots, top_k, budget, policy)),
       device_(device),
@@ -43,7 +60,25 @@ ExpertCache::ExpertCache(std::shared_ptr<const HostExpertStore> store, int32_t n
   // One allocation for all slots, each the size of the largest expert.
   slots_ = at::empty({n, store_->max_expert_bytes()},
                      at::TensorOptions().dtype(at::kByte).device(device_));
-  engine_ = make_transfer_engine(device_, n);
+  engine_ = make_engine ? make_engine(n) : make_transfer_engine(device_, n);
+  in_flight_.reserve(n);  // a slot is in flight at most once: issue() never reallocates
+}
+
+void ExpertCache::check_layer(int32_t layer, const char* what) const {
+  TORCH_CHECK_INDEX(layer >= 0 && layer < store_->num_layers(), "ExpertCache.", what,
+                    ": layer must be in [0, ", store_->num_layers(), "), got ", layer);
+}
+
+void ExpertCache::check_experts(const std::vector<int32_t>& experts, const char* what) const {
+  for (int32_t e : experts) {
+    TORCH_CHECK_INDEX(e >= 0 && e < store_->num_experts(), "ExpertCache.", what,
+                      ": expert must be in [0, ", store_->num_experts(), "), got ", e);
+  }
+}
+
+void ExpertCache::check_slot(int32_t slot, const char* what) const {
+  TORCH_CHECK_INDEX(slot >= 0 && slot < num_slots(), "ExpertCache.", what, ": slot must be in [0, ",
+                    num_slots(), "), got ", slot);
 }
 
 void ExpertCache::reap_arrivals() {
@@ -56,33 +91,50 @@ void ExpertCache::reap_arrivals() {
 }
 
 void ExpertCache::issue(const core::Load& load) {
-  const at::Tensor src = store_->expert_bytes(load.layer, load.expert);
-  engine_->copy(load.slot, src, slots_[load.slot].narrow(0, 0, src.numel()), load.urgent);
+  try {
+    const at::Tensor src = store_->expert_bytes(load.layer, load.expert);
+    engine_->copy(load.slot, src, slots_[load.slot].narrow(0, 0, src.numel()), load.urgent);
+    counters_.bytes_copied += src.numel();
+  } catch (...) {
+    policy_.cancel_load(load.slot);  // else the slot would stay "loading" forever
+    throw;
+  }
   in_flight_.push_back(load.slot);
-  counters_.bytes_copied += src.numel();
+}
+
+void ExpertCache::issue_all(const std::vector<core::Load>& loads) {
+  for (size_t i = 0; i < loads.size(); ++i) {
+    try {
+      issue(loads[i]);
+    } catch (...) {
+      for (size_t j = i + 1; j < loads.size(); ++j) policy_.cancel_load(loads[j].slot);
+      throw;
+    }
+  }
 }
 
 void ExpertCache::plan(const at::Tensor& layer_scores, int32_t per_layer, int32_t first_layer,
                        float min_score, const std::optional<at::Tensor>& reuse_scores) {
   const core::CacheOptions& o = policy_.options();
-  TORCH_CHECK(layer_scores.dim() == 2 && layer_scores.size(0) == o.num_layers &&
-                  layer_scores.size(1) == o.num_experts,
-              "ExpertCache.plan: layer_scores must be [num_layers=", o.num_layers,
-              ", num_experts=", o.num_experts, "], got ", layer_scores.sizes());
-  TORCH_CHECK(per_layer >= 0, "ExpertCache.plan: per_layer must be >= 0, got ", per_layer);
-  TORCH_CHECK(first_layer >= 0 && first_layer <= o.num_layers,
-              "ExpertCache.plan: first_layer must be in [0, ", o.num_layers, "], got ",
-              first_layer);
-  TORCH_CHECK(std::isfinite(min_score) && min_score >= 0.0f,
-              "ExpertCache.plan: min_score must be a finite number >= 0, got ", min_score);
+  TORCH_CHECK_VALUE(layer_scores.dim() == 2 && layer_scores.size(0) == o.num_layers &&
+                        layer_scores.size(1) == o.num_experts,
+                    "ExpertCache.plan: layer_scores must be [num_layers=", o.num_layers,
+                    ", num_experts=", o.num_experts, "], got ", layer_scores.sizes());
+  TORCH_CHECK_VALUE(per_layer >= 0, "ExpertCache.plan: per_layer must be >= 0, got ", per_layer);
+  TORCH_CHECK_VALUE(first_layer >= 0 && first_layer <= o.num_layers,
+                    "ExpertCache.plan: first_layer must be in [0, ", o.num_layers, "], got ",
+                    first_layer);
+  TORCH_CHECK_VALUE(std::isfinite(min_score) && min_score >= 0.0f,
+                    "ExpertCache.plan: min_score must be a finite number >= 0, got ", min_score);
   at::Tensor reuse;
   if (reuse_scores.has_value()) {
-    TORCH_CHECK(reuse_scores->sizes() == layer_scores.sizes(),
-                "ExpertCache.plan: reuse_scores must be [num_layers=", o.num_layers,
-                ", num_experts=", o.num_experts, "] as layer_scores, got ", reuse_scores->sizes());
-    reuse = reuse_scores->to(at::kFloat).cpu().contiguous();
+    TORCH_CHECK_VALUE(reuse_scores->sizes() == layer_scores.sizes(),
+                      "ExpertCache.plan: reuse_scores must be [num_layers=", o.num_layers,
+                      ", num_experts=", o.num_experts, "] as layer_scores, got ",
+                      reuse_scores->sizes());
+    reuse = finite_floats(*reuse_scores, "plan: reuse_scores");
   }
-  const at::Tensor scores = layer_scores.to(at::kFloat).cpu().contiguous();
+  const at::Tensor scores = finite_floats(layer_scores, "plan: layer_scores");
   const float* s = scores.const_data_ptr<float>();
   const float* r = reuse.defined() ? reuse.const_data_ptr<float>() : nullptr;
   std::lock_guard<std::mutex> lock(mutex_);
@@ -100,6 +152,7 @@ void ExpertCache::plan(const at::Tensor& layer_scores, int32_t per_layer, int32_
     const float* row = s + l * o.num_experts;
     std::iota(order.begin(), order.end(), 0);
     const int32_t take = std::min(per_layer, o.num_experts);
+    // A strict weak order because every score is finite (checked above).
     std::partial_sort(
         order.begin(), order.begin() + take, order.end(),
         [row](int32_t a, int32_t b) { return row[a] > row[b] || (row[a] == row[b] && a < b); });
@@ -112,57 +165,55 @@ void ExpertCache::plan(const at::Tensor& layer_scores, int32_t per_layer, int32_
 int32_t ExpertCache::prefetch(int32_t layer, const std::vector<int32_t>& experts,
                               const std::optional<at::Tensor>& scores) {
   const int32_t num_experts = policy_.options().num_experts;
+  check_layer(layer, "prefetch");
+  check_experts(experts, "prefetch");
   at::Tensor row;
   if (scores.has_value()) {
-    TORCH_CHECK(scores->dim() == 1 && scores->size(0) == num_experts,
-                "ExpertCache.prefetch: scores must be [num_experts=", num_experts, "], got ",
-                scores->sizes());
-    row = scores->to(at::kFloat).cpu().contiguous();
+    TORCH_CHECK_VALUE(scores->dim() == 1 && scores->size(0) == num_experts,
+                      "ExpertCache.prefetch: scores must be [num_experts=", num_experts, "], got ",
+                      scores->sizes());
+    row = finite_floats(*scores, "prefetch: scores");
   }
   std::lock_guard<std::mutex> lock(mutex_);
   reap_arrivals();
+  if (row.defined()) policy_.set_scores(layer, row.const_data_ptr<float>());
   int32_t issued = 0;
-  try {
-    if (row.defined()) policy_.set_scores(layer, row.const_data_ptr<float>());
-    for (int32_t expert : experts) {
-      if (const auto load = policy_.prefetch(layer, expert)) issue(*load), ++issued;
-    }
-  } catch (const std::out_of_range& e) {
-    TORCH_CHECK_INDEX(false, "ExpertCache.", e.what());
+  for (int32_t expert : experts) {
+    if (const auto load = policy_.prefetch(layer, expert)) issue(*load), ++issued;
   }
   return issued;
 }
 
+void ExpertCache::acquire_policy(int32_t layer, const std::vector<int32_t>& experts, int32_t* slots,
+                                 std::vector<core::Load>& loads) {
+  const auto n = static_cast<int32_t>(experts.size());
+  for (;;) {
+    try {
+      policy_.acquire(layer, experts.data(), n, slots, loads);
+      return;
+    } catch (const std::length_error&) {
+      // Slots held by copies in flight cannot be evicted: let the oldest land, one at a time,
+      // until enough are free (a failed acquire changes no policy state).
+      if (in_flight_.empty()) throw;
+    }
+    counters_.wait_seconds += engine_->block_until_arrived(in_flight_.front());
+    ++counters_.full_pool_waits;
+    reap_arrivals();
+  }
+}
+
 AcquireResult ExpertCache::acquire(int32_t layer, const std::vector<int32_t>& experts) {
+  check_layer(layer, "acquire");
+  check_experts(experts, "acquire");
   std::lock_guard<std::mutex> lock(mutex_);
   reap_arrivals();
   AcquireResult result;
   result.slots.resize(experts.size());
   std::vector<core::Load> loads;
-  try {
-    policy_.acquire(layer, experts.data(), static_cast<int32_t>(experts.size()),
-                    result.slots.data(), loads);
-  } catch (const std::length_error&) {
-    // Slots held by copies in flight cannot be evicted: let the oldest land, one at a time,
-    // until enough are free (a failed acquire changes no policy state).
-    for (;;) {
-      if (in_flight_.empty()) throw;
-      counters_.wait_seconds += engine_->block_until_arrived(in_flight_.front());
-      ++counters_.full_pool_waits;
-      reap_arrivals();
-      try {
-        policy_.acquire(layer, experts.data(), static_cast<int32_t>(experts.size()),
-                        result.slots.data(), loads);
-        break;
-      } catch (const std::length_error&) {
-      }
-    }
-  } catch (const std::out_of_range& e) {
-    TORCH_CHECK_INDEX(false, "ExpertCache.", e.what());
-  }
-  for (const core::Load& load : loads) issue(load);
+  acquire_policy(layer, experts, result.slots.data(), loads);
   std::vector<int32_t>& held = layer_slots_[layer];
   held.insert(held.end(), result.slots.begin(), result.slots.end());
+  issue_all(loads);
 
   // Hits that have arrived run first, then those still in flight, then the misses.
   std::vector<int> rank(experts.size());
@@ -181,8 +232,7 @@ AcquireResult ExpertCache::acquire(int32_t layer, const std::vector<int32_t>& ex
 }
 
 void ExpertCache::wait(int32_t slot) {
-  TORCH_CHECK_INDEX(slot >= 0 && slot < num_slots(), "ExpertCache.wait: slot must be in [0, ",
-                    num_slots(), "), got ", slot);
+  check_slot(slot, "wait");
   const bool late = !engine_->arrived(slot);
   const double blocked = engine_->wait(slot);  // outside the lock: copies keep landing
   std::lock_guard<std::mutex> lock(mutex_);
@@ -191,18 +241,15 @@ void ExpertCache::wait(int32_t slot) {
 }
 
 std::vector<at::Tensor> ExpertCache::views(int32_t slot, int32_t layer) const {
-  TORCH_CHECK_INDEX(slot >= 0 && slot < num_slots(), "ExpertCache.views: slot must be in [0, ",
-                    num_slots(), "), got ", slot);
+  check_slot(slot, "views");
+  check_layer(layer, "views");
   return view_as_layout(slots_[slot], store_->layout(layer));
 }
 
 void ExpertCache::release(int32_t layer) {
+  check_layer(layer, "release");
   std::lock_guard<std::mutex> lock(mutex_);
-  try {
-    policy_.release(layer);
-  } catch (const std::out_of_range& e) {
-    TORCH_CHECK_INDEX(false, "ExpertCache.", e.what());
-  }
+  policy_.release(layer);
   for (int32_t slot : layer_slots_[layer]) engine_->release(slot);
   layer_slots_[layer].clear();
 }
@@ -213,9 +260,9 @@ void ExpertCache::synchronize() {
   reap_arrivals();
 }
 
-CacheCounters ExpertCache::counters() const {
+ExpertCacheStats ExpertCache::stats() const {
   std::lock_guard<std::mutex> lock(mutex_);
-  return counters_;
+  return {policy_.stats(), counters_};
 }
 
 }  // namespace expertflow::runtime

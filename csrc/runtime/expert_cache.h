@@ -1,10 +1,21 @@
 // The expert cache: the core policy deciding which expert occupies which device slot, the host
 // store holding every expert, the slot pool, and the transfer engine moving bytes between them.
-// Thread-safe: every public method takes the cache's lock, except the blocking part of wait().
+//
+// Thread-safe. Every public method that reads or changes mutable state (the policy, the copies
+// in flight, the layers' slots, the counters) takes the cache's lock. Those reading only what
+// the constructor fixed take none: num_slots, slot_bytes, store and views (the slot pool's
+// tensor and the store's layouts never change; views' bytes are the caller's to wait for).
+// wait() and synchronize() block in the transfer engine, itself thread-safe, outside the lock,
+// so copies keep landing and other threads keep acquiring meanwhile.
+//
+// Errors: arguments are refused with c10::ValueError (Python ValueError) and indices with
+// c10::IndexError (IndexError), naming the argument, what was expected and what was given;
+// a layer whose pool cannot hold a request throws std::length_error (ValueError).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -22,6 +33,7 @@ struct AcquireResult {
                                      // then the misses just issued
 };
 
+// Transfer counters kept by the cache (the policy keeps its own, core::CacheStats).
 struct CacheCounters {
   int64_t bytes_copied = 0;
   double wait_seconds = 0.0;    // host time blocked in wait() (CPU engine; CUDA waits on device)
@@ -29,10 +41,21 @@ struct CacheCounters {
   int64_t full_pool_waits = 0;  // acquires that had to let an in-flight copy land first
 };
 
+// Both kinds of counters, read together under the cache's lock: a consistent snapshot.
+struct ExpertCacheStats {
+  core::CacheStats policy;
+  CacheCounters transfers;
+};
+
+// Makes the transfer engine for a pool of `num_slots` slots (tests inject failing engines).
+using TransferEngineFactory = std::function<std::unique_ptr<TransferEngine>(int32_t num_slots)>;
+
 class ExpertCache {
  public:
+  // `make_engine` (default: make_transfer_engine for `device`) builds the transfer engine.
   ExpertCache(std::shared_ptr<const HostExpertStore> store, int32_t num_slots, int32_t top_k,
-              core::BudgetMode budget, core::EvictionPolicy policy, const at::Device& device);
+              core::BudgetMode budget, core::EvictionPolicy policy, const at::Device& device,
+              const TransferEngineFactory& make_engine = nullptr);
 
   // layer_scores: float [num_layers, num_experts] predicted demand. Sets every layer's eviction
   // scores and prefetches, in layer order from `first_layer`, each layer's best `per_layer`
@@ -40,37 +63,54 @@ class ExpertCache {
   // no copy but still ranks evictions. `reuse_scores` (optional, float [num_layers,
   // num_experts], a reuse head's) take over each layer's eviction scores when the layer is
   // released (core::CachePolicy::set_scores); layers before `first_layer` have already run
-  // this step and get them at once.
+  // this step and get them at once. Non-finite scores are refused (ValueError naming the
+  // argument) before anything changes.
   void plan(const at::Tensor& layer_scores, int32_t per_layer, int32_t first_layer = 0,
             float min_score = 0.0f, const std::optional<at::Tensor>& reuse_scores = std::nullopt);
   // Prefetches these experts of one layer (e.g. the next layer's router applied one layer
-  // early). `scores` (float [num_experts], optional) first replace that layer's eviction scores.
-  // Returns how many copies were issued.
+  // early). `scores` (float [num_experts], optional, finite) first replace that layer's eviction
+  // scores. Returns how many copies were issued.
   int32_t prefetch(int32_t layer, const std::vector<int32_t>& experts,
                    const std::optional<at::Tensor>& scores);
+  // Pins the experts of `layer` and issues urgent copies for the misses. If a copy cannot be
+  // issued (the engine throws), that miss and those not issued yet are given back to the policy
+  // (free slots, not "loading" forever) and the error propagates; the experts already pinned
+  // stay pinned until release(layer), as after a successful acquire.
   AcquireResult acquire(int32_t layer, const std::vector<int32_t>& experts);
   // Makes compute wait until `slot`'s bytes have arrived (see TransferEngine::wait).
   void wait(int32_t slot);
   // The expert in `slot` (acquired for `layer`) as device tensors viewing the slot: no copy.
   std::vector<at::Tensor> views(int32_t slot, int32_t layer) const;
+  // Unpins every expert acquire(layer) pinned, whichever thread acquired it: two threads that
+  // run the same layer must release it once, after both have finished reading their views.
   void release(int32_t layer);
   void synchronize();
 
-  const core::CacheStats& stats() const { return policy_.stats(); }
-  CacheCounters counters() const;
+  ExpertCacheStats stats() const;  // a snapshot, taken under the lock
   int32_t num_slots() const { return static_cast<int32_t>(slots_.size(0)); }
   int64_t slot_bytes() const { return slots_.size(1); }
   const HostExpertStore& store() const { return *store_; }
 
  private:
+  void check_layer(int32_t layer, const char* what) const;  // IndexError naming `what`
+  void check_experts(const std::vector<int32_t>& experts, const char* what) const;
+  void check_slot(int32_t slot, const char* what) const;
   void reap_arrivals();  // loading entries whose copy arrived become resident (lock held)
+  // Starts the copy of one load; if that throws, the policy gets the slot back (lock held).
   void issue(const core::Load& load);
+  void issue_all(const std::vector<core::Load>& loads);  // the same, all or the rest cancelled
+  void acquire_policy(int32_t layer, const std::vector<int32_t>& experts, int32_t* slots,
+                      std::vector<core::Load>& loads);  // lock held; may let copies land
 
+  // Declaration order is destruction order reversed, and it matters: engine_ is destroyed
+  // first, and its destructor waits for the copies in flight, which read store_'s host bytes
+  // and write slots_' device bytes through raw pointers (CUDA). Declared before them, engine_
+  // would be destroyed after them: a copy could still land in freed memory.
   std::shared_ptr<const HostExpertStore> store_;
   core::CachePolicy policy_;
   at::Device device_;
   at::Tensor slots_;  // uint8 [num_slots, slot_bytes] on device_: the whole slot pool
-  std::unique_ptr<TransferEngine> engine_;
+  std::unique_ptr<TransferEngine> engine_;         // after store_ and slots_: see above
   std::vector<int32_t> in_flight_;                 // slots whose copy has not been seen to arrive
   std::vector<std::vector<int32_t>> layer_slots_;  // slots acquire(layer) handed out
   CacheCounters counters_;

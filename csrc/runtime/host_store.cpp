@@ -8,7 +8,7 @@ namespace {
 
 LayerLayout layout_of(const std::vector<at::Tensor>& tensors, int32_t layer) {
   LayerLayout layout;
-  TORCH_CHECK(!tensors.empty(), "HostExpertStore: layer ", layer, " expert 0 has no tensors");
+  TORCH_CHECK_VALUE(!tensors.empty(), "HostExpertStore: layer ", layer, " expert 0 has no tensors");
   for (const at::Tensor& t : tensors) {
     TensorLayout tl;
     tl.offset = layout.expert_bytes;
@@ -23,14 +23,15 @@ LayerLayout layout_of(const std::vector<at::Tensor>& tensors, int32_t layer) {
 
 void check_same_layout(const std::vector<at::Tensor>& tensors, const LayerLayout& layout,
                        int32_t layer, int32_t expert) {
-  TORCH_CHECK(tensors.size() == layout.tensors.size(), "HostExpertStore: layer ", layer, " expert ",
-              expert, " has ", tensors.size(), " tensors, expert 0 has ", layout.tensors.size());
+  TORCH_CHECK_VALUE(tensors.size() == layout.tensors.size(), "HostExpertStore: layer ", layer,
+                    " expert ", expert, " has ", tensors.size(), " tensors, expert 0 has ",
+                    layout.tensors.size());
   for (size_t i = 0; i < tensors.size(); ++i) {
-    TORCH_CHECK(tensors[i].sizes().vec() == layout.tensors[i].shape &&
-                    tensors[i].scalar_type() == layout.tensors[i].dtype,
-                "HostExpertStore: layer ", layer, " expert ", expert, " tensor ", i, " is ",
-                tensors[i].scalar_type(), tensors[i].sizes(), ", expert 0's is ",
-                layout.tensors[i].dtype, at::IntArrayRef(layout.tensors[i].shape));
+    TORCH_CHECK_VALUE(tensors[i].sizes().vec() == layout.tensors[i].shape &&
+                          tensors[i].scalar_type() == layout.tensors[i].dtype,
+                      "HostExpertStore: layer ", layer, " expert ", expert, " tensor ", i, " is ",
+                      tensors[i].scalar_type(), tensors[i].sizes(), ", expert 0's is ",
+                      layout.tensors[i].dtype, at::IntArrayRef(layout.tensors[i].shape));
   }
 }
 
@@ -47,13 +48,14 @@ std::vector<at::Tensor> view_as_layout(const at::Tensor& bytes, const LayerLayou
 
 HostExpertStore::HostExpertStore(const std::vector<std::vector<std::vector<at::Tensor>>>& experts,
                                  bool pinned) {
-  TORCH_CHECK(!experts.empty(), "HostExpertStore: experts must hold at least one layer");
+  TORCH_CHECK_VALUE(!experts.empty(), "HostExpertStore: experts must hold at least one layer");
   num_experts_ = static_cast<int32_t>(experts[0].size());
-  TORCH_CHECK(num_experts_ > 0, "HostExpertStore: layer 0 has no experts");
+  TORCH_CHECK_VALUE(num_experts_ > 0, "HostExpertStore: layer 0 has no experts");
   int64_t total = 0;
   for (int32_t l = 0; l < static_cast<int32_t>(experts.size()); ++l) {
-    TORCH_CHECK(static_cast<int32_t>(experts[l].size()) == num_experts_, "HostExpertStore: layer ",
-                l, " has ", experts[l].size(), " experts, layer 0 has ", num_experts_);
+    TORCH_CHECK_VALUE(static_cast<int32_t>(experts[l].size()) == num_experts_,
+                      "HostExpertStore: layer ", l, " has ", experts[l].size(),
+                      " experts, layer 0 has ", num_experts_);
     layouts_.push_back(layout_of(experts[l][0], l));
     for (int32_t e = 0; e < num_experts_; ++e) check_same_layout(experts[l][e], layouts_[l], l, e);
     layer_offsets_.push_back(total);
@@ -79,15 +81,15 @@ HostExpertStore::HostExpertStore(const std::vector<std::vector<std::vector<at::T
 }
 
 const LayerLayout& HostExpertStore::layout(int32_t layer) const {
-  TORCH_CHECK(layer >= 0 && layer < num_layers(), "HostExpertStore: layer must be in [0, ",
-              num_layers(), "), got ", layer);
+  TORCH_CHECK_INDEX(layer >= 0 && layer < num_layers(), "HostExpertStore: layer must be in [0, ",
+                    num_layers(), "), got ", layer);
   return layouts_[layer];
 }
 
 at::Tensor HostExpertStore::expert_bytes(int32_t layer, int32_t expert) const {
   const LayerLayout& l = layout(layer);
-  TORCH_CHECK(expert >= 0 && expert < num_experts_, "HostExpertStore: expert must be in [0, ",
-              num_experts_, "), got ", expert);
+  TORCH_CHECK_INDEX(expert >= 0 && expert < num_experts_, "HostExpertStore: expert must be in [0, ",
+                    num_experts_, "), got ", expert);
   return buffer_.narrow(0, layer_offsets_[layer] + expert * l.expert_bytes, l.expert_bytes);
 }
 

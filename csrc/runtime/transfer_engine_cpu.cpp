@@ -35,8 +35,9 @@ class CpuTransferEngine final : public TransferEngine {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       check_slot(slot);
-      Job job{slot, ++issued_[slot], src, dst};
-      (urgent ? urgent_ : prefetch_).push_back(std::move(job));
+      // Counted as issued only once queued: a push_back that throws leaves nothing to wait for.
+      (urgent ? urgent_ : prefetch_).push_back(Job{slot, issued_[slot] + 1, src, dst});
+      ++issued_[slot];
     }
     work_.notify_one();
   }
@@ -77,8 +78,8 @@ class CpuTransferEngine final : public TransferEngine {
   };
 
   void check_slot(int32_t slot) const {
-    TORCH_CHECK(slot >= 0 && slot < static_cast<int32_t>(issued_.size()),
-                "TransferEngine: slot must be in [0, ", issued_.size(), "), got ", slot);
+    TORCH_CHECK_INDEX(slot >= 0 && slot < static_cast<int32_t>(issued_.size()),
+                      "TransferEngine: slot must be in [0, ", issued_.size(), "), got ", slot);
   }
 
   void run() {
@@ -122,9 +123,9 @@ std::unique_ptr<TransferEngine> make_transfer_engine(const at::Device& device, i
 #if EXPERTFLOW_WITH_CUDA
   if (device.is_cuda()) return make_cuda_transfer_engine(device, num_slots);
 #endif
-  TORCH_CHECK(false, "TransferEngine: device must be cpu",
-              EXPERTFLOW_WITH_CUDA ? " or cuda" : " (this build has no CUDA kernels)", ", got ",
-              device);
+  TORCH_CHECK_VALUE(false, "TransferEngine: device must be cpu",
+                    EXPERTFLOW_WITH_CUDA ? " or cuda" : " (this build has no CUDA kernels)",
+                    ", got ", device);
 }
 
 }  // namespace expertflow::runtime

@@ -89,7 +89,7 @@ TEST(CachePolicy, LfuCountsSinceLoadLfuHistoryOverTheWholeRun) {
   EXPECT_GE(history.slot_of(0, 0), 0);
   EXPECT_EQ(history.slot_of(0, 1), -1);
   EXPECT_EQ(in_cache.stats().misses, history.stats().misses);  // 1, 0, 2, 0, 3
-  EXPECT_EQ(policy_from_name("lfu_history"), EvictionPolicy::kLfuHistory);
+  EXPECT_EQ(parse_eviction_policy("lfu_history"), EvictionPolicy::kLfuHistory);
   const auto names = policy_names();
   EXPECT_NE(std::find(names.begin(), names.end(), "lfu_history"), names.end());
 }

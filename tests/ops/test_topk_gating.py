@@ -189,7 +189,7 @@ def test_non_contiguous_input(device, gen):
     ],
 )
 def test_bad_input_names_the_argument(make_args, message):
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(ValueError, match=message):
         ops.topk_gating(*make_args())
 
 
@@ -205,7 +205,7 @@ def test_bad_input_names_the_argument(make_args, message):
     ],
 )
 def test_bad_router_arguments(kwargs, message):
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(ValueError, match=message):
         ops.topk_gating(torch.randn(4, 8), 3, **kwargs)
 
 
@@ -220,7 +220,7 @@ def test_python_level_argument_errors():
 
 @pytest.mark.cuda
 def test_mismatched_devices():
-    with pytest.raises(RuntimeError, match="correction_bias must be on router_logits' device"):
+    with pytest.raises(ValueError, match="correction_bias must be on router_logits' device"):
         ops.topk_gating(torch.randn(4, 8, device="cuda"), 2, correction_bias=torch.zeros(8))
 
 

@@ -114,7 +114,7 @@ def test_a_late_plan_skips_the_layers_it_is_too_late_for(device):
     assert cache.stats()["misses"] == 1
     cache.plan(torch.ones(3, 6), per_layer=2, first_layer=3)  # past the last layer: nothing
     assert cache.stats()["prefetches"] == 4
-    with pytest.raises(RuntimeError, match=r"first_layer must be in \[0, 3\], got 4"):
+    with pytest.raises(ValueError, match=r"first_layer must be in \[0, 3\], got 4"):
         cache.plan(torch.ones(3, 6), per_layer=2, first_layer=4)
 
 
@@ -140,7 +140,7 @@ def test_min_score_prefetches_only_confident_experts_and_the_rest_still_rank_evi
     cache.release(0)
     assert cache.stats()["misses"] == misses + 1
     for bad in (-0.1, float("nan"), float("inf")):
-        with pytest.raises(RuntimeError, match="min_score must be a finite number >= 0"):
+        with pytest.raises(ValueError, match="min_score must be a finite number >= 0"):
             cache.plan(scores, per_layer=1, min_score=bad)
 
 
@@ -164,7 +164,7 @@ def test_reuse_scores_take_over_when_a_layer_is_released(device, with_reuse):
     cache.acquire(0, [0 if with_reuse else 2])  # the one evicted
     cache.release(0)
     assert cache.stats()["misses"] == misses + 1
-    with pytest.raises(RuntimeError, match=r"reuse_scores must be \[num_layers=3, num_experts=6\]"):
+    with pytest.raises(ValueError, match=r"reuse_scores must be \[num_layers=3, num_experts=6\]"):
         cache.plan(scores, per_layer=0, reuse_scores=torch.zeros(3, 5))
 
 
@@ -237,7 +237,7 @@ def test_bad_input():
         ExpertCache([[[torch.zeros(2)], ["x"]]], slots=1, top_k=1)
     ragged = make_experts()
     ragged[2][4][0] = torch.zeros(3, 3)
-    with pytest.raises(RuntimeError, match="layer 2 expert 4 tensor 0"):
+    with pytest.raises(ValueError, match="layer 2 expert 4 tensor 0"):
         ExpertCache(ragged, slots=6, top_k=2)
     cache = ExpertCache(experts, slots=6, top_k=2)
     with pytest.raises(IndexError, match=r"expert must be in \[0, 6\), got 6"):
@@ -246,5 +246,59 @@ def test_bad_input():
         cache.acquire(3, [0])
     with pytest.raises(IndexError, match="slot must be in"):
         cache.wait(99)
-    with pytest.raises(RuntimeError, match=r"layer_scores must be \[num_layers=3, num_experts=6\]"):
+    with pytest.raises(ValueError, match=r"layer_scores must be \[num_layers=3, num_experts=6\]"):
         cache.plan(torch.zeros(3, 5), per_layer=1)
+    with pytest.raises(IndexError, match=r"ExpertCache.views: layer must be in \[0, 3\), got 3"):
+        cache.views(0, 3)
+    with pytest.raises(IndexError, match=r"ExpertCache.release: layer must be in \[0, 3\), got -1"):
+        cache.release(-1)
+    with pytest.raises(IndexError, match=r"HostExpertStore: expert must be in \[0, 6\), got 6"):
+        cache.host_expert(0, 6)
+    with pytest.raises(ValueError, match=r"ExpertCache.prefetch: scores must be \[num_experts=6\]"):
+        cache.prefetch(0, [1], torch.zeros(5))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_scores_are_refused_naming_the_argument(bad):
+    cache = ExpertCache(make_experts(), slots=6, top_k=2, policy="expertflow")
+    scores = torch.full((3, 6), 0.5)
+    scores[2, 1] = bad
+    given = "nan" if bad != bad else ("inf" if bad > 0 else "-inf")
+    with pytest.raises(
+        ValueError, match=rf"plan: layer_scores must be finite, got {given} at \[2, 1\]"
+    ):
+        cache.plan(scores, per_layer=2)
+    with pytest.raises(
+        ValueError, match=rf"plan: reuse_scores must be finite, got {given} at \[2, 1\]"
+    ):
+        cache.plan(torch.full((3, 6), 0.5), per_layer=2, reuse_scores=scores)
+    with pytest.raises(ValueError, match=rf"prefetch: scores must be finite, got {given} at \[1\]"):
+        cache.prefetch(2, [0], scores[2])
+    stats = cache.stats()
+    assert stats["prefetches"] == 0 and stats["bytes_copied"] == 0  # refused before any change
+
+
+def test_stats_are_one_consistent_snapshot_while_another_thread_plans():
+    # Every prefetch copies one expert (all of a layer the same size): bytes_copied and the
+    # policy's loads, read together, always agree, whatever the planning thread is doing.
+    experts = [[[torch.randn(64)] for _ in range(6)] for _ in range(3)]
+    cache = ExpertCache(experts, slots=6, top_k=2, budget="global", policy="lru")
+    stop = threading.Event()
+
+    def plan():
+        gen = torch.Generator().manual_seed(3)
+        while not stop.is_set():
+            cache.plan(torch.rand(3, 6, generator=gen), per_layer=2)
+            for layer in range(3):
+                cache.acquire(layer, torch.randperm(6, generator=gen)[:2].tolist())
+                cache.release(layer)
+
+    planner = threading.Thread(target=plan)
+    planner.start()
+    try:
+        for _ in range(300):
+            s = cache.stats()
+            assert s["bytes_copied"] == (s["misses"] + s["prefetches"]) * 256, s
+    finally:
+        stop.set()
+        planner.join()

@@ -18,7 +18,7 @@ def _topk_gating_fake(
     routed_scaling_factor=1.0,
     softmax_after_topk=False,
 ):
-    torch._check(router_logits.dim() == 2, lambda: "topk_gating: router_logits must be 2-D")
+    torch._check_value(router_logits.dim() == 2, lambda: "topk_gating: router_logits must be 2-D")
     num_tokens = router_logits.shape[0]
     ids = router_logits.new_empty((num_tokens, top_k), dtype=torch.int32)
     weights = router_logits.new_empty((num_tokens, top_k), dtype=torch.float32)
@@ -27,7 +27,7 @@ def _topk_gating_fake(
 
 @torch.library.register_fake("expertflow::group_by_expert")
 def _group_by_expert_fake(topk_ids, num_experts):
-    torch._check(topk_ids.dim() == 2, lambda: "group_by_expert: topk_ids must be 2-D")
+    torch._check_value(topk_ids.dim() == 2, lambda: "group_by_expert: topk_ids must be 2-D")
     pairs = topk_ids.numel()
     order = topk_ids.new_empty((pairs,), dtype=torch.int32)
     counts = topk_ids.new_empty((num_experts,), dtype=torch.int32)
@@ -38,5 +38,5 @@ def _group_by_expert_fake(topk_ids, num_experts):
 
 @torch.library.register_fake("expertflow::combine")
 def _combine_fake(expert_outputs, topk_weights, inverse):
-    torch._check(expert_outputs.dim() == 2, lambda: "combine: expert_outputs must be 2-D")
+    torch._check_value(expert_outputs.dim() == 2, lambda: "combine: expert_outputs must be 2-D")
     return expert_outputs.new_empty((topk_weights.shape[0], expert_outputs.shape[1]))
