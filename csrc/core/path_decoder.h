@@ -1,4 +1,4 @@
-// One decode step of the routing path predictor (python/expertflow/predictor.py, _PathNet)
+// One decode step of the routing path predictor (python/expertflow/prediction/path/net.py, PathNet)
 // without torch: token + position embeddings, a pre-norm causal transformer stack reading
 // cached keys/values, and the head that scores every (layer, expert).
 //
@@ -20,14 +20,14 @@
 
 namespace expertflow::core {
 
-// Sizes of the network, as in _PathNet's constructor.
+// Sizes of the network, as in PathNet's constructor.
 struct PathNetShape {
   int32_t vocab_size = 0;
   int32_t context = 0;  // positions embedded: a window holds at most this many ids
   int32_t d_model = 0;
   int32_t depth = 0;          // transformer layers
   int32_t heads = 0;          // d_model % heads == 0
-  int32_t ffn = 0;            // feed-forward width (4 * d_model in _PathNet)
+  int32_t ffn = 0;            // feed-forward width (4 * d_model in PathNet)
   int32_t outputs = 0;        // num_layers * num_experts of the model served
   bool use_previous = false;  // the head also reads the previous token's routing
   float norm_eps = 1e-5f;
@@ -46,7 +46,7 @@ struct WeightView {
 
 class PathDecoder {
  public:
-  // `weights` maps _PathNet's state_dict names ("embed.weight", "stack.layers.0.norm1.bias",
+  // `weights` maps PathNet's state_dict names ("embed.weight", "stack.layers.0.norm1.bias",
   // ...) to arrays; they are copied (linear layers' weights transposed for the matrix loops
   // and rounded to bfloat16).
   // Throws std::invalid_argument naming a missing weight or one of the wrong shape.
@@ -68,7 +68,7 @@ class PathDecoder {
   // Runs new ids through the stack, every layer over all of them at once (each weight is read
   // once per block of tokens, not once per token): rows of a batch, or the ids of a window
   // run whole. Ids of the same window must come in position order; each attends to its
-  // window's tokens up to itself (causal, as _PathNet.extend).
+  // window's tokens up to itself (causal, as PathNet.extend).
   // features: [tokens.size(), d_model] out, the final-norm features of each new id.
   // Throws std::invalid_argument on an id outside the vocabulary or a position outside the
   // context.

@@ -14,7 +14,7 @@
 
 namespace expertflow::runtime {
 
-// A decoder from _PathNet's state dict (non-floating entries, e.g. buffers of ids, are skipped;
+// A decoder from PathNet's state dict (non-floating entries, e.g. buffers of ids, are skipped;
 // the rest are read as float32 on the CPU). Throws std::invalid_argument (from the core) naming
 // a missing weight or one of the wrong shape.
 core::PathDecoder make_path_decoder(const core::PathNetShape& shape,

@@ -17,7 +17,7 @@
 namespace expertflow::core {
 namespace {
 
-// Random weights with _PathNet's state_dict names and shapes.
+// Random weights with PathNet's state_dict names and shapes.
 struct RandomNet {
   PathNetShape shape;
   std::map<std::string, std::vector<float>> data;
