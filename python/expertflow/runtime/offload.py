@@ -52,7 +52,9 @@ def offload(
             resident weights, divided by the slot size.
         policy: cache policy, ``"expertflow"`` (prediction-aware), ``"lrfu"`` (decayed
             request counts: the fewest bytes when no predictor prefetches), ``"lru"``, ``"lfu"``
-            or ``"belady"`` (:data:`expertflow.runtime.policies.POLICIES`).
+            (fewest requests since the expert was last loaded), ``"lfu_history"`` (fewest
+            requests over the whole run: classic LFU) or ``"belady"``
+            (:data:`expertflow.runtime.policies.POLICIES`).
         budget: ``"per_layer"`` or ``"global"`` slot pools.
         predictor: an :class:`expertflow.prediction.Predictor` (or the folder of a saved one):
             each decode step it scores every layer's experts before layer 0 runs and the

@@ -106,6 +106,98 @@ def _model_meta(model: nn.Module, modules: list[nn.Module]) -> dict:
     }
 
 
+def _left_padded(batch: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` [B, width] of prompts left-padded to the longest."""
+    width = max(len(p) for p in batch)
+    input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for b, p in enumerate(batch):
+        input_ids[b, width - len(p) :] = torch.tensor(p)
+        mask[b, width - len(p) :] = 1
+    return input_ids, mask
+
+
+class _TraceRows:
+    """The trace's rows as recorded batches add them: routing, token and sequence ids."""
+
+    def __init__(self, lookahead: bool):
+        self.ids, self.probs, self.ahead, self.tokens, self.seqs = [], [], [], [], []
+        self.prefill: list[bool] = []
+        self.lookahead = lookahead
+
+    def _add(self, call, rows, tokens, seq: int, prefill: bool) -> None:
+        self.ids.append(call[0][rows])
+        self.probs.append(call[1][rows])
+        if self.lookahead:
+            self.ahead.append(call[2][rows])
+        self.tokens.append(np.asarray(tokens))
+        self.seqs.append(np.full(len(tokens), seq))
+        self.prefill += [prefill] * len(tokens)
+
+    def add_batch(self, batch, first_seq: int, calls, out, eos_token_id) -> None:
+        """One batch's prompts (``calls[0]``, left-padded) and their generated tokens (one call
+        each after it), a sequence's tokens ending after its first ``eos_token_id``."""
+        width = max(len(p) for p in batch)
+        prompt = [c.reshape(len(batch), width, *c.shape[1:]) for c in calls[0]]
+        for b, p in enumerate(batch):
+            self._add(prompt, (b, slice(width - len(p), None)), p, first_seq + b, True)
+            generated = out[b, width:].tolist()
+            for j in range(1, len(calls)):
+                if eos_token_id is not None and eos_token_id in generated[: j - 1]:
+                    break
+                self._add(calls[j], slice(b, b + 1), [generated[j - 1]], first_seq + b, False)
+
+    def trace(self, meta: dict) -> Trace:
+        return Trace(
+            expert_ids=np.concatenate(self.ids).astype(np.int16),
+            gate_probs=np.concatenate(self.probs).astype(np.float16),
+            token_ids=np.concatenate(self.tokens).astype(np.int32),
+            sequence_ids=np.concatenate(self.seqs).astype(np.int32),
+            lookahead_ids=np.concatenate(self.ahead).astype(np.int16) if self.lookahead else None,
+            meta=meta,
+        )
+
+
+def _run_batch(model, recorder, batch, generate, pad_token_id, eos_token_id):
+    """Runs one batch (prompt forward, then greedy generation) and returns its recorded calls
+    and the output ids [B, width + new tokens]."""
+    device = next(model.parameters()).device
+    input_ids, mask = _left_padded(batch, pad_token_id)
+    recorder.clear()
+    if generate:
+        out = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=generate,
+            min_new_tokens=generate if eos_token_id is None else 0,
+            do_sample=False,
+            pad_token_id=pad_token_id,
+            eos_token_id=eos_token_id,
+        ).cpu()
+    else:
+        model(input_ids=input_ids.to(device), attention_mask=mask.to(device))
+        out = input_ids
+    calls = recorder.calls()
+    expected = 1 + (out.shape[1] - input_ids.shape[1] - 1 if generate else 0)
+    if len(calls) != expected:
+        raise RuntimeError(
+            f"recording: expected {expected} forward calls for this batch, saw "
+            f"{len(calls)} (does the model generate in an unusual way?)"
+        )
+    return calls, out
+
+
+def _check_record_arguments(prompts, generate, batch_size, sources) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if generate < 0:
+        raise ValueError(f"generate must be >= 0, got {generate}")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token id lists")
+    if sources is not None and len(sources) != len(prompts):
+        raise ValueError(f"sources must have one label per prompt ({len(prompts)})")
+
+
 @torch.no_grad()
 def record_routing(
     model: nn.Module,
@@ -134,85 +226,19 @@ def record_routing(
         lookahead: also record ``lookahead_ids``: each layer's router applied to the previous
             layer's hidden states (what gate lookahead would prefetch).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if generate < 0:
-        raise ValueError(f"generate must be >= 0, got {generate}")
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("prompts must be a non-empty list of non-empty token id lists")
-    if sources is not None and len(sources) != len(prompts):
-        raise ValueError(f"sources must have one label per prompt ({len(prompts)})")
-    device = next(model.parameters()).device
-    ids_rows, prob_rows, token_rows, seq_rows, prefill = [], [], [], [], []
-    ahead_rows = []
+    _check_record_arguments(prompts, generate, batch_size, sources)
+    rows = _TraceRows(lookahead)
     recorder = RoutingRecorder(model, lookahead=lookahead)
     with recorder:
         for start in range(0, len(prompts), batch_size):
             batch = [list(map(int, p)) for p in prompts[start : start + batch_size]]
-            width = max(len(p) for p in batch)
-            input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for b, p in enumerate(batch):
-                input_ids[b, width - len(p) :] = torch.tensor(p)
-                mask[b, width - len(p) :] = 1
-            recorder.clear()
-            if generate:
-                out = model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=mask.to(device),
-                    max_new_tokens=generate,
-                    min_new_tokens=generate if eos_token_id is None else 0,
-                    do_sample=False,
-                    pad_token_id=pad_token_id,
-                    eos_token_id=eos_token_id,
-                ).cpu()
-            else:
-                model(input_ids=input_ids.to(device), attention_mask=mask.to(device))
-                out = input_ids
-            calls = recorder.calls()
-            decode_calls = out.shape[1] - width - 1 if generate else 0
-            if len(calls) != 1 + decode_calls:
-                raise RuntimeError(
-                    f"recording: expected {1 + decode_calls} forward calls for this batch, saw "
-                    f"{len(calls)} (does the model generate in an unusual way?)"
-                )
-            prompt_ids, prompt_probs = calls[0][:2]
-            k = prompt_ids.shape[-1]
-            prompt_ids = prompt_ids.reshape(len(batch), width, -1, k)
-            prompt_probs = prompt_probs.reshape(len(batch), width, -1, k)
-            prompt_ahead = calls[0][2].reshape(len(batch), width, -1, k) if lookahead else None
-            for b, p in enumerate(batch):
-                seq = start + b
-                ids_rows.append(prompt_ids[b, width - len(p) :])
-                prob_rows.append(prompt_probs[b, width - len(p) :])
-                if lookahead:
-                    ahead_rows.append(prompt_ahead[b, width - len(p) :])
-                token_rows.append(np.asarray(p))
-                seq_rows.append(np.full(len(p), seq))
-                prefill += [True] * len(p)
-                generated = out[b, width:].tolist()
-                for j in range(1, decode_calls + 1):
-                    if eos_token_id is not None and eos_token_id in generated[: j - 1]:
-                        break
-                    ids_rows.append(calls[j][0][b : b + 1])
-                    prob_rows.append(calls[j][1][b : b + 1])
-                    if lookahead:
-                        ahead_rows.append(calls[j][2][b : b + 1])
-                    token_rows.append(np.asarray([generated[j - 1]]))
-                    seq_rows.append(np.asarray([seq]))
-                    prefill.append(False)
+            calls, out = _run_batch(model, recorder, batch, generate, pad_token_id, eos_token_id)
+            rows.add_batch(batch, start, calls, out, eos_token_id)
             if progress is not None:
                 progress(min(start + batch_size, len(prompts)), len(prompts))
     meta = _model_meta(model, recorder.modules)
-    meta.update(top_k=int(ids_rows[0].shape[-1]), prefill=prefill, generate=generate)
+    meta.update(top_k=int(rows.ids[0].shape[-1]), prefill=rows.prefill, generate=generate)
     if sources is not None:
         meta["sequence_sources"] = [str(s) for s in sources]
     json.dumps(meta)  # fails here, not at save time, if a label is not serialisable
-    return Trace(
-        expert_ids=np.concatenate(ids_rows).astype(np.int16),
-        gate_probs=np.concatenate(prob_rows).astype(np.float16),
-        token_ids=np.concatenate(token_rows).astype(np.int32),
-        sequence_ids=np.concatenate(seq_rows).astype(np.int32),
-        lookahead_ids=np.concatenate(ahead_rows).astype(np.int16) if lookahead else None,
-        meta=meta,
-    )
+    return rows.trace(meta)
