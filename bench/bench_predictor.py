@@ -156,6 +156,7 @@ def caching(stream: Trace, scores: dict, args, reuse: np.ndarray | None = None) 
         configs = [
             ("LRU", "lru", layered, None),
             ("LFU", "lfu", layered, None),
+            ("LFU over the run", "lfu_history", layered, None),
             ("LRFU, global", "lrfu", glob, None),
             # PLEC evicts by the predicted next-step scores alone: a huge score weight.
             (PAPER, "expertflow", glob | dict(score_weight=1e6), "path"),
