@@ -288,6 +288,16 @@ def generate_batch(
     seconds = time.perf_counter() - started
     if len(outcomes.errors) == len(requests):
         raise outcomes.errors[min(outcomes.errors)]
+    return BatchGeneration(
+        sequences=[r.generated for r in requests],
+        finish_reasons=[outcomes.finish[r.index] for r in requests],
+        errors=outcomes.errors,
+        stats=_run_stats(run, requests, seconds, cache, before),
+    )
+
+
+def _run_stats(run, requests, seconds: float, cache, before: dict | None) -> dict:
+    """The run's figures: speed, the generator's counters, and what the cache did meanwhile."""
     generated = sum(len(r.generated) for r in requests)
     stats = {
         "seconds": seconds,
@@ -298,12 +308,7 @@ def generate_batch(
     if cache is not None:
         after = cache.stats()
         stats["cache"] = {k: after[k] - before[k] for k in after}
-    return BatchGeneration(
-        sequences=[r.generated for r in requests],
-        finish_reasons=[outcomes.finish[r.index] for r in requests],
-        errors=outcomes.errors,
-        stats=stats,
-    )
+    return stats
 
 
 def _check_arguments(max_new_tokens, batch_size, active_batches, regroup_every, prefill_padding):
