@@ -109,3 +109,33 @@ def test_lookahead_ids_are_recorded_and_exact_when_the_layers_agree(tmp_path, ge
     plain = record_routing(build("olmoe"), prompts(gen, [4]), lookahead=True)
     assert plain.lookahead_ids.shape == plain.expert_ids.shape
     assert (plain.lookahead_ids[:, 1:] >= 0).all()
+
+
+def test_a_recording_keeps_only_its_own_threads_calls(gen):
+    """Another thread's forward passes on the same model are not recorded."""
+    import threading
+
+    model = build("mixtral")
+    ids = prompts(gen, [6])[0]
+    other = torch.tensor(prompts(gen, [3, 3]))
+    stop = threading.Event()
+
+    def other_thread():
+        with torch.no_grad():
+            while not stop.is_set():
+                model(input_ids=other)
+
+    worker = threading.Thread(target=other_thread)
+    with RoutingRecorder(model) as rec, torch.no_grad():
+        worker.start()
+        try:
+            for _ in range(5):
+                model(input_ids=torch.tensor([ids]))
+        finally:
+            stop.set()
+            worker.join()
+    calls = rec.calls()
+    assert len(calls) == 5
+    expected, _ = routing_of_one_forward(model, ids)
+    for expert_ids, _ in calls:
+        np.testing.assert_array_equal(expert_ids, expected)

@@ -8,6 +8,7 @@ OffloadedExperts` keeps that signature. Hooks that record, tap or prefetch read 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,13 +55,22 @@ def routed_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def hook_routed_calls(
-    modules: list[nn.Module], on_call: Callable[[int, RoutedCall], None]
+    modules: list[nn.Module],
+    on_call: Callable[[int, RoutedCall], None],
+    only_this_thread: bool = False,
 ) -> list[torch.utils.hooks.RemovableHandle]:
-    """Calls ``on_call(layer, call)`` before each module's forward; returns the hook handles."""
+    """Calls ``on_call(layer, call)`` before each module's forward; returns the hook handles.
+
+    With ``only_this_thread``, only calls made by the calling thread are passed on: another
+    thread's forward on the same model runs the same modules, and a recorder or tap must not
+    mix its routing with its own.
+    """
+    owner = threading.get_ident()
 
     def hook_for(layer: int):
         def hook(module, args, kwargs):
-            on_call(layer, routed_call(args, kwargs))
+            if not only_this_thread or threading.get_ident() == owner:
+                on_call(layer, routed_call(args, kwargs))
 
         return hook
 

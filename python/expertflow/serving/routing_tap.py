@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import torch
 from torch import nn
@@ -29,20 +27,16 @@ class _RoutingTap:
             )
         self._index: list[torch.Tensor | None] = [None] * len(self.modules)
         self._handles = []
-        self._owner: int | None = None
 
     @property
     def num_experts(self) -> int:
         return self.modules[0].num_experts
 
     def __enter__(self) -> _RoutingTap:
-        self._owner = threading.get_ident()
-
         def keep(layer: int, call: RoutedCall) -> None:
-            if threading.get_ident() == self._owner:
-                self._index[layer] = call.top_k_index.detach()
+            self._index[layer] = call.top_k_index.detach()
 
-        self._handles = hook_routed_calls(self.modules, keep)
+        self._handles = hook_routed_calls(self.modules, keep, only_this_thread=True)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -65,7 +65,8 @@ class RoutingRecorder:
             self._lookahead[layer + 1].append(ahead.detach().cpu())
 
     def __enter__(self) -> RoutingRecorder:
-        self._handles = hook_routed_calls(self.modules, self._on_call)
+        # Another thread's forward on the same model is not this recording's.
+        self._handles = hook_routed_calls(self.modules, self._on_call, only_this_thread=True)
         return self
 
     def __exit__(self, *exc) -> None:
