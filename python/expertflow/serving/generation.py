@@ -20,7 +20,6 @@ batch that ran last, so that the slots one batch filled serve the next."""
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 
 from expertflow.prediction import Predictor, multi_hot
+from expertflow.serving.arguments import _check_counts, _check_predictor_arg, _check_schedule
 from expertflow.serving.kv_rows import _exchange_rows, _regroup_moves, _Rows
 from expertflow.serving.model_calls import _ModelCalls
 from expertflow.serving.regrouping import _predicted_paths, _turn_order
@@ -40,8 +40,6 @@ from expertflow.serving.sampling import _eos_ids, _Sampling
 from expertflow.serving.scheduler import regroup
 
 __all__ = ["BatchGeneration", "generate_batch"]
-
-SCHEDULES = ("fifo", "expertflow")
 
 
 @dataclass
@@ -249,20 +247,26 @@ def generate_batch(
     model's forward calls take turns (``OffloadState.lock``), so the calls share its speed, and
     their ``stats["cache"]`` count every call the cache served meanwhile.
     """
-    _check_arguments(max_new_tokens, batch_size, active_batches, regroup_every, prefill_padding)
-    sampling = _Sampling(bool(do_sample), temperature, top_k, top_p, seed)
-    sampling.check()
+    # Every argument is checked before any work (a bad one fails the call, not a request).
+    max_new_tokens, batch_size, active_batches, regroup_every, prefill_padding = _check_counts(
+        max_new_tokens, batch_size, active_batches, regroup_every, prefill_padding
+    )
+    sampling = _Sampling.checked(do_sample, temperature, top_k, top_p, seed)
     _check_schedule(schedule, active_batches)
+    _check_predictor_arg(predictor)
     config = getattr(model, "config", None)
     context = getattr(config, "max_position_embeddings", None)
-    requests = [
-        _Request(i, ids)
-        for i, ids in enumerate(_prompt_ids(prompts, getattr(config, "vocab_size", None), context))
-    ]
+    vocab = getattr(config, "vocab_size", None)
+    requests = [_Request(i, ids) for i, ids in enumerate(_prompt_ids(prompts, vocab, context))]
+    sampling.check_seeds(len(requests))
+    eos = _eos_ids(model, eos_token_id, vocab)
+    # Batches past the first ceil(requests / batch_size) never hold a request (admission fills
+    # the first ones), yet each round would visit them: active_batches=10**7 ran for minutes.
+    active_batches = min(active_batches, -(-len(requests) // batch_size))
     state = getattr(model, "_expertflow", None)
     prefetcher = state.prefetcher if state is not None else None
     predictor = _resolve_predictor(predictor, prefetcher)
-    outcomes = _Outcomes(max_new_tokens, _eos_ids(model, eos_token_id), context)
+    outcomes = _Outcomes(max_new_tokens, eos, context)
     cache = state.cache if state is not None else None
     before = cache.stats() if cache is not None else None
     started = time.perf_counter()
@@ -276,7 +280,7 @@ def generate_batch(
             schedule=schedule,
             active_batches=active_batches,
             regroup_every=regroup_every,
-            prefill_padding=float(prefill_padding),
+            prefill_padding=prefill_padding,
             predictor=predictor,
             lock=state.lock if state is not None else contextlib.nullcontext(),
         )
@@ -309,31 +313,6 @@ def _run_stats(run, requests, seconds: float, cache, before: dict | None) -> dic
         after = cache.stats()
         stats["cache"] = {k: after[k] - before[k] for k in after}
     return stats
-
-
-def _check_arguments(max_new_tokens, batch_size, active_batches, regroup_every, prefill_padding):
-    for name, value, least in (
-        ("max_new_tokens", max_new_tokens, 1),
-        ("batch_size", batch_size, 1),
-        ("active_batches", active_batches, 1),
-        ("regroup_every", regroup_every, 1),
-    ):
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            raise ValueError(f"generate_batch: {name} must be an int >= {least}, got {value!r}")
-    if not isinstance(prefill_padding, (int, float)) or not 0 <= prefill_padding < math.inf:
-        raise ValueError(
-            f"generate_batch: prefill_padding must be a finite number >= 0, got {prefill_padding!r}"
-        )
-
-
-def _check_schedule(schedule, active_batches: int) -> None:
-    if schedule not in SCHEDULES:
-        raise ValueError(f"generate_batch: schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if schedule == "expertflow" and active_batches < 2:
-        raise ValueError(
-            "generate_batch: schedule='expertflow' regroups batches and needs "
-            f"active_batches >= 2, got {active_batches}"
-        )
 
 
 def _resolve_predictor(predictor: Predictor | str | None, prefetcher) -> Predictor | None:

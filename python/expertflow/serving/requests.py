@@ -26,13 +26,29 @@ class _Request:
 def _prompt_ids(prompts, vocab: int | None, context: int | None) -> list[list[int]]:
     """Each prompt's token ids as ints, checked against the vocabulary size and the context
     length (when known); refuses anything else with a ValueError naming the prompt."""
+    if isinstance(prompts, str | bytes):
+        raise ValueError(
+            "generate_batch: prompts must be a non-empty list of prompts, each a list or 1-D "
+            f"tensor of token ids; got a {type(prompts).__name__} (text: tokenize it first)"
+        )
     if isinstance(prompts, torch.Tensor | np.ndarray):
+        if prompts.ndim != 2:
+            raise ValueError(
+                "generate_batch: prompts given as one tensor must be 2-D [prompts, tokens], "
+                f"got shape {list(prompts.shape)}"
+            )
         prompts = list(prompts)
-    if not isinstance(prompts, Sequence) or isinstance(prompts, str | bytes) or not prompts:
+    if not isinstance(prompts, Sequence) or not prompts:
         raise ValueError(
             "generate_batch: prompts must be a non-empty list of prompts, each a list or 1-D "
             f"tensor of token ids; got {type(prompts).__name__}"
             + (" of length 0" if isinstance(prompts, Sequence) else "")
+        )
+    if all(isinstance(t, int | np.integer) for t in prompts):
+        raise ValueError(
+            "generate_batch: prompts must be a non-empty list of prompts, each a list or 1-D "
+            f"tensor of token ids; got one list of ints {prompts!r:.60} (one prompt? pass "
+            "[prompt])"
         )
     return [_checked_prompt(i, prompt, vocab, context) for i, prompt in enumerate(prompts)]
 
