@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import time
 
 import numpy as np
 import pytest
 
 from expertflow.serving.scheduler import (
+    _packed,
     distinct_pairs,
     paths_from_scores,
     regroup,
@@ -86,3 +88,45 @@ def test_regroup_bad_input():
     with pytest.raises(ValueError, match="out of range"):
         regroup(paths, [0, 1, 2, 0], 2)
     assert regroup(np.zeros((0, 2, 3), dtype=bool), [], 1) == []
+
+
+def test_scores_and_top_k_are_checked():
+    scores = np.zeros((2, 2, 3))
+    scores[1, 0, 2] = np.nan  # argsort ranked it last: expert 2 silently never predicted
+    with pytest.raises(ValueError, match=r"scores must not be NaN, got NaN at .* \(1, 0, 2\)"):
+        paths_from_scores(scores, 1)
+    for top_k in (True, 2.0, 0, 4):
+        with pytest.raises(ValueError, match=rf"top_k must be in \[1, 3\] \(an int\), got {top_k}"):
+            paths_from_scores(np.zeros((2, 2, 3)), top_k)
+    with pytest.raises(ValueError, match="scores must be numbers, got dtype <U1"):
+        paths_from_scores(np.full((1, 1, 1), "a"), 1)
+    assert paths_from_scores(np.ones((1, 2, 3), np.float32), np.int64(3)).all()
+    with pytest.raises(ValueError, match=r"first_size must be in \[0, 4\] \(an int\), got 1.5"):
+        split_two_batches(np.zeros((4, 2, 3), dtype=bool), 1.5)
+
+
+def test_regroup_refuses_labels_and_counts_that_are_not_ints():
+    paths = np.zeros((4, 2, 3), dtype=bool)
+    cases = [
+        (([0.5, 1, 0, 1], 2), r"groups\[0\] \(a batch\) is out of range: it must be in \[0, 1\]"),
+        (([0, 1, 0, -1], 2), r"groups\[3\] \(a batch\) is out of range.*got -1"),
+        (([0, 1, 0, 1], 0), r"num_groups must be >= 1 \(an int\), got 0"),
+        (([0, 1, 0, 1], True), r"num_groups must be >= 1 \(an int\), got True"),
+        (([0, 1, 0, 1], 2, -1), r"max_passes must be >= 0 \(an int\), got -1"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            regroup(paths, *args)
+
+
+def test_regroup_leaves_empty_batches_out_and_costs_nothing_for_them():
+    from expertflow import _C
+
+    rng = np.random.default_rng(7)
+    paths, _ = clustered_paths(rng, 24, domains=4)
+    groups = [(r % 4) * 3 for r in range(24)]  # batches 0, 3, 6, 9 of 12: the rest empty
+    full, _, _ = _C.regroup_batches(_packed(paths), groups, 12, 4)
+    assert regroup(paths, groups, 12) == list(full)  # as the native pass over every batch
+    started = time.perf_counter()
+    assert regroup(paths[:4], [0, 1, 0, 1], 10**8) == regroup(paths[:4], [0, 1, 0, 1], 2)
+    assert time.perf_counter() - started < 5  # was: minutes
