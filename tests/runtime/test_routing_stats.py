@@ -93,3 +93,45 @@ def test_cross_layer_figures_need_two_sequences_not_an_odd_id():
     ids = np.concatenate([first, (first + 3) % 8], axis=1)[:, :, None]
     stats = routing_stats(make_trace(ids, np.repeat([0, 2], 100)))
     assert stats["cross_layer_recall"] == pytest.approx([1.0])
+
+
+def test_one_sequence_per_domain_prints_without_a_baseline():
+    """Two domains of one sequence each: a divergence between them but no same-domain
+    baseline (no halves); the text report crashed formatting None (found by issue 21's fuzz)."""
+    ids = np.random.default_rng(0).integers(0, 8, (10, 2, 1))
+    stats = routing_stats(make_trace(ids, np.repeat([0, 1], 5), sources=["a", "b"]))
+    assert stats["domain_divergence_mean"] is not None
+    assert stats["same_domain_divergence_mean"] is None
+    assert "between halves of one domain: not applicable" in format_routing_stats(stats)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_affinity_on_used_experts_equals_the_full_table(seed):
+    """The cross-layer figures are computed on the experts a trace uses (plus top_k unused
+    ones for ties) instead of an [E, E] table: the same numbers as the full table, on traces
+    that leave most experts unused."""
+    from expertflow.traces.stats import _affinity, _compact
+
+    rng = np.random.default_rng(seed)
+    experts, k = int(rng.integers(4, 300)), int(rng.integers(1, 4))
+    pool = rng.choice(experts, size=min(experts, int(rng.integers(k, 12))), replace=False)
+    ids = np.stack([rng.choice(pool, k, replace=False) for _ in range(60 * 3)]).reshape(60, 3, k)
+    ids[rng.random(ids.shape) < 0.05] = -1
+    seqs = rng.integers(0, 6, 60)
+    full = _affinity(ids, experts, seqs)
+    small = _affinity(*_compact(ids, experts, k), seqs)
+    np.testing.assert_array_equal(np.asarray(small), np.asarray(full))
+
+
+def test_huge_expert_count_is_computed_on_the_used_ones():
+    """num_experts 65,536 on a small trace: the [E, E] affinity table alone was 32 GiB."""
+    ids = np.random.default_rng(0).integers(0, 16, (50, 2, 2)) * 4000
+    stats = routing_stats(make_trace(ids, np.repeat(np.arange(5), 10), experts=2**16))
+    assert stats["experts"] == 2**16 and stats["cross_layer_recall"][0] is not None
+
+
+def test_report_too_large_is_refused_before_building_it():
+    ids = np.zeros((40, 32, 1), dtype=np.int64)
+    sources = [f"s{i}" for i in range(40)]
+    with pytest.raises(ValueError, match=r"routing-stats would report .* more than"):
+        routing_stats(make_trace(ids, np.arange(40), sources=sources, experts=2**16))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -68,6 +70,29 @@ def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
         ({"sequence_ids": np.zeros(5, dtype=int)}, "sequence_ids must have T=6 entries"),
         ({"token_ids": np.zeros(6)}, "token_ids must hold integers"),
         ({"meta": {"prefill": [True]}}, "meta.prefill must be a list of T=6 bools"),
+        # Issue 21: each of these was read silently (or crashed a tool far from the cause).
+        ({"meta": {"prefill": ["no"] * 6}}, r"meta.prefill .* got 'no' at index 0"),
+        ({"meta": {"prefill": [True] * 5 + [0]}}, r"meta.prefill .* got 0 at index 5"),
+        ({"sequence_ids": np.array([0, 0, -1, 1, 1, 1])}, r"sequence_ids must be >= 0"),
+        (
+            {"sequence_ids": np.array([0, 0, 1, 1, 2, 2]), "meta": {"sequence_sources": ["a"]}},
+            "sequence_sources must label every sequence id: sequence_ids reach 2",
+        ),
+        ({"meta": {"sequence_sources": "abc"}}, "sequence_sources must be a list of strings"),
+        ({"meta": {"sequence_sources": [1]}}, "sequence_sources must be a list of strings"),
+        ({"meta": {"sequence_sources": []}}, "needs at least 1 labels, got 0"),
+        ({"lookahead_ids": np.full((6, 3, 2), 8)}, r"lookahead_ids must be in \[-1, num_"),
+        ({"token_ids": np.array([0, 1, -1, 2, 3, 4])}, r"token_ids must be in \[0, "),
+        (
+            {"token_ids": np.arange(6), "meta": {"vocab_size": 5}},
+            r"token_ids must be in \[0, meta.vocab_size=5\), got values in \[0, 5\]",
+        ),
+        ({"token_ids": np.array([2**40] * 6)}, r"token_ids must be in \[0, the largest vocab"),
+        ({"meta": {"vocab_size": "32000"}}, "meta.vocab_size must be an integer"),
+        ({"meta": {"vocab_size": 2**40}}, "meta.vocab_size must be an integer in"),
+        ({"meta": {"num_experts": 10**9}}, r"meta.num_experts must be in \[1, 65536\]"),
+        ({"meta": {"num_experts": 1e9}}, "meta.num_experts must be int, got float"),
+        ({"meta": {"num_experts": 1}}, "meta.top_k=2 exceeds meta.num_experts=1"),
     ],
 )
 def test_malformed_fields_are_named(kwargs, message):
@@ -114,6 +139,34 @@ def test_corrupt_and_incomplete_files_are_rejected(tmp_path):
         load_trace(pickled)  # object arrays need pickle, which is never allowed
 
 
+def test_plain_npy_and_truncated_members_are_named(tmp_path):
+    """Issue 21: a plain .npy as a trace raised AttributeError; a damaged member zlib.error."""
+    npy = tmp_path / "ids.npy"
+    np.save(npy, np.zeros((2, 1, 1), dtype=np.int32))
+    with pytest.raises(TraceError, match=r"ids.npy: a trace is an .npz archive .* \.npy"):
+        load_trace(npy)
+    for cut in (0, 30, 200, -40, -10):
+        damaged = tmp_path / f"cut{cut}.npz"
+        save_trace(make_trace(tokens=200), tmp_path / "whole.npz")
+        data = (tmp_path / "whole.npz").read_bytes()
+        damaged.write_bytes(data[:cut] if cut > 0 else data[:cut] + b"\0" * 5)
+        with pytest.raises(TraceError, match=f"cut{cut}.npz"):
+            load_trace(damaged)
+
+
+def test_loaded_field_errors_name_the_file(tmp_path):
+    path = tmp_path / "neg.npz"
+    trace = make_trace()
+    np.savez(
+        path,
+        expert_ids=trace.expert_ids,
+        sequence_ids=np.array([0, 0, -1, 1, 1, 1]),
+        meta=np.array(json.dumps(trace.meta | {"sequence_sources": ["a", "b"]})),
+    )
+    with pytest.raises(TraceError, match=r"neg.npz: sequence_ids must be >= 0"):
+        load_trace(path)
+
+
 def quadratic_sequence_rows(trace: Trace) -> list[np.ndarray]:
     """The former definition (one scan of every row per sequence): the reference."""
     if trace.sequence_ids is None:
@@ -139,11 +192,13 @@ def loop_steps(trace: Trace) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("seed", range(300))
 def test_sequence_rows_and_steps_match_their_former_definitions(seed):
-    """Interleaved sequences with arbitrary (negative, sparse) ids, prompts anywhere (a prefill
-    token after a generated one is not part of the prompt), and empty traces."""
+    """Interleaved sequences with arbitrary (sparse, not first-appearance ordered) ids, prompts
+    anywhere (a prefill token after a generated one is not part of the prompt), and empty
+    traces. Ids start at 0: a negative one is refused (it would index sequence_sources from
+    the end)."""
     rng = np.random.default_rng(seed)
     tokens = int(rng.integers(0, 40))
-    sequences = rng.integers(-2, int(rng.integers(1, 6)), size=tokens) * int(rng.choice([1, 7]))
+    sequences = rng.integers(0, int(rng.integers(1, 8)), size=tokens) * int(rng.choice([1, 7]))
     meta = {"model": "m", "num_experts": 2, "top_k": 1, "expert_bytes": 1}
     if rng.random() < 0.7:
         meta["prefill"] = (rng.random(tokens) < rng.random()).tolist()

@@ -28,8 +28,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except (TraceError, ValueError) as exc:
-        print(f"expertflow {args.command}: error: {exc}", file=sys.stderr)
+        print(f"expertflow {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # A file the user named that cannot be read or written (permissions, a full disk): the
+        # environment's fault. An OSError naming no file is left to show its traceback.
+        if exc.filename is None:
+            raise
+        print(f"expertflow {args.command}: error: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
+
+
+def _one_line(exc: Exception) -> str:
+    """The message on one line: a multi-line one (torch's, numpy's) joined with '; '."""
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
 if __name__ == "__main__":

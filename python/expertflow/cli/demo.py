@@ -9,7 +9,10 @@ from expertflow.runtime.policies import BUDGETS
 
 
 def run(args: argparse.Namespace) -> int:
+    from expertflow.cli.common import check_device
     from expertflow.demo.run import DEFAULT_PROMPT, format_demo, run_demo
+
+    check_device("--device", args.device)
 
     result = run_demo(
         DEFAULT_PROMPT if args.prompt is None else args.prompt,

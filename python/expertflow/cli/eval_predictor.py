@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from expertflow.cli.common import load_traces
+from expertflow.cli.common import check_output_file, load_traces
 
 
 def run(args: argparse.Namespace) -> int:
@@ -18,6 +18,8 @@ def run(args: argparse.Namespace) -> int:
         predictor_for_trace,
     )
 
+    if args.write_scores:
+        check_output_file("--write-scores", args.write_scores)  # before the scoring, not after
     (trace,) = load_traces([args.traces], only_source=args.only_source)
     if args.predictor == "history":
         predictor = HistoryPredictor(trace.num_layers, trace.num_experts, trace.top_k)

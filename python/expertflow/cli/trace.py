@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from expertflow.cli.common import load_model
+from expertflow.cli.common import check_device, check_output_file, load_model
 
 
 def _text_prompts(tokenizer, files, skip_fraction, end_fraction, prompt_tokens, max_sequences):
@@ -45,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("prompt_tokens", "max_sequences", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    check_output_file("--out", args.out)  # before the recording, which can take hours
+    check_device("--device", args.device)
     model, tokenizer = load_model(args.model, args.device)
     prompts, sources = _text_prompts(
         tokenizer,

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from expertflow.cli.common import load_traces
+from expertflow.cli.common import check_output_folder, check_positive, load_traces
+from expertflow.traces.validation import MAX_VOCAB
+
+# Upper bounds of the path predictor's sizes: a routing predictor is meant to be small (the
+# paper's has d_model 32, 7 MB); these are far above any useful value and keep a typo (an
+# extra digit or three) from allocating gigabytes.
+_MAX_SIZES = {"d_model": 4096, "depth": 64, "context": 2**16, "reuse_hidden": 2**16}
+_HEADS = 4  # the path predictor's attention heads (PathPredictor's default)
 
 
 def _saved_path_predictor(args: argparse.Namespace, traces):
@@ -36,21 +43,62 @@ def _refuse_traces_without_ids(kind: str, traces) -> None:
         )
 
 
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Refuses counts, sizes and rates the training would crash on (or misread) later."""
+    import math
+
+    check_positive(args, "batch_size", "depth", "context", "vocab_size")
+    check_positive(args, "epochs", "reuse_epochs", "reuse_hidden", minimum=0)
+    if args.d_model < _HEADS or args.d_model % _HEADS:
+        raise ValueError(
+            f"--d-model must be a positive multiple of {_HEADS} (the path predictor's attention "
+            f"heads split it evenly), got {args.d_model}"
+        )
+    for name, cap in (_MAX_SIZES | {"vocab_size": MAX_VOCAB}).items():
+        value = getattr(args, name)
+        if value is not None and value > cap:
+            raise ValueError(f"--{name.replace('_', '-')} must be at most {cap}, got {value}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
+    if not (math.isfinite(args.history_weight) and args.history_weight >= 0):
+        raise ValueError(
+            f"--history-weight must be a finite number >= 0, got {args.history_weight}"
+        )
+    check_output_folder("--out", args.out)
+
+
+def _vocab_size(args: argparse.Namespace, traces) -> int:
+    """``--vocab-size``, else the traces' ``meta.vocab_size`` (else their largest id + 1);
+    refused when a trace's token ids do not fit it (the embedding would fail mid-training)."""
+    largest = max(int(t.token_ids.max()) if t.num_tokens else 0 for t in traces)
+    vocab = args.vocab_size or max(t.meta.get("vocab_size") or largest + 1 for t in traces)
+    if largest >= vocab:
+        raise ValueError(
+            f"--vocab-size {vocab} is too small: the traces' token ids reach {largest}"
+        )
+    return vocab
+
+
 def run(args: argparse.Namespace) -> int:
     from expertflow.prediction import CombinedPredictor, HistoryPredictor, PathPredictor
 
+    _check_arguments(args)
     traces = load_traces(args.traces, exclude_source=args.exclude_source)
     _refuse_traces_without_ids(args.kind, traces)
     first = traces[0]
     shape = (first.num_layers, first.num_experts, first.top_k)
+    for trace in traces[1:]:
+        if (trace.num_layers, trace.num_experts, trace.top_k) != shape:
+            raise ValueError(
+                f"--traces: all traces must come from one model: the first has layers, experts, "
+                f"top_k = {shape}, another {(trace.num_layers, trace.num_experts, trace.top_k)}"
+            )
     history = HistoryPredictor(*shape).fit(traces) if args.kind != "path" else None
     path = None
     if args.start_from:
         path = _saved_path_predictor(args, traces)
     elif args.kind != "history":
-        vocab = args.vocab_size or max(
-            t.meta.get("vocab_size") or int(t.token_ids.max()) + 1 for t in traces
-        )
+        vocab = _vocab_size(args, traces)
         path = PathPredictor(
             *shape,
             vocab_size=vocab,

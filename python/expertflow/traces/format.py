@@ -33,26 +33,15 @@ import json
 import os
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from expertflow.traces.validation import TraceError, check_arrays, check_int_array, check_meta
+
 __all__ = ["Trace", "TraceError", "load_trace", "save_trace"]
-
-_REQUIRED_META = {"model": str, "num_experts": int, "top_k": int, "expert_bytes": int}
-
-
-class TraceError(ValueError):
-    """A trace file or array that does not follow the format; the message names the field."""
-
-
-def _check_int_array(name: str, value: np.ndarray, ndim: int) -> None:
-    if not isinstance(value, np.ndarray) or value.ndim != ndim:
-        shape = getattr(value, "shape", type(value).__name__)
-        raise TraceError(f"{name} must be a {ndim}-D integer array, got {shape}")
-    if not np.issubdtype(value.dtype, np.integer):
-        raise TraceError(f"{name} must hold integers, got dtype {value.dtype}")
 
 
 @dataclasses.dataclass
@@ -67,53 +56,9 @@ class Trace:
     lookahead_ids: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        _check_int_array("expert_ids", self.expert_ids, 3)
-        tokens, _, k = self.expert_ids.shape
-        for key, kind in _REQUIRED_META.items():
-            if key not in self.meta:
-                raise TraceError(f"meta.{key} is missing (required: {sorted(_REQUIRED_META)})")
-            if not isinstance(self.meta[key], kind) or isinstance(self.meta[key], bool):
-                raise TraceError(
-                    f"meta.{key} must be {kind.__name__}, got {type(self.meta[key]).__name__}"
-                )
-        experts = self.meta["num_experts"]
-        if experts < 1:
-            raise TraceError(f"meta.num_experts must be >= 1, got {experts}")
-        if self.meta["top_k"] != k:
-            raise TraceError(f"meta.top_k={self.meta['top_k']} but expert_ids has K={k}")
-        if self.meta["expert_bytes"] < 0:
-            raise TraceError(f"meta.expert_bytes must be >= 0, got {self.meta['expert_bytes']}")
-        if self.expert_ids.size and (
-            self.expert_ids.min() < -1 or self.expert_ids.max() >= experts
-        ):
-            raise TraceError(
-                f"expert_ids must be in [-1, num_experts={experts}), got values in "
-                f"[{self.expert_ids.min()}, {self.expert_ids.max()}]"
-            )
-        if self.gate_probs is not None:
-            if self.gate_probs.shape != self.expert_ids.shape:
-                raise TraceError(
-                    f"gate_probs must have expert_ids' shape {self.expert_ids.shape}, "
-                    f"got {self.gate_probs.shape}"
-                )
-            if not np.issubdtype(self.gate_probs.dtype, np.floating):
-                raise TraceError(f"gate_probs must be floating point, got {self.gate_probs.dtype}")
-        if self.lookahead_ids is not None:
-            _check_int_array("lookahead_ids", self.lookahead_ids, 3)
-            if self.lookahead_ids.shape != self.expert_ids.shape:
-                raise TraceError(
-                    f"lookahead_ids must have expert_ids' shape {self.expert_ids.shape}, "
-                    f"got {self.lookahead_ids.shape}"
-                )
-        for name in ("token_ids", "sequence_ids"):
-            value = getattr(self, name)
-            if value is not None:
-                _check_int_array(name, value, 1)
-                if value.shape[0] != tokens:
-                    raise TraceError(f"{name} must have T={tokens} entries, got {value.shape[0]}")
-        prefill = self.meta.get("prefill")
-        if prefill is not None and (not isinstance(prefill, list) or len(prefill) != tokens):
-            raise TraceError(f"meta.prefill must be a list of T={tokens} bools")
+        check_int_array("expert_ids", self.expert_ids, 3)
+        check_meta(self.meta, self.expert_ids.shape[2])
+        check_arrays(self)
 
     @property
     def num_tokens(self) -> int:
@@ -212,10 +157,17 @@ def save_trace(trace: Trace, path: str | os.PathLike) -> None:
 def load_trace(path: str | os.PathLike) -> Trace:
     """Reads and validates a trace file; raises TraceError naming what is wrong."""
     try:
-        with np.load(path, allow_pickle=False) as data:
-            fields = {name: data[name] for name in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        data = np.load(path, allow_pickle=False)
+        if isinstance(data, np.lib.npyio.NpzFile):
+            with data:
+                fields = {name: data[name] for name in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error) as exc:
         raise TraceError(f"{path}: not a readable .npz trace ({exc})") from exc
+    if not isinstance(data, np.lib.npyio.NpzFile):  # a plain .npy: one bare array
+        raise TraceError(
+            f"{path}: a trace is an .npz archive of named arrays (expert_ids, meta, ...), "
+            f"got one bare {type(data).__name__} (a .npy file?)"
+        )
     if "expert_ids" not in fields or "meta" not in fields:
         raise TraceError(f"{path}: a trace needs 'expert_ids' and 'meta', found {sorted(fields)}")
     try:
@@ -225,4 +177,7 @@ def load_trace(path: str | os.PathLike) -> Trace:
     if not isinstance(meta, dict):
         raise TraceError(f"{path}: meta must be a JSON object")
     known = {"expert_ids", "gate_probs", "token_ids", "sequence_ids", "lookahead_ids"}
-    return Trace(meta=meta, **{k: v for k, v in fields.items() if k in known})
+    try:
+        return Trace(meta=meta, **{k: v for k, v in fields.items() if k in known})
+    except TraceError as exc:
+        raise TraceError(f"{path}: {exc}") from exc  # which file, when several are read

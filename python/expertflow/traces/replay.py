@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import zipfile
+import zlib
 
 import numpy as np
 
@@ -81,11 +83,18 @@ def load_predictions(path, trace: Trace) -> tuple[np.ndarray, np.ndarray | None]
     """Reads predicted routing probabilities: ``scores`` float ``[T, L, E]`` in an ``.npz``,
     and the reuse scores ``reuse`` (same shape) if it holds them, else None."""
     try:
-        with np.load(path, allow_pickle=False) as data:
-            scores = data["scores"]
-            reuse = data["reuse"] if "reuse" in data.files else None
-    except (OSError, KeyError, ValueError) as exc:
+        data = np.load(path, allow_pickle=False)
+        if isinstance(data, np.lib.npyio.NpzFile):
+            with data:
+                scores = data["scores"]
+                reuse = data["reuse"] if "reuse" in data.files else None
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise TraceError(f"{path}: needs a float array 'scores' [T, L, E] ({exc})") from exc
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise TraceError(
+            f"{path}: predictions are an .npz with a float array 'scores' [T, L, E], got one "
+            "bare array (a .npy file?)"
+        )
     want = (trace.num_tokens, trace.num_layers, trace.num_experts)
     for name, array in (("scores", scores), ("reuse", reuse)):
         if array is not None and (
@@ -95,6 +104,9 @@ def load_predictions(path, trace: Trace) -> tuple[np.ndarray, np.ndarray | None]
                 f"predictions: {name} must be float {list(want)} to match the trace, "
                 f"got {array.dtype} {list(array.shape)}"
             )
+        if array is not None and not np.isfinite(array).all():
+            # NaN ranks anywhere in a sort: prefetches and evictions would be arbitrary.
+            raise TraceError(f"{path}: {name} must be finite, found NaN or inf")
     return scores, reuse
 
 

@@ -55,7 +55,7 @@ def _overlap(a: np.ndarray, b: np.ndarray) -> float:
     return float(hits.sum() / max((a >= 0).sum(), 1))
 
 
-def _affinity(ids: np.ndarray, seqs: np.ndarray, experts: int) -> tuple[list, list]:
+def _affinity(ids: np.ndarray, experts: int, seqs: np.ndarray) -> tuple[list, list]:
     """Per layer pair (l, l+1): (recall of the transition-table prediction, of the popularity
     baseline), fitted on the even sequences (by rank of their ids), scored on the odd ones;
     NaN where there is nothing to fit or score."""
@@ -84,6 +84,33 @@ def _affinity(ids: np.ndarray, seqs: np.ndarray, experts: int) -> tuple[list, li
     return table_recall, popular_recall
 
 
+def _compact(ids: np.ndarray, experts: int, k: int) -> tuple[np.ndarray, int]:
+    """``ids`` renumbered onto the experts they use plus the ``k`` lowest-numbered unused ones,
+    in the same order, and how many that is. The affinity figures are unchanged (an unused
+    expert only ever enters a top-k as one of the lowest-numbered zero scores), but their
+    ``[E, E]`` tables shrink to what the trace holds: 32 GiB for 65,536 experts otherwise."""
+    used = np.unique(ids[ids >= 0])
+    spare = np.setdiff1d(np.arange(min(experts, len(used) + k)), used)[:k]
+    keep = np.union1d(used, spare)
+    return np.where(ids >= 0, np.searchsorted(keep, ids), -1), len(keep)
+
+
+def _check_size(layers: int, experts: int, domains: int) -> None:
+    """Refuses a report of more than ``_MAX_USAGE_ENTRIES`` usage figures (one per domain,
+    layer and expert) before building it: a few labels in a small file could ask for GBs."""
+    entries = (domains + 1) * layers * experts
+    if entries > _MAX_USAGE_ENTRIES:
+        raise ValueError(
+            f"routing-stats would report {entries:,} usage figures ((domains {domains} + 1) x "
+            f"layers {layers} x num_experts {experts}), more than {_MAX_USAGE_ENTRIES:,}: "
+            "select fewer sources (meta.sequence_sources) or layers"
+        )
+
+
+# 2**26 float64 figures: 512 MiB of tables (and a JSON report of about 1 GB) at most.
+_MAX_USAGE_ENTRIES = 2**26
+
+
 def routing_stats(trace: Trace, seed: int = 0) -> dict:
     """The figures described in the module docstring, as a JSON-friendly dict."""
     ids = trace.expert_ids.astype(np.int64)
@@ -95,8 +122,9 @@ def routing_stats(trace: Trace, seed: int = 0) -> dict:
     )
     sources = trace.meta.get("sequence_sources")
     labels = np.asarray([sources[s] for s in seqs]) if sources else np.full(trace.num_tokens, "all")
-    usage = _usage(ids, experts)
     domains = sorted(set(labels.tolist()))
+    _check_size(trace.num_layers, experts, len(domains))
+    usage = _usage(ids, experts)
     per_domain = {d: _usage(ids[labels == d], experts) for d in domains}
 
     pairs = {}
@@ -119,7 +147,7 @@ def routing_stats(trace: Trace, seed: int = 0) -> dict:
     reuse_base = [
         _overlap(ids[rows, layer], ids[random_prev, layer]) for layer in range(ids.shape[1])
     ]
-    table_recall, popular_recall = _affinity(ids, seqs, experts)
+    table_recall, popular_recall = _affinity(*_compact(ids, experts, trace.top_k), seqs)
 
     return {
         "tokens": trace.num_tokens,
@@ -182,11 +210,14 @@ def format_routing_stats(stats: dict) -> str:
             f"{stats['max_share'][layer]:9.3f}  {reuse:13s}   {nxt}"
         )
     if stats["domain_divergence_mean"] is not None:
+        # The baseline needs a domain of two sequences or more (two halves to compare).
+        noise = stats["same_domain_divergence_mean"]
+        noise = "not applicable (one sequence per domain)" if noise is None else f"{noise:.3f}"
         lines += [
             "",
             f"domain specialisation: mean Jensen-Shannon divergence between domains "
             f"{stats['domain_divergence_mean']:.3f} bits (between halves of one domain: "
-            f"{stats['same_domain_divergence_mean']:.3f})",
+            f"{noise})",
         ]
         for pair, value in sorted(stats["domain_divergence_bits"].items()):
             lines.append(f"  {pair:32s} {value:.3f}")

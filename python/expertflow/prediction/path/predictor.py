@@ -16,6 +16,7 @@ cannot tell.
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -244,10 +245,45 @@ class PathPredictor(Predictor):
     @classmethod
     def _load(cls, path: Path, meta: dict) -> PathPredictor:
         # Files saved before these existed: no previous routing, no reuse head.
-        hparams = {"use_previous": False, "reuse_hidden": 0} | meta["hparams"]
-        p = cls(meta["num_layers"], meta["num_experts"], meta["top_k"], **hparams)
-        state = torch.load(path / "path_predictor.pt", map_location="cpu", weights_only=True)
-        p.net.load_state_dict(state)  # float32 parameters whatever the file's dtype
+        hparams = {"use_previous": False, "reuse_hidden": 0} | _checked_hparams(meta, path)
+        try:
+            p = cls(meta["num_layers"], meta["num_experts"], meta["top_k"], **hparams)
+        except (TypeError, ValueError) as exc:  # TypeError: a misspelt or missing size
+            raise ValueError(f"predictor: {path / 'predictor.json'}: {exc}") from exc
+        weights = path / "path_predictor.pt"
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            p.net.load_state_dict(state)  # float32 parameters whatever the file's dtype
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
+            # What torch raises for a truncated archive and for tensors of other names or
+            # shapes (weights of another predictor.json): the folder's fault, not a bug here.
+            first = (str(exc).strip().splitlines() or [repr(exc)])[0]
+            raise ValueError(
+                f"predictor: {weights} does not hold this predictor ({first})"
+            ) from exc
         p._round_weights()  # files saved before the weights were rounded
         p.history = meta.get("history", [])
         return p
+
+
+# Upper limits of the sizes in predictor.json (the constructor checks the rest): a damaged
+# file must not ask for a gigabyte embedding. Far above train-predictor's useful values.
+_HPARAM_LIMITS = {"vocab_size": 2**20, "d_model": 4096, "depth": 64, "heads": 64,
+                  "context": 2**16, "reuse_hidden": 2**16}  # fmt: skip
+
+
+def _checked_hparams(meta: dict, path: Path) -> dict:
+    hparams = meta["hparams"]
+    where = path / "predictor.json"
+    if not isinstance(hparams, dict):
+        raise ValueError(f"predictor: {where}: hparams must be a JSON object")
+    unknown = set(hparams) - set(_HPARAM_LIMITS) - {"use_previous"}
+    if unknown:
+        raise ValueError(f"predictor: {where}: unknown hparams {sorted(unknown)}")
+    for key, high in _HPARAM_LIMITS.items():
+        value = hparams.get(key)
+        if isinstance(value, int) and value > high:
+            raise ValueError(
+                f"predictor: {where}: hparams.{key} must be at most {high}, got {value}"
+            )
+    return hparams
