@@ -1,5 +1,6 @@
 #include <c10/util/Exception.h>
 
+#include "ops/checks.h"
 #include "ops/gating.h"
 
 namespace expertflow::ops {
@@ -18,7 +19,7 @@ core::RouterSpec make_router_spec(const at::Tensor& router_logits, int64_t top_k
   TORCH_CHECK_VALUE(scoring == "softmax" || scoring == "sigmoid",
                     "topk_gating: scoring must be 'softmax' or 'sigmoid', got '", scoring, "'");
   const int64_t num_experts = router_logits.size(1);
-  TORCH_CHECK_VALUE(num_experts >= 1 && num_experts <= (1 << 20),
+  TORCH_CHECK_VALUE(num_experts >= 1 && num_experts <= kMaxExperts,
                     "topk_gating: router_logits must have between 1 and 2^20 experts (dim 1), got ",
                     num_experts);
   TORCH_CHECK_VALUE(n_group >= 1 && n_group <= num_experts, "topk_gating: n_group must be in [1, ",
@@ -34,9 +35,7 @@ core::RouterSpec make_router_spec(const at::Tensor& router_logits, int64_t top_k
     TORCH_CHECK_VALUE(bias.dim() == 1 && bias.size(0) == num_experts,
                       "topk_gating: correction_bias must be 1-D [num_experts=", num_experts,
                       "], got shape ", bias.sizes());
-    TORCH_CHECK_VALUE(bias.device() == router_logits.device(),
-                      "topk_gating: correction_bias must be on router_logits' device ",
-                      router_logits.device(), ", got ", bias.device());
+    check_same_device("topk_gating", router_logits, "router_logits", bias, "correction_bias");
     TORCH_CHECK_VALUE(bias.is_floating_point(),
                       "topk_gating: correction_bias must be a floating-point tensor, got ",
                       bias.scalar_type());

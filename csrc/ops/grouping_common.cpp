@@ -2,6 +2,7 @@
 
 #include <limits>
 
+#include "ops/checks.h"
 #include "ops/grouping.h"
 
 namespace expertflow::ops {
@@ -13,8 +14,12 @@ at::Tensor flat_expert_ids(const at::Tensor& topk_ids, int64_t num_experts) {
   TORCH_CHECK_VALUE(topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong,
                     "group_by_expert: topk_ids must be int32 or int64, got ",
                     topk_ids.scalar_type());
-  TORCH_CHECK_VALUE(num_experts >= 1 && num_experts < std::numeric_limits<int32_t>::max(),
-                    "group_by_expert: num_experts must be >= 1, got ", num_experts);
+  TORCH_CHECK_VALUE(num_experts >= 1, "group_by_expert: num_experts must be >= 1, got ",
+                    num_experts);
+  // Refused before anything is allocated: counts and offsets are [num_experts] each.
+  TORCH_CHECK_VALUE(num_experts <= kMaxExperts,
+                    "group_by_expert: num_experts must be <= 2^20 = ", kMaxExperts,
+                    " (counts and offsets hold one entry per expert), got ", num_experts);
   TORCH_CHECK_VALUE(topk_ids.numel() < std::numeric_limits<int32_t>::max(),
                     "group_by_expert: topk_ids must have fewer than 2^31 entries, got ",
                     topk_ids.numel());
@@ -42,10 +47,8 @@ void check_combine_args(const at::Tensor& expert_outputs, const at::Tensor& topk
                     "], got shape ", inverse.sizes());
   TORCH_CHECK_VALUE(inverse.scalar_type() == at::kInt, "combine: inverse must be int32, got ",
                     inverse.scalar_type());
-  TORCH_CHECK_VALUE(topk_weights.device() == expert_outputs.device() &&
-                        inverse.device() == expert_outputs.device(),
-                    "combine: expert_outputs, topk_weights and inverse must be on one device, got ",
-                    expert_outputs.device(), ", ", topk_weights.device(), ", ", inverse.device());
+  check_same_device("combine", expert_outputs, "expert_outputs", topk_weights, "topk_weights");
+  check_same_device("combine", expert_outputs, "expert_outputs", inverse, "inverse");
 }
 
 }  // namespace expertflow::ops

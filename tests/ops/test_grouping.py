@@ -203,9 +203,27 @@ def test_combine_refuses_rows_outside_expert_outputs_as_index_errors(inverse, me
         ops.combine(torch.zeros(4, 3), torch.zeros(2, 2), torch.tensor(inverse).int())
 
 
+@pytest.mark.parametrize("where", ["native", "meta"])
+@pytest.mark.parametrize("num_experts", [2**20 + 1, 2**30, 2**62])
+def test_group_by_expert_refuses_absurd_num_experts_before_allocating(device, where, num_experts):
+    # 2**30 experts used to allocate counts and offsets of 4 GiB each (12.8 GB in all).
+    ids = torch.zeros(2, 2, dtype=torch.int32, device=device if where == "native" else "meta")
+    with pytest.raises(
+        ValueError, match=rf"num_experts must be <= 2\^20 = 1048576 .*got {num_experts}"
+    ):
+        ops.group_by_expert(ids, num_experts)
+
+
+def test_group_by_expert_accepts_2_to_the_20_experts(device):
+    ids = torch.tensor([[2**20 - 1, 0]], dtype=torch.int32, device=device)
+    order, counts, offsets, inverse = ops.group_by_expert(ids, 2**20)
+    assert counts.shape == (2**20,) and offsets.shape == (2**20 + 1,)
+    assert order.tolist() == [1, 0] and inverse.tolist() == [1, 0]
+
+
 @pytest.mark.cuda
 def test_combine_mixed_devices():
-    with pytest.raises(ValueError, match="must be on one device"):
+    with pytest.raises(ValueError, match="topk_weights must be on expert_outputs' device cuda:0"):
         ops.combine(
             torch.zeros(4, 3, device="cuda"),
             torch.zeros(2, 2),

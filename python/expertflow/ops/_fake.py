@@ -1,9 +1,28 @@
 """Fake (meta) kernels of the ``torch.ops.expertflow`` operators: output shapes and dtypes
-without data, for ``torch.compile``, CUDA graphs and ``torch.library.opcheck``."""
+without data, for ``torch.compile``, CUDA graphs and ``torch.library.opcheck``.
+
+The dispatcher also runs these for real calls with any input on the ``meta`` device (meta
+outranks CPU and CUDA), so they repeat the checks of ``csrc/ops/*_common.cpp`` that decide
+output sizes or devices: a CPU call with one meta input must fail as on the CPU, not return
+uninitialised memory as ids.
+"""
 
 from __future__ import annotations
 
 import torch
+
+# csrc/ops/checks.h kMaxExperts: per-expert outputs stay small whatever the input.
+MAX_EXPERTS = 2**20
+
+
+def _check_same_device(op, first, first_name, tensor, name):
+    torch._check_value(
+        tensor.device == first.device,
+        lambda: (
+            f"{op}: {name} must be on {first_name}' device {first.device} "
+            f"(all inputs on one device), got {tensor.device}"
+        ),
+    )
 
 
 @torch.library.register_fake("expertflow::topk_gating")
@@ -19,7 +38,22 @@ def _topk_gating_fake(
     softmax_after_topk=False,
 ):
     torch._check_value(router_logits.dim() == 2, lambda: "topk_gating: router_logits must be 2-D")
-    num_tokens = router_logits.shape[0]
+    num_tokens, num_experts = router_logits.shape
+    torch._check_value(
+        1 <= num_experts <= MAX_EXPERTS,
+        lambda: (
+            "topk_gating: router_logits must have between 1 and 2^20 experts (dim 1), "
+            f"got {num_experts}"
+        ),
+    )
+    torch._check_value(
+        1 <= top_k <= num_experts,
+        lambda: f"topk_gating: top_k must be in [1, num_experts={num_experts}], got {top_k}",
+    )
+    if correction_bias is not None:
+        _check_same_device(
+            "topk_gating", router_logits, "router_logits", correction_bias, "correction_bias"
+        )
     ids = router_logits.new_empty((num_tokens, top_k), dtype=torch.int32)
     weights = router_logits.new_empty((num_tokens, top_k), dtype=torch.float32)
     return ids, weights
@@ -28,6 +62,16 @@ def _topk_gating_fake(
 @torch.library.register_fake("expertflow::group_by_expert")
 def _group_by_expert_fake(topk_ids, num_experts):
     torch._check_value(topk_ids.dim() == 2, lambda: "group_by_expert: topk_ids must be 2-D")
+    torch._check_value(
+        num_experts >= 1, lambda: f"group_by_expert: num_experts must be >= 1, got {num_experts}"
+    )
+    torch._check_value(
+        num_experts <= MAX_EXPERTS,
+        lambda: (
+            f"group_by_expert: num_experts must be <= 2^20 = {MAX_EXPERTS} (counts and offsets "
+            f"hold one entry per expert), got {num_experts}"
+        ),
+    )
     pairs = topk_ids.numel()
     order = topk_ids.new_empty((pairs,), dtype=torch.int32)
     counts = topk_ids.new_empty((num_experts,), dtype=torch.int32)
@@ -39,4 +83,7 @@ def _group_by_expert_fake(topk_ids, num_experts):
 @torch.library.register_fake("expertflow::combine")
 def _combine_fake(expert_outputs, topk_weights, inverse):
     torch._check_value(expert_outputs.dim() == 2, lambda: "combine: expert_outputs must be 2-D")
+    torch._check_value(topk_weights.dim() == 2, lambda: "combine: topk_weights must be 2-D")
+    _check_same_device("combine", expert_outputs, "expert_outputs", topk_weights, "topk_weights")
+    _check_same_device("combine", expert_outputs, "expert_outputs", inverse, "inverse")
     return expert_outputs.new_empty((topk_weights.shape[0], expert_outputs.shape[1]))
