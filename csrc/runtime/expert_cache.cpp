@@ -74,11 +74,30 @@ void ExpertCache::check_experts(const std::vector<int32_t>& experts, const char*
     TORCH_CHECK_INDEX(e >= 0 && e < store_->num_experts(), "ExpertCache.", what,
                       ": expert must be in [0, ", store_->num_experts(), "), got ", e);
   }
+  // Positions sorted by expert, ties by position: a duplicate sits next to its first position.
+  std::vector<int32_t> by_expert(experts.size());
+  std::iota(by_expert.begin(), by_expert.end(), 0);
+  std::sort(by_expert.begin(), by_expert.end(), [&experts](int32_t a, int32_t b) {
+    return experts[a] < experts[b] || (experts[a] == experts[b] && a < b);
+  });
+  for (size_t i = 1; i < by_expert.size(); ++i) {
+    const int32_t first = by_expert[i - 1];
+    const int32_t again = by_expert[i];
+    TORCH_CHECK_VALUE(experts[first] != experts[again], "ExpertCache.", what,
+                      ": experts must be distinct, got expert ", experts[first], " at positions ",
+                      first, " and ", again, " (merge the ids first: each gets one slot)");
+  }
 }
 
 void ExpertCache::check_slot(int32_t slot, const char* what) const {
   TORCH_CHECK_INDEX(slot >= 0 && slot < num_slots(), "ExpertCache.", what, ": slot must be in [0, ",
                     num_slots(), "), got ", slot);
+}
+
+void ExpertCache::check_held(int32_t slot, const char* what) const {
+  TORCH_CHECK_INDEX(policy_.pins(slot) > 0, "ExpertCache.", what, ": slot ", slot,
+                    " is not held by any acquire (only slots acquire() returned, until the "
+                    "release() of their layer)");
 }
 
 void ExpertCache::reap_arrivals() {
@@ -213,7 +232,14 @@ AcquireResult ExpertCache::acquire(int32_t layer, const std::vector<int32_t>& ex
   acquire_policy(layer, experts, result.slots.data(), loads);
   std::vector<int32_t>& held = layer_slots_[layer];
   held.insert(held.end(), result.slots.begin(), result.slots.end());
-  issue_all(loads);
+  try {
+    issue_all(loads);
+  } catch (...) {
+    // The misses not issued went back to the policy, unpinned: the layer no longer holds them
+    // (views and wait refuse them), while every slot still pinned stays held.
+    std::erase_if(held, [this](int32_t slot) { return policy_.pins(slot) == 0; });
+    throw;
+  }
 
   // Hits that have arrived run first, then those still in flight, then the misses.
   std::vector<int> rank(experts.size());
@@ -233,6 +259,10 @@ AcquireResult ExpertCache::acquire(int32_t layer, const std::vector<int32_t>& ex
 
 void ExpertCache::wait(int32_t slot) {
   check_slot(slot, "wait");
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    check_held(slot, "wait");
+  }
   const bool late = !engine_->arrived(slot);
   const double blocked = engine_->wait(slot);  // outside the lock: copies keep landing
   std::lock_guard<std::mutex> lock(mutex_);
@@ -243,6 +273,14 @@ void ExpertCache::wait(int32_t slot) {
 std::vector<at::Tensor> ExpertCache::views(int32_t slot, int32_t layer) const {
   check_slot(slot, "views");
   check_layer(layer, "views");
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const std::vector<int32_t>& held = layer_slots_[layer];
+    TORCH_CHECK_INDEX(std::find(held.begin(), held.end(), slot) != held.end(),
+                      "ExpertCache.views: slot ", slot, " is not held by layer ", layer,
+                      " (only slots acquire(", layer, ", ...) returned, until release(", layer,
+                      "))");
+  }
   return view_as_layout(slots_[slot], store_->layout(layer));
 }
 

@@ -2,11 +2,11 @@
 // store holding every expert, the slot pool, and the transfer engine moving bytes between them.
 //
 // Thread-safe. Every public method that reads or changes mutable state (the policy, the copies
-// in flight, the layers' slots, the counters) takes the cache's lock. Those reading only what
-// the constructor fixed take none: num_slots, slot_bytes, store and views (the slot pool's
-// tensor and the store's layouts never change; views' bytes are the caller's to wait for).
-// wait() and synchronize() block in the transfer engine, itself thread-safe, outside the lock,
-// so copies keep landing and other threads keep acquiring meanwhile.
+// in flight, the layers' slots, the counters) takes the cache's lock, views and wait included
+// (they check that the slot is held). Those reading only what the constructor fixed take none:
+// num_slots, slot_bytes and store. wait() and synchronize() block in the transfer engine,
+// itself thread-safe, outside the lock, so copies keep landing and other threads keep
+// acquiring meanwhile.
 //
 // Errors: arguments are refused with c10::ValueError (Python ValueError) and indices with
 // c10::IndexError (IndexError), naming the argument, what was expected and what was given;
@@ -69,17 +69,29 @@ class ExpertCache {
             float min_score = 0.0f, const std::optional<at::Tensor>& reuse_scores = std::nullopt);
   // Prefetches these experts of one layer (e.g. the next layer's router applied one layer
   // early). `scores` (float [num_experts], optional, finite) first replace that layer's eviction
-  // scores. Returns how many copies were issued.
+  // scores. Returns how many copies were issued. `experts` must be distinct and in range, as
+  // acquire's (ValueError / IndexError naming them, before anything changes).
   int32_t prefetch(int32_t layer, const std::vector<int32_t>& experts,
                    const std::optional<at::Tensor>& scores);
   // Pins the experts of `layer` and issues urgent copies for the misses. If a copy cannot be
   // issued (the engine throws), that miss and those not issued yet are given back to the policy
   // (free slots, not "loading" forever) and the error propagates; the experts already pinned
   // stay pinned until release(layer), as after a successful acquire.
+  // `experts` must be distinct: a duplicate is refused (ValueError naming `experts`, the expert
+  // and both positions) before anything changes. The policy would give both positions one
+  // slot and count one request, so a caller that passed the top-k ids of several tokens
+  // unmerged would run the expert twice over the same tokens and read a hit ratio from fewer
+  // requests than it made; callers merge the ids first (sorted(set(ids))) and pair the slots
+  // with their own token lists.
   AcquireResult acquire(int32_t layer, const std::vector<int32_t>& experts);
-  // Makes compute wait until `slot`'s bytes have arrived (see TransferEngine::wait).
+  // Makes compute wait until `slot`'s bytes have arrived (see TransferEngine::wait). The slot
+  // must be held by an acquire not yet released (IndexError naming it otherwise): any other
+  // slot may be evicted and refilled at any time, so waiting for it promises nothing.
   void wait(int32_t slot);
-  // The expert in `slot` (acquired for `layer`) as device tensors viewing the slot: no copy.
+  // The expert in `slot` as device tensors viewing the slot: no copy. The slot must be one that
+  // acquire(layer) returned and release(layer) has not yet given back (IndexError naming slot
+  // and layer otherwise): another layer's slot holds bytes of another layout, and a slot not
+  // held can be refilled with another expert while the views are read.
   std::vector<at::Tensor> views(int32_t slot, int32_t layer) const;
   // Unpins every expert acquire(layer) pinned, whichever thread acquired it: two threads that
   // run the same layer must release it once, after both have finished reading their views.
@@ -93,8 +105,10 @@ class ExpertCache {
 
  private:
   void check_layer(int32_t layer, const char* what) const;  // IndexError naming `what`
+  // IndexError for an expert out of range, then ValueError for a duplicate.
   void check_experts(const std::vector<int32_t>& experts, const char* what) const;
   void check_slot(int32_t slot, const char* what) const;
+  void check_held(int32_t slot, const char* what) const;  // IndexError unless pinned (lock held)
   void reap_arrivals();  // loading entries whose copy arrived become resident (lock held)
   // Starts the copy of one load; if that throws, the policy gets the slot back (lock held).
   void issue(const core::Load& load);

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -132,6 +133,71 @@ TEST(ExpertCache, IndicesAreRefusedAsIndexErrorsBeforeAnythingChanges) {
             "ExpertCache.release: layer must be in [0, 2), got -1");
   const ExpertCacheStats s = cache.stats();
   EXPECT_EQ(s.policy.hits + s.policy.misses + s.policy.prefetches, 0);  // expert 1 not taken
+}
+
+TEST(ExpertCache, DuplicateExpertsAreRefusedBeforeAnythingChanges) {
+  // The policy would give both positions one slot and count one request: refused instead.
+  ExpertCache cache(patterned_store(2, 6, 512), 4, 2, core::BudgetMode::kGlobal,
+                    core::EvictionPolicy::kExpertFlow, at::Device(at::kCPU));
+  EXPECT_EQ(message_of<c10::ValueError>([&] { cache.acquire(0, {3, 1, 3}); }),
+            "ExpertCache.acquire: experts must be distinct, got expert 3 at positions 0 and 2 "
+            "(merge the ids first: each gets one slot)");
+  EXPECT_EQ(message_of<c10::ValueError>([&] { cache.prefetch(1, {5, 5}, std::nullopt); }),
+            "ExpertCache.prefetch: experts must be distinct, got expert 5 at positions 0 and 1 "
+            "(merge the ids first: each gets one slot)");
+  const ExpertCacheStats s = cache.stats();
+  EXPECT_EQ(s.policy.hits + s.policy.misses + s.policy.prefetches, 0);
+  EXPECT_EQ(s.transfers.bytes_copied, 0);
+  const AcquireResult r = cache.acquire(0, {3, 1});  // distinct: accepted
+  EXPECT_TRUE(holds(cache, r.slots[0], 0, 3));
+  EXPECT_TRUE(holds(cache, r.slots[1], 0, 1));
+  cache.release(0);
+}
+
+TEST(ExpertCache, ViewsAndWaitOnlyForSlotsTheLayerHolds) {
+  ExpertCache cache(patterned_store(2, 6, 512), 4, 2, core::BudgetMode::kGlobal,
+                    core::EvictionPolicy::kLru, at::Device(at::kCPU));
+  EXPECT_EQ(message_of<c10::IndexError>([&] { cache.wait(2); }),
+            "ExpertCache.wait: slot 2 is not held by any acquire (only slots acquire() "
+            "returned, until the release() of their layer)");
+  const AcquireResult r = cache.acquire(0, {4});
+  const int32_t slot = r.slots[0];
+  EXPECT_TRUE(holds(cache, slot, 0, 4));
+  const std::string other = "ExpertCache.views: slot " + std::to_string(slot) +
+                            " is not held by layer 1 (only slots acquire(1, ...) returned, "
+                            "until release(1))";
+  EXPECT_EQ(message_of<c10::IndexError>([&] { cache.views(slot, 1); }), other);
+  cache.release(0);
+  // Released: the slot may be refilled with another expert at any time.
+  EXPECT_EQ(message_of<c10::IndexError>([&] { cache.views(slot, 0); }),
+            "ExpertCache.views: slot " + std::to_string(slot) +
+                " is not held by layer 0 (only slots acquire(0, ...) returned, until release(0))");
+  EXPECT_EQ(message_of<c10::IndexError>([&] { cache.wait(slot); }),
+            "ExpertCache.wait: slot " + std::to_string(slot) +
+                " is not held by any acquire (only slots acquire() returned, until the release() "
+                "of their layer)");
+  // Prefetched but not acquired: not held either.
+  at::Tensor scores = at::full({2, 6}, 0.0f);
+  scores[1][2] = 1.0f;
+  cache.plan(scores, 1);
+  cache.synchronize();
+  for (int32_t s = 0; s < cache.num_slots(); ++s) {
+    EXPECT_FALSE(message_of<c10::IndexError>([&] { cache.views(s, 1); }).empty()) << s;
+  }
+}
+
+TEST(ExpertCache, AMissWhoseCopyFailedIsNotHeld) {
+  // The failed miss went back to the policy: its slot is no longer the layer's to read.
+  ExpertCache cache = failing_cache(4, core::BudgetMode::kPerLayer, 1);
+  const AcquireResult first = cache.acquire(0, {0});  // copy 0 succeeds
+  EXPECT_THROW(cache.acquire(0, {1}), std::runtime_error);
+  EXPECT_TRUE(holds(cache, first.slots[0], 0, 0));  // still held
+  for (int32_t s = 0; s < cache.num_slots(); ++s) {
+    if (s == first.slots[0]) continue;
+    EXPECT_FALSE(message_of<c10::IndexError>([&] { cache.views(s, 0); }).empty()) << s;
+    EXPECT_FALSE(message_of<c10::IndexError>([&] { cache.wait(s); }).empty()) << s;
+  }
+  cache.release(0);
 }
 
 TEST(ExpertCache, DestroyedWithCopiesInFlight) {

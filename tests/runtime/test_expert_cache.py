@@ -302,3 +302,49 @@ def test_stats_are_one_consistent_snapshot_while_another_thread_plans():
     finally:
         stop.set()
         planner.join()
+
+
+def test_duplicate_experts_are_refused_naming_them(device):
+    # The policy gives duplicates one slot and counts one request: a caller passing the top-k
+    # ids of several tokens unmerged would run an expert twice and misread its hit ratio.
+    cache = ExpertCache(make_experts(), device=device, slots=6, top_k=2, policy="expertflow")
+    with pytest.raises(
+        ValueError,
+        match=r"ExpertCache.acquire: experts must be distinct, got expert 3 at positions 0 and 2",
+    ):
+        cache.acquire(1, [3, 0, 3])
+    with pytest.raises(
+        ValueError,
+        match=r"ExpertCache.prefetch: experts must be distinct, got expert 4 at positions 1 and 2",
+    ):
+        cache.prefetch(0, [1, 4, 4])
+    with pytest.raises(
+        IndexError, match=r"ExpertCache.prefetch: expert must be in \[0, 6\), got 6"
+    ):
+        cache.prefetch(0, [1, 6])
+    stats = cache.stats()
+    assert stats["hits"] + stats["misses"] + stats["prefetches"] == 0  # refused before any change
+    assert cache.prefetch(0, [1, 4]) == 2
+
+
+def test_views_and_wait_refuse_slots_the_layer_does_not_hold(device):
+    experts = make_experts()
+    cache = ExpertCache(experts, device=device, slots=6, top_k=2, budget="global", policy="lru")
+    with pytest.raises(IndexError, match="ExpertCache.wait: slot 0 is not held by any acquire"):
+        cache.wait(0)  # never acquired
+    slots, _ = cache.acquire(0, [2, 5])
+    assert_holds(cache, slots[1], 0, experts[0][5])
+    # Layer 1's tensors are larger: viewing layer 0's slot with its layout reads other bytes.
+    with pytest.raises(
+        IndexError, match=rf"ExpertCache.views: slot {slots[1]} is not held by layer 1"
+    ):
+        cache.views(slots[1], 1)
+    free = next(s for s in range(6) if s not in slots)
+    with pytest.raises(IndexError, match=rf"views: slot {free} is not held by layer 0"):
+        cache.views(free, 0)
+    cache.release(0)
+    # Released: the slot may be refilled by another expert at any time.
+    with pytest.raises(IndexError, match=rf"views: slot {slots[0]} is not held by layer 0"):
+        cache.views(slots[0], 0)
+    with pytest.raises(IndexError, match=rf"wait: slot {slots[0]} is not held by any acquire"):
+        cache.wait(slots[0])
