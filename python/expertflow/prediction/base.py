@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from expertflow.prediction._checks import check_token_ids, checked_int
 from expertflow.traces.format import Trace
 
 __all__ = ["REUSE_HORIZONS", "Predictor", "multi_hot", "uses_within"]
@@ -58,14 +59,9 @@ class Predictor:
     needs_token_ids = True
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int):
-        for name, value in (
-            ("num_layers", num_layers),
-            ("num_experts", num_experts),
-            ("top_k", top_k),
-        ):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
+        self.num_layers = checked_int("num_layers", num_layers, 1)
+        self.num_experts = checked_int("num_experts", num_experts, 1)
+        self.top_k = checked_int("top_k", top_k, 1)
 
     def check_shape(self, trace: Trace) -> None:
         """Refuses a trace of another model (layers/experts mismatch), naming both shapes."""
@@ -78,14 +74,37 @@ class Predictor:
             )
 
     def check_trace(self, trace: Trace) -> None:
-        """Refuses a trace of another model (:meth:`check_shape`), and a trace without token
-        ids if this predictor reads them."""
+        """Refuses a trace of another model (:meth:`check_shape`), a trace with negative token
+        ids, and a trace without token ids if this predictor reads them."""
         self.check_shape(trace)
+        if trace.token_ids is not None:
+            check_token_ids(trace.token_ids, where="trace token_ids")
         if self.needs_token_ids and trace.token_ids is None:
             raise ValueError(
                 f"{self.label} reads token ids: this trace has no token_ids "
                 "(record it with `expertflow trace`; the history predictor works without)"
             )
+
+    def checked_routing(self, routing, rows: int) -> np.ndarray:
+        """``routing`` as an int array ``[rows, L, K]`` of expert ids in ``[-1, E)``, refused
+        otherwise (an id past E would be learnt into another layer's scores or fail deep in
+        numpy)."""
+        routing = np.asarray(routing)
+        if (
+            routing.ndim != 3
+            or routing.shape[:2] != (rows, self.num_layers)
+            or not np.issubdtype(routing.dtype, np.integer)
+        ):
+            raise ValueError(
+                f"routing must be int expert ids [{rows}, {self.num_layers}, K] (one row per "
+                f"token id), got {routing.dtype} {list(routing.shape)}"
+            )
+        if routing.size and (routing.min() < -1 or routing.max() >= self.num_experts):
+            raise ValueError(
+                f"routing must hold expert ids in [-1, {self.num_experts}), got values in "
+                f"[{routing.min()}, {routing.max()}]"
+            )
+        return routing
 
     def without_token_ids(self) -> tuple[Predictor | None, list[str]]:
         """What of this predictor runs on a trace without token ids, and what that loses
@@ -133,6 +152,10 @@ class Predictor:
 
     def predict(self, token_ids) -> np.ndarray:
         """``[L, E]`` scores for the last of ``token_ids``, in a single-sequence session."""
+        if isinstance(token_ids, str | bytes) or not len(token_ids):
+            raise ValueError(
+                f"token_ids must be a non-empty list of token ids, got {token_ids!r:.80}"
+            )
         last = token_ids[-1]
         self._last = None if last is None else int(last)
         previous = None if getattr(self, "_previous", None) is None else self._previous[None]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from expertflow.prediction._checks import checked_weights
 from expertflow.prediction.base import Predictor
 from expertflow.traces.format import Trace
 
@@ -25,8 +26,19 @@ class CombinedPredictor(Predictor):
     kind = "combined"
 
     def __init__(self, parts: list[Predictor], weights: list[float]):
-        if not parts or len(parts) != len(weights):
-            raise ValueError("CombinedPredictor needs one weight per predictor (at least one)")
+        parts = list(parts) if isinstance(parts, list | tuple) else parts
+        if not isinstance(parts, list) or not parts:
+            raise ValueError(
+                f"CombinedPredictor: parts must be a non-empty list, got {parts!r:.80}"
+            )
+        for i, part in enumerate(parts):
+            if not isinstance(part, Predictor):
+                raise ValueError(
+                    f"CombinedPredictor: parts[{i}] must be a Predictor, got {type(part).__name__}"
+                )
+        weights = checked_weights(
+            "CombinedPredictor", [f"weights[{i}]" for i in range(len(parts))], weights
+        )
         first = parts[0]
         super().__init__(first.num_layers, first.num_experts, first.top_k)
         for p in parts[1:]:
@@ -35,7 +47,7 @@ class CombinedPredictor(Predictor):
                     f"CombinedPredictor: parts disagree on shape: {first.num_layers}x"
                     f"{first.num_experts} and {p.num_layers}x{p.num_experts}"
                 )
-        self.parts, self.weights = list(parts), [float(w) for w in weights]
+        self.parts, self.weights = parts, weights
 
     @property
     def needs_token_ids(self) -> bool:

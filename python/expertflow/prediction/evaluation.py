@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from expertflow.prediction._checks import checked_int, checked_rate
 from expertflow.prediction.base import Predictor, multi_hot
 from expertflow.traces.format import Trace
 
@@ -106,6 +107,7 @@ def evaluate_scores(
     """Recall/precision per layer of given ``[T, L, E]`` scores (see evaluate_predictor).
     A batch size above the number of sequences gets rows whose figures are None and whose
     ``not_applicable`` says why."""
+    _check_evaluation(scores, trace, batch_sizes, multiples)
     sequences = len(trace.sequence_rows())
     result = {
         "tokens": trace.num_tokens,
@@ -133,6 +135,22 @@ def evaluate_scores(
             result["results"].append(row)
     result["scores"] = scores
     return result
+
+
+def _check_evaluation(scores, trace: Trace, batch_sizes, multiples) -> None:
+    """Refuses scores of another shape than the trace's ``[T, L, E]`` or with NaN (ranked
+    last: silently never predicted), batch sizes that are not ints >= 1 and multiples that
+    are not finite numbers > 0."""
+    expected = (trace.num_tokens, trace.num_layers, trace.num_experts)
+    shape = getattr(scores, "shape", None)
+    if not isinstance(scores, np.ndarray) or shape != expected:
+        raise ValueError(f"scores must be an array of shape {list(expected)}, got {shape}")
+    if np.issubdtype(scores.dtype, np.inexact) and np.isnan(scores).any():
+        raise ValueError("scores must not hold NaN (a NaN score ranks last)")
+    for batch in batch_sizes:
+        checked_int("batch_sizes", batch, 1)
+    for m in multiples:
+        checked_rate("multiples", m)
 
 
 def format_evaluation(result: dict) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from expertflow.prediction._checks import check_token_ids, checked_weights
 from expertflow.prediction.base import Predictor, multi_hot
 from expertflow.traces.format import Trace
 
@@ -30,7 +31,13 @@ class HistoryPredictor(Predictor):
         self, num_layers, num_experts, top_k, *, w_token=1.0, w_previous=0.6, w_frequency=0.2
     ):
         super().__init__(num_layers, num_experts, top_k)
-        self.weights = (w_token, w_previous, w_frequency)
+        self.weights = tuple(
+            checked_weights(
+                "HistoryPredictor",
+                ["w_token", "w_previous", "w_frequency"],
+                [w_token, w_previous, w_frequency],
+            )
+        )
         self._token_sum: dict[int, np.ndarray] = {}
         self._token_count: dict[int, int] = {}
         self._frequency = np.zeros((num_layers, num_experts), np.float64)
@@ -60,6 +67,7 @@ class HistoryPredictor(Predictor):
 
     def predict_step(self, histories, previous) -> np.ndarray:
         w_token, w_previous, w_frequency = self.weights
+        check_token_ids([ids[-1] for ids in histories])  # the ids this predictor reads
         total = self._frequency.sum(axis=1, keepdims=True)
         base = w_frequency * (self._frequency / np.maximum(total, 1)) * self.top_k
         scores = np.repeat(base[None].astype(np.float32), len(histories), axis=0)
@@ -74,7 +82,9 @@ class HistoryPredictor(Predictor):
         return scores
 
     def learn(self, token_ids, routing) -> None:
-        hot = multi_hot(np.asarray(routing), self.num_experts)
+        check_token_ids(token_ids)  # a negative id would be learnt as a token of its own
+        routing = self.checked_routing(routing, len(token_ids))
+        hot = multi_hot(routing, self.num_experts)
         self._frequency += hot.sum(axis=0)
         for token, h in zip(token_ids, hot, strict=True):
             if token is None:

@@ -9,6 +9,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+from expertflow.prediction._checks import check_token_ids
 from expertflow.prediction.base import REUSE_HORIZONS, multi_hot
 from expertflow.prediction.path.net import PathNet
 
@@ -115,9 +116,10 @@ class StepDecoder:
         rows = len(histories)
         layers, experts = self.net.out_shape
         context = self.net.context
-        windows = [
-            np.asarray(h[window_start(len(h) - 1, context) :], dtype=np.int64) for h in histories
-        ]
+        windows = [_window(h, context) for h in histories]
+        vocab = self.net.embed.num_embeddings
+        for window in windows:  # the torch network would raise IndexError, naming nothing
+            check_token_ids(window, vocab, where="token_ids")
         x = (self._native_features if self._native else self._torch_features)(histories, windows)
         before = None
         if self.net.previous is not None and previous is not None:
@@ -183,6 +185,17 @@ class StepDecoder:
             for b in grow:  # a grown window's shorter self is not asked for again
                 self.cache.drop(windows[b][:-1])
         return torch.stack(features)
+
+
+def _window(history, context: int) -> np.ndarray:
+    """The ids of ``history`` the step reads (its window), as int64; refuses a history that
+    is not a non-empty sequence of int ids (None ids cannot be read by this predictor)."""
+    if isinstance(history, str | bytes) or not len(history):
+        raise ValueError(f"token_ids must be a non-empty list of token ids, got {history!r:.80}")
+    ids = history[window_start(len(history) - 1, context) :]
+    if not all(isinstance(t, int | np.integer) and not isinstance(t, bool) for t in ids):
+        raise ValueError(f"token_ids must be int token ids, got {list(ids)!r:.80}")
+    return np.asarray(ids, dtype=np.int64)
 
 
 def _padded(past: list[torch.Tensor]):

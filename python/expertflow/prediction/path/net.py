@@ -8,9 +8,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from expertflow.prediction._checks import checked_int
 from expertflow.prediction.base import REUSE_HORIZONS
 
-__all__ = ["PathNet"]
+__all__ = ["PathNet", "checked_sizes"]
+
+
+def checked_sizes(*, vocab_size, d_model, depth, heads, context, reuse_hidden) -> dict:
+    """The network's sizes as ints, each refused with a ValueError naming it unless valid:
+    torch would otherwise stop at the first forward or deep in construction (``d_model=15``
+    with 4 heads: an AssertionError from ``nn.MultiheadAttention``)."""
+    sizes = {
+        "vocab_size": checked_int("vocab_size", vocab_size, 1),
+        "d_model": checked_int("d_model", d_model, 1),
+        "depth": checked_int("depth", depth, 1),
+        "heads": checked_int("heads", heads, 1),
+        "context": checked_int("context", context, 1),
+        "reuse_hidden": checked_int("reuse_hidden", reuse_hidden, 0),
+    }
+    if sizes["d_model"] % sizes["heads"]:
+        raise ValueError(
+            f"d_model must be a multiple of heads={sizes['heads']} (each head gets d_model / "
+            f"heads features), got d_model={sizes['d_model']}"
+        )
+    return sizes
 
 
 class PathNet(nn.Module):

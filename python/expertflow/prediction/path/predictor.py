@@ -22,10 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from expertflow.prediction._checks import checked_int
 from expertflow.prediction.base import Predictor, multi_hot
 from expertflow.prediction.path import training
 from expertflow.prediction.path.decoding import StepDecoder, window_start
-from expertflow.prediction.path.net import PathNet
+from expertflow.prediction.path.net import PathNet, checked_sizes
 from expertflow.traces.format import Trace
 
 __all__ = ["PathPredictor"]
@@ -55,18 +56,18 @@ class PathPredictor(Predictor):
         seed=0,
     ):
         super().__init__(num_layers, num_experts, top_k)
-        if reuse_hidden < 0:
-            raise ValueError(f"reuse_hidden must be >= 0 (0: no reuse head), got {reuse_hidden}")
-        torch.manual_seed(seed)
-        self.hparams = dict(
+        sizes = checked_sizes(
             vocab_size=vocab_size,
             d_model=d_model,
             depth=depth,
             heads=heads,
             context=context,
-            use_previous=bool(use_previous),
-            reuse_hidden=int(reuse_hidden),
+            reuse_hidden=reuse_hidden,
         )
+        if not isinstance(use_previous, bool | np.bool_):
+            raise ValueError(f"use_previous must be a bool, got {use_previous!r}")
+        torch.manual_seed(seed)
+        self.hparams = sizes | {"use_previous": bool(use_previous)}
         self.net = PathNet(num_layers=num_layers, num_experts=num_experts, **self.hparams)
         self.net.eval()
         self.history: list[dict] = []
@@ -125,8 +126,7 @@ class PathPredictor(Predictor):
 
     def add_reuse_head(self, hidden: int = 128, seed: int = 0) -> PathPredictor:
         """Gives a trained predictor a new (untrained) reuse head: :meth:`fit_reuse` next."""
-        if hidden < 1:
-            raise ValueError(f"hidden must be >= 1, got {hidden}")
+        hidden = checked_int("hidden", hidden, 1)
         torch.manual_seed(seed)
         self.net.add_reuse_head(hidden)
         self.hparams["reuse_hidden"] = int(hidden)
@@ -138,6 +138,9 @@ class PathPredictor(Predictor):
     ) -> PathPredictor:
         """Trains the network on the traces' routing, then (with a reuse head and
         ``reuse_epochs``) the reuse head on the trained network's features."""
+        epochs, batch_size, lr = training.checked_schedule(
+            traces, epochs, batch_size, lr, reuse_epochs=reuse_epochs
+        )
         for trace in traces:
             self.check_trace(trace)
         self._decoding.invalidate()  # the weights change
@@ -162,6 +165,7 @@ class PathPredictor(Predictor):
         per million tokens and epoch on two cores."""
         if not self.has_reuse:
             raise ValueError("this predictor has no reuse head: add_reuse_head() first")
+        epochs, batch_size, lr = training.checked_schedule(traces, epochs, batch_size, lr)
         for trace in traces:
             self.check_trace(trace)
         self._decoding.invalidate()

@@ -11,10 +11,33 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from expertflow.prediction._checks import checked_int, checked_rate
 from expertflow.prediction.base import REUSE_HORIZONS, multi_hot, uses_within
 from expertflow.prediction.path.net import PathNet
 
-__all__ = ["previous_routing", "reuse_training_set", "train_paths", "train_reuse", "windows"]
+__all__ = [
+    "checked_schedule",
+    "previous_routing",
+    "reuse_training_set",
+    "train_paths",
+    "train_reuse",
+    "windows",
+]
+
+
+def checked_schedule(traces, epochs, batch_size, lr, **more_epochs) -> tuple[int, int, float]:
+    """A training's options checked before any work, each refused with a ValueError naming it:
+    ``epochs`` (and any ``more_epochs``) >= 0, ``batch_size`` >= 1 (0 divided by zero deep in
+    the step count), ``lr`` finite and > 0; and traces that hold at least one token."""
+    for name, value in more_epochs.items():
+        checked_int(name, value, 0)
+    if not isinstance(traces, list | tuple) or not sum(t.num_tokens for t in traces):
+        raise ValueError("traces must be a non-empty list of traces holding at least one token")
+    return (
+        checked_int("epochs", epochs, 0),
+        checked_int("batch_size", batch_size, 1),
+        checked_rate("lr", lr),
+    )
 
 
 def previous_routing(hot: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -84,6 +107,8 @@ def train_paths(
     """Trains the whole network on :func:`windows`' ``data`` with binary cross-entropy on the
     multi-hot routing (padding masked out); appends one entry per epoch to ``history``."""
     ids, previous, targets, valid = data
+    if not epochs:
+        return  # OneCycleLR refuses a schedule of 0 steps
     optim = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
     steps = epochs * math.ceil(len(ids) / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(optim, lr, total_steps=steps, pct_start=0.1)
@@ -135,6 +160,8 @@ def train_reuse(
 ) -> None:
     """Trains the reuse head alone on :func:`reuse_training_set`'s ``features`` and
     ``targets`` with binary cross-entropy; appends one entry per epoch to ``history``."""
+    if not epochs:
+        return
     optim = torch.optim.AdamW(net.reuse.parameters(), lr=lr, weight_decay=0.01)
     steps = max(1, epochs * math.ceil(len(features) / batch_size))
     sched = torch.optim.lr_scheduler.OneCycleLR(optim, lr, total_steps=steps)
