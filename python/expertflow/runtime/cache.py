@@ -18,6 +18,7 @@ Typical use inside an MoE layer::
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -25,6 +26,26 @@ import torch
 from expertflow.runtime.policies import BUDGETS, POLICIES
 
 __all__ = ["ExpertCache"]
+
+_INT32 = 2**31
+
+
+def _int_arg(value, what: str, valid: str) -> int:
+    """``value`` as a Python int for a native call, which takes int32 and checks the range
+    itself. Refused here: a float or bool (the conversion would truncate it or read it as 1
+    silently) and a value outside int32 (pybind11's TypeError would print every argument)."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        text = repr(value)[:60]
+        raise ValueError(
+            f"{what} must be an int {valid}, got {type(value).__name__} {text}"
+        ) from None
+    if not -_INT32 <= number < _INT32:
+        raise IndexError(f"{what} must be {valid}, got {number}")
+    return number
 
 
 class ExpertCache:
@@ -37,7 +58,8 @@ class ExpertCache:
             Meta tensors give only the layout; their bytes are then written by the caller
             through :meth:`host_expert` before the expert is first acquired.
         device: ``"cpu"`` (a worker-thread copy engine with the same semantics) or a CUDA device.
-        slots: total number of device slots (each the size of the largest expert).
+        slots: total number of device slots (each the size of the largest expert); at most
+            one per expert is made (``num_slots`` is then ``num_layers x num_experts``).
         top_k: experts per token and layer: the least a pool must hold.
         budget: ``"per_layer"`` (``slots // num_layers`` reserved per layer) or ``"global"``.
         policy: ``"lru"``, ``"lfu"`` (fewest requests since the expert was last loaded: its
@@ -77,9 +99,47 @@ class ExpertCache:
                             f"got {type(t).__name__}"
                         )
         self.device = device
+        self._num_layers = len(nested)
+        self._num_experts = max((len(layer) for layer in nested), default=0)
+        top_k = _int_arg(top_k, "ExpertCache: top_k", f"in [1, {self._num_experts}]")
         self._native = _C.ExpertCache(
-            nested, str(device), int(slots), int(top_k), budget=budget, policy=policy
+            nested, str(device), self._capped_slots(slots), top_k, budget=budget, policy=policy
         )
+
+    def _capped_slots(self, slots) -> int:
+        """``slots``, at most one per expert: per layer a pool never needs more than the
+        layer's experts, globally more than all of them, so more would be device memory that
+        is never used (a byte budget far above the experts' size asks for that)."""
+        try:
+            if isinstance(slots, bool):
+                raise TypeError
+            slots = operator.index(slots)
+        except TypeError:
+            text = repr(slots)[:60]
+            raise ValueError(
+                f"ExpertCache: slots must be a positive int, got {type(slots).__name__} {text}"
+            ) from None
+        if slots < 1:
+            raise ValueError(f"ExpertCache: slots must be a positive int, got {slots}")
+        needed = self._num_layers * self._num_experts
+        return min(slots, needed) if needed > 0 else min(slots, _INT32 - 1)
+
+    def _layer(self, method: str, layer) -> int:
+        return _int_arg(layer, f"ExpertCache.{method}: layer", f"in [0, {self._num_layers})")
+
+    def _expert(self, method: str, expert) -> int:
+        return _int_arg(expert, f"ExpertCache.{method}: expert", f"in [0, {self._num_experts})")
+
+    def _slot(self, method: str, slot) -> int:
+        return _int_arg(slot, f"ExpertCache.{method}: slot", f"in [0, {self.num_slots})")
+
+    def _layer_experts(self, method: str, layer, experts) -> tuple[int, list[int]]:
+        # Plain ints in range pass without building a message (acquire runs once per layer).
+        ids = [
+            e if type(e) is int and -_INT32 <= e < _INT32 else self._expert(method, e)
+            for e in experts
+        ]
+        return self._layer(method, layer), ids
 
     @property
     def num_slots(self) -> int:
@@ -126,6 +186,10 @@ class ExpertCache:
                 after this step (:meth:`~expertflow.prediction.Predictor.predict_step_with_reuse`):
                 each layer's eviction scores once the layer has run this step.
         """
+        per_layer = _int_arg(per_layer, "ExpertCache.plan: per_layer", "in [0, 2**31)")
+        first_layer = _int_arg(
+            first_layer, "ExpertCache.plan: first_layer", f"in [0, {self._num_layers}]"
+        )
         self._native.plan(layer_scores, per_layer, first_layer, float(min_score), reuse_scores)
 
     def prefetch(
@@ -135,7 +199,7 @@ class ExpertCache:
         on the prefetch stream. ``scores`` (float ``[num_experts]``), if given, first become the
         layer's eviction scores. Returns the copies issued. Used by gate lookahead: the next
         layer's router applied one layer early."""
-        return self._native.prefetch(int(layer), [int(e) for e in experts], scores)
+        return self._native.prefetch(*self._layer_experts("prefetch", layer, experts), scores)
 
     def acquire(self, layer: int, experts: Sequence[int]) -> tuple[list[int], list[int]]:
         """Pins the experts one layer needs, issuing urgent copies for the misses.
@@ -144,20 +208,20 @@ class ExpertCache:
             ``(slots, order)``: the slot of each requested expert, and the request positions
             in the order they become ready (arrived hits, hits in flight, then misses).
         """
-        return self._native.acquire(int(layer), [int(e) for e in experts])
+        return self._native.acquire(*self._layer_experts("acquire", layer, experts))
 
     def wait(self, slot: int) -> None:
         """Makes compute wait for the slot's bytes (CUDA: the current stream waits on its
         event; CPU: blocks, without the GIL)."""
-        self._native.wait(slot)
+        self._native.wait(self._slot("wait", slot))
 
     def views(self, slot: int, layer: int) -> list[torch.Tensor]:
         """The expert in ``slot`` as tensors viewing the slot memory (no copy)."""
-        return self._native.views(slot, layer)
+        return self._native.views(self._slot("views", slot), self._layer("views", layer))
 
     def release(self, layer: int) -> None:
         """Unpins the layer's experts; later copies into their slots wait for compute's uses."""
-        self._native.release(layer)
+        self._native.release(self._layer("release", layer))
 
     def synchronize(self) -> None:
         """Blocks until every issued copy has arrived."""
@@ -165,7 +229,8 @@ class ExpertCache:
 
     def host_expert(self, layer: int, expert: int) -> list[torch.Tensor]:
         """The expert's tensors in the host store (views, the source of truth)."""
-        return self._native.host_expert(layer, expert)
+        layer = self._layer("host_expert", layer)
+        return self._native.host_expert(layer, self._expert("host_expert", expert))
 
     def stats(self) -> dict:
         """hits, misses, prefetch_hits, prefetches, wasted_prefetches, evictions, bytes_copied,

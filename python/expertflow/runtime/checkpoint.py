@@ -3,7 +3,10 @@ translation of its key names to the model's (transformers' own conversion mappin
 
 from __future__ import annotations
 
+import collections
 import json
+import math
+import os
 import re
 from pathlib import Path
 
@@ -20,8 +23,7 @@ def checkpoint_files(path: Path) -> list[Path]:
         raise ValueError(f"from_pretrained: {path} has no config.json (not a checkpoint folder)")
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [path / n for n in names]
+        files = [path / n for n in _indexed_shards(index)]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise ValueError(
@@ -35,6 +37,28 @@ def checkpoint_files(path: Path) -> list[Path]:
             "are read: they can be streamed one tensor at a time)"
         )
     return files
+
+
+def _indexed_shards(index: Path) -> list[str]:
+    """The shard file names an index's ``weight_map`` names: plain names in its folder (a name
+    with a folder in it would read a file from elsewhere)."""
+    expected = 'expected {"weight_map": {tensor name: shard file name}}'
+    try:
+        content = json.loads(index.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"from_pretrained: {index} is not JSON ({exc}); {expected}") from exc
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"from_pretrained: {index} has no weight_map object; {expected}")
+    names = set()
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name or Path(name).name != name or name == "..":
+            raise ValueError(
+                f"from_pretrained: {index} maps {key} to {name!r}; expected the file name of a "
+                "shard in the checkpoint folder"
+            )
+        names.add(name)
+    return sorted(names)
 
 
 _SAFETENSORS_DTYPES = {
@@ -51,27 +75,131 @@ _SAFETENSORS_DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
+# Newer torch builds also have these (MXFP4 scales are E8M0).
+for _name, _attr in (
+    ("U16", "uint16"),
+    ("U32", "uint32"),
+    ("U64", "uint64"),
+    ("F8_E8M0", "float8_e8m0fnu"),
+):
+    if hasattr(torch, _attr):
+        _SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
+
+_MAX_HEADER = 100 * 2**20  # the safetensors library's own limit
+_ENTRY = "{dtype, shape, data_offsets}"
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose names are unique: with a name given twice, json.loads would keep the
+    last silently, and the other entry's bytes would be read as nothing."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        twice = sorted(k for k, n in collections.Counter(k for k, _ in pairs).items() if n > 1)
+        raise ValueError(f"the header names {twice[:4]} more than once")
+    return out
+
+
+def _is_int_list(value) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    )
+
+
+def _entry_span(path: Path, key: str, entry) -> tuple[int, int]:
+    """``[begin, end)`` of one header entry in the data, after checking it as the format
+    requires: a known dtype, a shape, and offsets spanning exactly shape x dtype size bytes."""
+    where = f"from_pretrained: {path}: tensor {key}"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} is {entry!r} in the header, expected an object {_ENTRY}")
+    missing = [f for f in ("dtype", "shape", "data_offsets") if f not in entry]
+    if missing:
+        raise ValueError(f"{where} lacks {', '.join(missing)} in the header ({_ENTRY} expected)")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _SAFETENSORS_DTYPES:
+        raise ValueError(
+            f"{where} has dtype {dtype!r}, expected one of {list(_SAFETENSORS_DTYPES)}"
+        )
+    if not _is_int_list(shape) or any(d < 0 for d in shape):
+        raise ValueError(f"{where} has shape {shape!r}, expected a list of ints >= 0")
+    if not (_is_int_list(offsets) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1]):
+        raise ValueError(
+            f"{where} has data_offsets {offsets!r}, expected [begin, end] with "
+            "0 <= begin <= end (bytes from the end of the header)"
+        )
+    nbytes = math.prod(shape) * _SAFETENSORS_DTYPES[dtype].itemsize
+    if offsets[1] - offsets[0] != nbytes:
+        raise ValueError(
+            f"{where} has data_offsets {offsets} ({offsets[1] - offsets[0]} bytes), but "
+            f"shape {shape} of {dtype} is {nbytes} bytes"
+        )
+    return offsets[0], offsets[1]
+
+
+def _check_layout(path: Path, header: dict, data_bytes: int) -> None:
+    """The tensors tile the data exactly, as the format requires: in order, without overlap
+    (two tensors reading the same bytes), gap or missing end (a truncated file)."""
+    spans = sorted((*_entry_span(path, key, entry), key) for key, entry in header.items())
+    end, previous = 0, None
+    for begin, stop, key in spans:
+        if begin < end:
+            raise ValueError(
+                f"from_pretrained: {path}: tensor {key} (bytes [{begin}, {stop})) overlaps "
+                f"tensor {previous}, which ends at byte {end}"
+            )
+        if begin > end:
+            raise ValueError(
+                f"from_pretrained: {path}: bytes [{end}, {begin}) of the data belong to no "
+                f"tensor (before {key}); the tensors must follow each other"
+            )
+        end, previous = stop, key
+    if end > data_bytes:
+        raise ValueError(
+            f"from_pretrained: {path} is truncated: its header places tensors up to byte {end} "
+            f"of the data, the file holds {data_bytes}"
+        )
+    if end < data_bytes:
+        raise ValueError(
+            f"from_pretrained: {path} has {data_bytes - end} bytes after its last tensor "
+            "(not a safetensors file, or a damaged one)"
+        )
 
 
 class Shard:
     """One safetensors file read with plain reads into the destination's memory: no mmap (its
     touched pages would count as resident until unmapped) and no temporary copy where the
-    checkpoint's dtype is already the wanted one."""
+    checkpoint's dtype is already the wanted one. The header is checked whole on opening, so
+    that no offset can read another tensor's bytes, the header, or past the file."""
 
     def __init__(self, path: Path):
         self.path = path
         self._file = open(path, "rb")  # noqa: SIM115 (closed in close())
         try:
-            size = int.from_bytes(self._file.read(8), "little")
-            if not 2 <= size <= 100 * 2**20:
-                raise ValueError(f"header length {size}")
-            header = json.loads(self._file.read(size))
-        except (ValueError, UnicodeDecodeError) as exc:
+            self.entries, self._data_start = self._read_header()
+        except BaseException:
             self._file.close()
+            raise
+
+    def _read_header(self) -> tuple[dict, int]:
+        path, file_size = self.path, os.fstat(self._file.fileno()).st_size
+        try:
+            size = int.from_bytes(self._file.read(8), "little")
+            if file_size < 8 or not 2 <= size <= min(_MAX_HEADER, file_size - 8):
+                raise ValueError(f"header length {size} in a file of {file_size} bytes")
+            header = json.loads(self._file.read(size), object_pairs_hook=_unique_keys)
+        except (ValueError, UnicodeDecodeError) as exc:
             raise ValueError(f"from_pretrained: {path} is not a safetensors file ({exc})") from exc
-        header.pop("__metadata__", None)
-        self._data_start = 8 + size
-        self.entries = header
+        if not isinstance(header, dict):
+            raise ValueError(
+                f"from_pretrained: {path}: the header is a JSON {type(header).__name__}, "
+                f"expected an object of tensor name -> {_ENTRY}"
+            )
+        metadata = header.pop("__metadata__", None)
+        if metadata is not None and not isinstance(metadata, dict):
+            raise ValueError(
+                f"from_pretrained: {path}: __metadata__ is {metadata!r}, expected an object"
+            )
+        _check_layout(path, header, file_size - 8 - size)
+        return header, 8 + size
 
     def close(self) -> None:
         self._file.close()
@@ -83,10 +211,7 @@ class Shard:
         return list(self.entries[key]["shape"])
 
     def _dtype(self, key: str) -> torch.dtype:
-        name = self.entries[key]["dtype"]
-        if name not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"from_pretrained: {key} in {self.path} has unsupported dtype {name}")
-        return _SAFETENSORS_DTYPES[name]
+        return _SAFETENSORS_DTYPES[self.entries[key]["dtype"]]  # known: checked on opening
 
     def read_into(self, key: str, dst: torch.Tensor, row: int | None = None) -> None:
         """Reads the tensor (or its ``row``-th slice along dim 0) into ``dst`` (CPU,
@@ -99,7 +224,7 @@ class Shard:
         if list(dst.shape) != shape:
             raise ValueError(
                 f"from_pretrained: {key}{'' if row is None else f'[{row}]'} has shape {shape} "
-                f"in the checkpoint, the model expects {list(dst.shape)}"
+                f"in {self.path}, the model expects {list(dst.shape)}"
             )
         target = dst if dst.dtype == dtype else torch.empty(shape, dtype=dtype)
         buffer = target.view(-1).view(torch.uint8).numpy()

@@ -47,9 +47,12 @@ def offload(
     Args:
         model: a transformers model (or any module) using the shared experts interface.
         device: where the model runs.
-        slots: total device slots for experts (exclusive with ``gpu_memory``).
-        gpu_memory: a total budget ("24GiB" or bytes); slots are what remains after the
-            resident weights, divided by the slot size.
+        slots: total device slots for experts (exclusive with ``gpu_memory``), a positive
+            int. More than one per expert is never allocated: the cache then holds every
+            expert (``num_layers x num_experts`` slots).
+        gpu_memory: a total budget (bytes as an int or whole float, or a str such as
+            "24GiB"); slots are what remains after the resident weights, divided by the slot
+            size, again at most one per expert.
         policy: cache policy, ``"expertflow"`` (prediction-aware), ``"lrfu"`` (decayed
             request counts: the fewest bytes when no predictor prefetches), ``"lru"``, ``"lfu"``
             (fewest requests since the expert was last loaded), ``"lfu_history"`` (fewest
@@ -69,6 +72,11 @@ def offload(
             others still rank evictions. 0 (default) prefetches every positive score; with
             the path predictor and its reuse head, 0.9 took the least time in our replays at
             25-62.5% budgets, for fewer hits than 0 (README, "Measured results").
+
+    Raises:
+        ValueError: an argument of the wrong type or value (named in the message); the model
+            is then untouched. Any exception while the model is being modified puts it back
+            as it was before re-raising.
 
     Returns:
         The same model, modified in place. ``restore(model)`` undoes it. Its forward calls
@@ -130,29 +138,72 @@ def build_cache(model, found, experts, options: OffloadOptions) -> ExpertCache:
 
 def install(model: nn.Module, found, cache: ExpertCache, options: OffloadOptions) -> nn.Module:
     """Swaps every experts module for an OffloadedExperts over ``cache``; moves the rest of the
-    model to the cache's device and attaches the prefetcher the options ask for."""
+    model to the cache's device and attaches the prefetcher the options ask for.
+
+    On any exception (a predictor that does not load or fit, memory running out while moving
+    the model, an interrupt) the model is put back as it was, then the exception goes on: a
+    half-offloaded model would refuse the next ``offload`` as "already offloaded"."""
+    devices = _tensor_devices(model)
+    params = [dict(module.named_parameters(recurse=False)) for _, module in found]
+    try:
+        return _install(model, found, cache, options)
+    except BaseException:
+        _roll_back(model, found, params, devices)
+        raise
+
+
+def _install(model: nn.Module, found, cache: ExpertCache, options: OffloadOptions) -> nn.Module:
     per_layer = options.budget == "per_layer"
     pool_size = cache.num_slots // len(found) if per_layer else cache.num_slots
     lock = threading.RLock()
-    originals = []
-    for layer, (name, module) in enumerate(found):
+    originals = []  # (parent name, attribute, module)
+    for name, module in found:
         parent_name, _, child = name.rpartition(".")
+        originals.append((parent_name, child, module))
+    model._expertflow = OffloadState(cache, originals, pool_size, _top_k(model), lock=lock)
+    for layer, (parent_name, child, module) in enumerate(originals):
         parent = model.get_submodule(parent_name) if parent_name else model
         replacement = OffloadedExperts(module, cache, layer, pool_size, lock)
         # The original keeps host views of the store (no second copy) for restore().
         _point_at_store(module, cache, layer)
         setattr(parent, child, replacement)
-        originals.append((parent_name, child, module))
     model.to(cache.device)
-    model._expertflow = OffloadState(cache, originals, pool_size, _top_k(model), lock=lock)
     model._expertflow.lock_hooks = lock_each_forward(model, lock)
     if options.prefetching:
-        try:
-            model._expertflow.prefetcher = _prefetcher(model, cache, options)
-        except ValueError:
-            restore(model)
-            raise
+        model._expertflow.prefetcher = _prefetcher(model, cache, options)
     return model
+
+
+def _tensor_devices(model: nn.Module) -> dict[str, torch.device]:
+    return {
+        name: t.device
+        for named in (model.named_parameters, model.named_buffers)
+        for name, t in named(remove_duplicate=False)
+    }
+
+
+def _roll_back(model: nn.Module, found, params: list[dict], devices: dict) -> None:
+    """Undoes whatever part of ``_install`` ran: hooks, state, modules, expert parameters and
+    the devices of the other tensors."""
+    state = model.__dict__.pop("_expertflow", None)
+    if state is not None:
+        if state.prefetcher is not None:
+            state.prefetcher.remove()
+        for handle in state.lock_hooks:
+            handle.remove()
+    for (name, module), original in zip(found, params, strict=True):
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+        for param_name, param in original.items():
+            setattr(module, param_name, param)
+    for name, t in model.named_parameters(remove_duplicate=False):
+        if name in devices and t.device != devices[name]:
+            t.data = t.data.to(devices[name])
+    for name, t in model.named_buffers(remove_duplicate=False):
+        if name in devices and t.device != devices[name]:
+            module_name, _, buffer = name.rpartition(".")
+            owner = model.get_submodule(module_name) if module_name else model
+            owner._buffers[buffer] = t.to(devices[name])
 
 
 def _prefetcher(model: nn.Module, cache: ExpertCache, options: OffloadOptions):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
+import os
 import re
 
 import torch
@@ -26,16 +28,61 @@ _UNITS = {
 }
 
 
-def parse_bytes(value: int | str) -> int:
-    """``gpu_memory`` as bytes: an int, or a string such as ``"24GiB"`` or ``"500 MB"``."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if not isinstance(value, str):
-        raise ValueError(f"gpu_memory must be bytes or like '24GiB', got {value!r}")
-    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]i?B|B)?\s*", value, flags=re.IGNORECASE)
-    if not match:
-        raise ValueError(f"gpu_memory must be bytes or like '24GiB', got {value!r}")
-    return int(float(match.group(1)) * _UNITS[(match.group(2) or "B").lower()])
+_BYTES = (
+    "a positive number of bytes: an int (or a whole float such as 1.5e9), or a str like "
+    "'24GiB', '500 MB' or '1.5e9'"
+)
+
+
+def parse_bytes(value: int | float | str) -> int:
+    """``gpu_memory`` as bytes: an int, a whole float (``1.5e9``), or a string such as
+    ``"24GiB"``, ``"500 MB"`` or ``"1.5e9"`` (rounded down to whole bytes)."""
+    if isinstance(value, str):
+        match = re.fullmatch(
+            r"\s*((?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)\s*([KMGT]i?B|B)?\s*", value, re.IGNORECASE
+        )
+        number = match and float(match.group(1)) * _UNITS[(match.group(2) or "B").lower()]
+        if not number or not math.isfinite(number) or number < 1:
+            raise ValueError(f"gpu_memory must be {_BYTES}, got {value!r}")
+        return int(number)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"gpu_memory must be {_BYTES}, got {_short(value)}")
+    # A float must be a whole number of bytes: 1.5 bytes, inf or nan are mistakes, not budgets.
+    whole = isinstance(value, int) or (math.isfinite(value) and value == int(value))
+    if not whole or value <= 0:
+        raise ValueError(f"gpu_memory must be {_BYTES}, got {value!r}")
+    return int(value)
+
+
+def _short(value) -> str:
+    """The type and a bounded repr of a refused value (a model or tensor prints at length)."""
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _positive_int(value, name: str) -> int:
+    """``value`` as an int >= 1: an int type, never a float or bool (which would be truncated
+    or read as 1 silently) nor a str."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a positive int, got {_short(value)}") from None
+    if number < 1:
+        raise ValueError(f"{name} must be a positive int, got {number}")
+    return number
+
+
+def _check_predictor(predictor) -> None:
+    from expertflow.prediction import Predictor
+
+    if predictor is None or isinstance(predictor, Predictor | str | os.PathLike):
+        return
+    raise ValueError(
+        "predictor must be an expertflow.prediction.Predictor or the folder of a saved one "
+        f"(a str or path), got {_short(predictor)}"
+    )
 
 
 @dataclasses.dataclass
@@ -68,6 +115,10 @@ class OffloadOptions:
     def __post_init__(self):
         if (self.slots is None) == (self.gpu_memory is None):
             raise ValueError("offload: give exactly one of slots and gpu_memory")
+        if self.slots is not None:
+            self.slots = _positive_int(self.slots, "slots")
+        else:
+            parse_bytes(self.gpu_memory)  # refused here, before any work on the model
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         if self.budget not in BUDGETS:
@@ -76,7 +127,17 @@ class OffloadOptions:
         number = isinstance(t, int | float) and not isinstance(t, bool)
         if not (number and math.isfinite(t) and t >= 0):
             raise ValueError(f"prefetch_threshold must be a finite number >= 0, got {t!r}")
-        self.device = torch.device(self.device)
+        for name in ("lookahead", "background"):  # a str such as "no" would read as True
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        _check_predictor(self.predictor)
+        try:
+            self.device = torch.device(self.device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(
+                f"device must be a torch.device or a str such as 'cuda', 'cuda:1' or 'cpu', "
+                f"got {self.device!r}"
+            ) from exc
         # A GPU the kernels were not built for fails here, with how to rebuild, not at the
         # first op deep inside a forward pass.
         check_cuda_device(self.device)
