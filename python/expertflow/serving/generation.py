@@ -218,7 +218,8 @@ def generate_batch(
         active_batches: batches decoding in turn; their requests' KV caches are all held.
             The scheduler regroups among all of them: more gives it more requests to match
             (4 by default; on the demo model at batch 16, 2 active batches cut distinct
-            experts per step by about 10%, 4 by about 19%).
+            experts per step by about 10%, 4 by about 19%). At most
+            ``ceil(len(prompts) / batch_size)`` are used: the others would stay empty.
         regroup_every: with ``"expertflow"``, regroup every this many rounds (1: each round,
             as ExpertFlow does). Requests' paths drift slowly, so a grouping stays good for a
             few rounds, and each regrouping costs KV row moves (README, "Batched generation").
@@ -231,7 +232,8 @@ def generate_batch(
         eos_token_id: ends a request; default: the model's ``generation_config``.
         do_sample: sample instead of taking the most likely token; ``temperature`` divides the
             logits, ``top_k`` keeps the k most likely tokens, ``top_p`` the smallest set whose
-            probability reaches p. Request i samples from a generator seeded ``seed + i``.
+            probability reaches p. Request i samples from a generator seeded ``seed + i``
+            (each must be a seed torch takes, in ``[-2**63, 2**64)``).
 
     Returns:
         A :class:`BatchGeneration`. Its ``stats``: ``seconds``, ``tokens_per_second`` (all new
