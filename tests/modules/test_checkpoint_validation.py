@@ -248,3 +248,12 @@ def test_dtype_argument(saved, tmp_path):
         load(saved[0], dtype=torch.int8)
     model = load(saved[0], dtype="bfloat16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_a_config_far_larger_than_its_shards_is_refused_before_allocating(saved, tmp_path):
+    # num_local_experts: 1000000 took 86 s, then failed to allocate a 37 GB host store.
+    path = copy_of(saved, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "num_local_experts": 100_000}))
+    with pytest.raises(ValueError, match=r"config.json describes a model of \d+ weights, far more"):
+        load(path)

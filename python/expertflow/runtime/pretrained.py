@@ -157,10 +157,13 @@ def from_pretrained(
     )  # fmt: skip
     path = Path(path)
     files = checkpoint_files(path)
+    for file in files:  # every header checked before the model is built and the store sized
+        Shard(file).close()
     config = _read_config(path)
     dtype = _model_dtype(dtype, config, path)
     device = options.device
     model = _build_model(config, dtype, path)
+    _check_size(model, files, path)
     found = offloadable_modules(model)
     layouts = [[expert_tensors(m, e) for e in range(m.num_experts)] for _, m in found]
     cache = build_cache(model, found, layouts, options)
@@ -169,6 +172,20 @@ def from_pretrained(
     model.tie_weights()
     _check_complete(model, found, filled, path)
     return install(model, found, cache, options)
+
+
+def _check_size(model: nn.Module, files: list[Path], path: Path) -> None:
+    """Refuses a config that asks for far more weights than the shards can hold (a typo such
+    as ``num_local_experts: 1000000`` took 86 s, then failed to allocate a 37 GB host store):
+    every weight comes from the checkpoint, at 4 bits or more each. Twice that margin again
+    covers weights tied to another that are counted twice here."""
+    weights = sum(p.numel() for p in model.parameters())
+    stored = sum(f.stat().st_size for f in files)
+    if weights > 4 * stored:
+        raise ValueError(
+            f"from_pretrained: {path / 'config.json'} describes a model of {weights} weights, "
+            f"far more than its safetensors shards ({stored} bytes) can hold: a wrong config?"
+        )
 
 
 def _stream_shards(model, found, cache, files, device, dtype) -> dict:
