@@ -257,3 +257,14 @@ def test_a_config_far_larger_than_its_shards_is_refused_before_allocating(saved,
     (path / "config.json").write_text(json.dumps({**config, "num_local_experts": 100_000}))
     with pytest.raises(ValueError, match=r"config.json describes a model of \d+ weights, far more"):
         load(path)
+
+
+def test_a_folder_named_like_a_shard_and_a_path_of_a_wrong_type(saved, tmp_path):
+    path = copy_of(saved, tmp_path)
+    (path / "extra.safetensors").mkdir()  # was opened as a file: IsADirectoryError
+    ids, mask = batch()
+    with torch.no_grad():
+        got = load(path)(input_ids=ids, attention_mask=mask).logits
+    assert (got - saved[1])[mask.bool()].abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match=r"from_pretrained: path must be a str or path, got int"):
+        load(42)

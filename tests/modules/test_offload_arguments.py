@@ -147,3 +147,8 @@ def test_a_predictor_folder_that_does_not_load_rolls_back(tmp_path):
         expertflow.offload(model, device="cpu", slots=8, predictor=tmp_path)
     assert snapshot(model) == before
     expertflow.offload(model, device="cpu", slots=8)
+
+
+def test_a_model_that_is_not_a_module_is_refused_naming_it():
+    with pytest.raises(ValueError, match=r"offload: model must be a torch.nn.Module .*got str"):
+        expertflow.offload("mixtral", device="cpu", slots=8)

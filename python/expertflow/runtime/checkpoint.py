@@ -30,7 +30,7 @@ def checkpoint_files(path: Path) -> list[Path]:
                 f"from_pretrained: shards named in {index.name} are missing: {missing}"
             )
         return files
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(f for f in path.glob("*.safetensors") if f.is_file())
     if not files:
         raise ValueError(
             f"from_pretrained: {path} has no *.safetensors weights (only safetensors checkpoints "
@@ -172,7 +172,10 @@ class Shard:
 
     def __init__(self, path: Path):
         self.path = path
-        self._file = open(path, "rb")  # noqa: SIM115 (closed in close())
+        try:
+            self._file = open(path, "rb")  # noqa: SIM115 (closed in close())
+        except OSError as exc:
+            raise ValueError(f"from_pretrained: {path} cannot be read ({exc})") from exc
         try:
             self.entries, self._data_start = self._read_header()
         except BaseException:

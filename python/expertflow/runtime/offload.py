@@ -87,6 +87,11 @@ def offload(
         device, slots, gpu_memory, policy, budget, predictor, lookahead, background,
         prefetch_threshold,
     )  # fmt: skip
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"offload: model must be a torch.nn.Module (a transformers MoE model), got "
+            f"{type(model).__name__}"
+        )
     found = offloadable_modules(model)
     experts = [[expert_tensors(m, e) for e in range(m.num_experts)] for _, m in found]
     cache = build_cache(model, found, experts, options)

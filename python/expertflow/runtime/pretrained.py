@@ -12,6 +12,7 @@ mapping, so every family transformers can load is read the same way.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from pathlib import Path
 
@@ -155,6 +156,8 @@ def from_pretrained(
         device, slots, gpu_memory, policy, budget, predictor, lookahead, background,
         prefetch_threshold,
     )  # fmt: skip
+    if not isinstance(path, str | os.PathLike):
+        raise ValueError(f"from_pretrained: path must be a str or path, got {type(path).__name__}")
     path = Path(path)
     files = checkpoint_files(path)
     for file in files:  # every header checked before the model is built and the store sized
