@@ -152,3 +152,19 @@ def test_a_predictor_folder_that_does_not_load_rolls_back(tmp_path):
 def test_a_model_that_is_not_a_module_is_refused_naming_it():
     with pytest.raises(ValueError, match=r"offload: model must be a torch.nn.Module .*got str"):
         expertflow.offload("mixtral", device="cpu", slots=8)
+
+
+@pytest.mark.cuda
+def test_a_failed_offload_to_cuda_moves_the_model_back_to_the_host(tmp_path):
+    # The predictor is loaded after the model was moved to the device: the roll-back must
+    # move every tensor back, not only put the experts modules back.
+    model = build("mixtral")
+    modules = [(name, id(m)) for name, m in model.named_modules()]
+    values = {n: t.detach().clone() for n, t in model.state_dict(keep_vars=True).items()}
+    with pytest.raises(ValueError, match="has no predictor.json"):
+        expertflow.offload(model, device="cuda", slots=8, predictor=tmp_path)
+    assert [(name, id(m)) for name, m in model.named_modules()] == modules
+    assert not hasattr(model, "_expertflow")
+    for name, t in model.state_dict(keep_vars=True).items():
+        assert t.device.type == "cpu", name
+        assert torch.equal(t, values[name]), name
