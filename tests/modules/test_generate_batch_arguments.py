@@ -161,3 +161,31 @@ def test_a_huge_max_new_tokens_ends_at_the_context(model):
     prompt = [3] * (context - 2)
     out = call(model, [prompt], max_new_tokens=10**12)
     assert out.finish_reasons == ["context"] and out.sequences[0] == alone(model, prompt, 2)
+
+
+def test_a_predictor_with_a_smaller_vocabulary_is_refused_before_any_work(model):
+    from expertflow.prediction import CombinedPredictor, HistoryPredictor, PathPredictor
+
+    # It failed on the first prompted or generated id past its vocabulary, after prefilling.
+    small = PathPredictor(2, 8, 2, vocab_size=40, d_model=16, heads=2, depth=1, context=8)
+    both = CombinedPredictor([HistoryPredictor(2, 8, 2), small], [1.0, 1.0])
+    for predictor in (small, both):
+        with pytest.raises(ValueError, match=r"predictor reads token ids in \[0, 40\), .* 96"):
+            call(model, [[1, 2], [3, 4]], schedule="expertflow", active_batches=2,
+                 predictor=predictor)  # fmt: skip
+    fits = PathPredictor(2, 8, 2, vocab_size=96, d_model=16, heads=2, depth=1, context=8)
+    out = call(model, [[1, 2], [3, 95]], schedule="expertflow", active_batches=2, predictor=fits)
+    assert out.finish_reasons == ["length", "length"]
+    assert call(model, [[1, 2]], predictor=small).errors == {}  # fifo does not run it
+
+
+def test_without_the_models_vocabulary_prompts_are_checked_against_the_predictors():
+    from expertflow.prediction import PathPredictor
+    from expertflow.serving.generation import _check_predictor_vocab
+
+    small = PathPredictor(2, 8, 2, vocab_size=40, d_model=16, heads=2, depth=1, context=8)
+    requests = [_Request(0, [1, 2]), _Request(1, [3, 50])]
+    with pytest.raises(ValueError, match=r"prompts\[1\] has token id 50, outside the pred"):
+        _check_predictor_vocab(small, None, requests)
+    _check_predictor_vocab(small, 40, requests[:1])
+    _check_predictor_vocab(None, 96, requests)

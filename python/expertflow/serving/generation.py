@@ -274,6 +274,8 @@ def generate_batch(
     started = time.perf_counter()
     with torch.no_grad(), _RoutingTap(model) as tap:
         _check_predictor(predictor, tap)
+        if schedule == "expertflow":  # the only schedule that runs the predictor here
+            _check_predictor_vocab(predictor, vocab, requests)
         run = _Generator(
             _ModelCalls(model, tap, sampling, prefetcher),
             requests,
@@ -336,3 +338,25 @@ def _check_predictor(predictor: Predictor | None, tap: _RoutingTap) -> None:
             f"{predictor.num_experts} experts, the model has {layers} MoE layers x {experts} "
             "experts"
         )
+
+
+def _check_predictor_vocab(predictor: Predictor | None, vocab, requests: list[_Request]) -> None:
+    """Refuses a predictor (or a part of one) whose vocabulary is smaller than the model's:
+    it fails on the first larger id, prompted or generated, after the prefill work (trained
+    for another tokenizer?). Without the model's size, only the prompts are checked."""
+    parts = [] if predictor is None else [predictor, *getattr(predictor, "parts", [])]
+    sizes = [getattr(p, "hparams", {}).get("vocab_size") for p in parts]
+    mine = min((v for v in sizes if isinstance(v, int)), default=None)
+    if mine is None:
+        return
+    if isinstance(vocab, int) and vocab > mine:
+        raise ValueError(
+            f"generate_batch: predictor reads token ids in [0, {mine}), the model's vocabulary "
+            f"has {vocab} (config.vocab_size): trained for another tokenizer?"
+        )
+    for request in requests:
+        if max(request.ids) >= mine:
+            raise ValueError(
+                f"generate_batch: prompts[{request.index}] has token id {max(request.ids)}, "
+                f"outside the predictor's vocabulary [0, {mine})"
+            )
