@@ -82,7 +82,7 @@ def files(tmp_path_factory) -> dict[str, str]:
 def save_and_score(d: Path) -> dict[str, str]:
     """Predictions files (good, truncated, empty, plain .npy, NaN) and predictor folders (good,
     truncated weights, bad JSON)."""
-    from expertflow.prediction import PathPredictor
+    from expertflow.prediction import HistoryPredictor, PathPredictor
 
     out = {}
     scores = np.random.default_rng(1).random((TOKENS, LAYERS, EXPERTS), dtype=np.float32)
@@ -97,6 +97,7 @@ def save_and_score(d: Path) -> dict[str, str]:
     out["scores_nan"] = str(d / "scores_nan.npz")
     predictor = PathPredictor(LAYERS, EXPERTS, K, vocab_size=50, d_model=8, depth=1, context=8)
     predictor.save(d / "pred")
+    meta_text = (d / "pred" / "predictor.json").read_text()
     cut = d / "pred_cut"
     predictor.save(cut)
     weights = (cut / "path_predictor.pt").read_bytes()
@@ -112,8 +113,28 @@ def save_and_score(d: Path) -> dict[str, str]:
     meta = json.loads((huge / "predictor.json").read_text())
     meta["hparams"]["vocab_size"] = 10**12
     (huge / "predictor.json").write_text(json.dumps(meta))
+    history = d / "hist_cut"
+    HistoryPredictor(LAYERS, EXPERTS, K).save(history)
+    table = (history / "history.npz").read_bytes()
+    (history / "history.npz").write_bytes(table[: len(table) // 2])
+    for name, change in (("pred_wide", {"num_experts": 10**9}), ("pred_list", None)):
+        (d / name).mkdir()
+        text = json.dumps([1, 2] if change is None else json.loads(meta_text) | change)
+        (d / name / "predictor.json").write_text(text)
     (d / "a_file").write_text("x")
-    out |= {k: str(d / k) for k in ("pred", "pred_cut", "pred_other", "pred_json", "pred_huge")}
+    out |= {
+        k: str(d / k)
+        for k in (
+            "pred",
+            "pred_cut",
+            "pred_other",
+            "pred_json",
+            "pred_huge",
+            "hist_cut",
+            "pred_wide",
+            "pred_list",
+        )
+    }
     out["a_file"] = str(d / "a_file")
     out["text"] = str(d / "a_file")
     return out
@@ -159,6 +180,9 @@ CASES = [
         "hparams.vocab_size must be at most",
     ),
     ("eval-predictor --predictor {a_file} --traces {good}", "has no predictor.json"),
+    ("eval-predictor --predictor {hist_cut} --traces {good}", "hist_cut: a damaged or incomplete"),
+    ("eval-predictor --predictor {pred_wide} --traces {good}", "num_experts must be at most 65536"),
+    ("eval-predictor --predictor {pred_list} --traces {good}", "must hold a JSON object"),
     ("eval-predictor --predictor history --traces {good} --write-scores {dir}", "is a folder"),
     (
         "eval-predictor --predictor history --traces {good} --write-scores {dir}/no/s.npz",
@@ -177,6 +201,8 @@ CASES = [
     ("trace --text {text} --out {dir}/no/t.npz", "does not exist"),
     ("trace --text {text} --out {dir}", "is a folder"),
     ("trace --text {text} --out {dir}/t.npz --device bogus", "--device: expected 'cpu'"),
+    ("trace --text {text} --out {dir}/t.npz --generate -1", "--generate must be >= 0, got -1"),
+    ("trace --text {text} --out {dir}/t.npz --batch-size 0", "--batch-size must be >= 1, got 0"),
     ("demo --device bogus", "--device: expected 'cpu', 'cuda' or 'cuda:N', got 'bogus'"),
     ("demo --device mps", "--device: expected 'cpu'"),
 ]

@@ -93,6 +93,18 @@ def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
         ({"meta": {"num_experts": 10**9}}, r"meta.num_experts must be in \[1, 65536\]"),
         ({"meta": {"num_experts": 1e9}}, "meta.num_experts must be int, got float"),
         ({"meta": {"num_experts": 1}}, "meta.top_k=2 exceeds meta.num_experts=1"),
+        (
+            {"expert_ids": np.zeros((6, 0, 2), dtype=np.int32)},
+            r"expert_ids must be \[T, L, K\] with L >= 1 .* got shape \(6, 0, 2\)",
+        ),
+        (
+            {"expert_ids": np.zeros((6, 3, 0), dtype=np.int32), "meta": {"top_k": 0}},
+            "K >= 1 experts per token",
+        ),
+        (
+            {"expert_ids": np.zeros((1, 10_000, 2), dtype=np.int8), "meta": {"num_experts": 2**16}},
+            r"num_layers x meta.num_experts must be at most 1048576, got 10000 x 65536",
+        ),
     ],
 )
 def test_malformed_fields_are_named(kwargs, message):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from expertflow.cli.common import check_device, check_output_file, load_model
+from expertflow.cli.common import check_device, check_output_file, check_positive, load_model
 
 
 def _text_prompts(tokenizer, files, skip_fraction, end_fraction, prompt_tokens, max_sequences):
@@ -42,9 +42,8 @@ def run(args: argparse.Namespace) -> int:
             "--skip-fraction and --end-fraction must satisfy 0 <= skip < end <= 1, got "
             f"{args.skip_fraction} and {args.end_fraction}"
         )
-    for name in ("prompt_tokens", "max_sequences", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    check_positive(args, "prompt_tokens", "max_sequences", "batch_size")
+    check_positive(args, "generate", minimum=0)
     check_output_file("--out", args.out)  # before the recording, which can take hours
     check_device("--device", args.device)
     model, tokenizer = load_model(args.model, args.device)

@@ -16,7 +16,7 @@ from expertflow.prediction.base import Predictor
 from expertflow.prediction.combined import CombinedPredictor
 from expertflow.prediction.history import HistoryPredictor
 from expertflow.prediction.path import PathPredictor
-from expertflow.traces.validation import MAX_EXPERTS
+from expertflow.traces.validation import MAX_EXPERTS, MAX_LAYER_EXPERTS
 
 __all__ = ["load_predictor"]
 
@@ -44,6 +44,11 @@ def _check_meta(meta: object, meta_file: Path) -> None:
             )
         if cap is not None and value > cap:
             raise ValueError(f"predictor: {meta_file}: {key} must be at most {cap}, got {value}")
+    if meta["num_layers"] * meta["num_experts"] > MAX_LAYER_EXPERTS:
+        raise ValueError(
+            f"predictor: {meta_file}: num_layers x num_experts must be at most "
+            f"{MAX_LAYER_EXPERTS}, got {meta['num_layers']} x {meta['num_experts']}"
+        )
     for key in _KIND_KEYS[meta["kind"]]:
         if key not in meta:
             raise ValueError(f"predictor: {meta_file}: a {meta['kind']} predictor needs {key!r}")

@@ -11,15 +11,21 @@ field              dtype, shape      meaning
                                       from layer l-1's hidden states (gate lookahead); -1 at
                                       layer 0
 ``token_ids``      int ``[T]``        optional: the token ids
-``sequence_ids``   int ``[T]``        optional: which sequence each token belongs to; the tokens
-                                      of one sequence appear in time order (default: one sequence)
+``sequence_ids``   int ``[T]``        optional: which sequence each token belongs to (>= 0; the
+                                      index of its ``sequence_sources`` label); the tokens of one
+                                      sequence appear in time order (default: one sequence)
 ``meta``           JSON string        ``model`` (str), ``num_experts`` (int), ``top_k`` (int),
                                       ``expert_bytes`` (int, bytes of one expert's weights),
-                                      optional ``prefill`` (list of T bools: prompt tokens),
+                                      optional ``prefill`` (list of T JSON true/false: prompt
+                                      tokens), ``vocab_size`` (int, 0: unknown; token ids below it),
                                       ``sequence_sources`` (a label per sequence id, e.g. the
                                       corpus domain), ``family`` (transformers model_type) and
                                       ``generate`` (greedy tokens per prompt when recorded)
 =================  ================  ==========================================================
+
+Limits (:mod:`~expertflow.traces.validation`, checked when a Trace is built): ids in range of
+``num_experts`` (at most 2**16) and ``vocab_size``, L, K >= 1, num_layers x num_experts at
+most 2**20; every refusal is a :class:`TraceError` naming the field.
 
 Steps: a sequence's prompt (its leading prefill tokens) is one step, then each generated token is
 one step. A batched trace (several sequences) runs step s of every sequence together, so one
@@ -39,7 +45,13 @@ from typing import Any
 
 import numpy as np
 
-from expertflow.traces.validation import TraceError, check_arrays, check_int_array, check_meta
+from expertflow.traces.validation import (
+    TraceError,
+    check_arrays,
+    check_int_array,
+    check_meta,
+    check_shape,
+)
 
 __all__ = ["Trace", "TraceError", "load_trace", "save_trace"]
 
@@ -58,6 +70,7 @@ class Trace:
     def __post_init__(self) -> None:
         check_int_array("expert_ids", self.expert_ids, 3)
         check_meta(self.meta, self.expert_ids.shape[2])
+        check_shape(self.expert_ids, self.meta["num_experts"])
         check_arrays(self)
 
     @property

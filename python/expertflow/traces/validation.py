@@ -28,6 +28,11 @@ __all__ = [
 # Kimi K2 384), so 2**16 leaves 128x headroom while keeping the tools' per-expert tables
 # ([L, E] policy state, [T, L, E] scores) proportional to a real model, not to a typo.
 MAX_EXPERTS = 2**16
+# Routed experts of all layers together (num_layers x num_experts): the largest released
+# models have under 50k (Qwen3-235B: 94 x 128; DeepSeek-V3: 58 x 256); 2**20 is 20x that.
+# Every tool keeps state per (layer, expert), and a compressed file of a few KB can hold an
+# expert_ids array of 10,000 layers.
+MAX_LAYER_EXPERTS = 2**20
 # Token ids: the largest tokenizers have about 262k entries (Gemma 3); 2**20 is 4x that and
 # keeps the path predictor's embedding table (vocab x d_model) within a few hundred MB.
 MAX_VOCAB = 2**20
@@ -60,6 +65,23 @@ def _check_range(name: str, values: np.ndarray, low: int, high: int, high_name: 
     if values.size and (values.min() < low or values.max() >= high):
         raise TraceError(
             f"{name} must be in [{low}, {high_name}={high}), got values in {_value_range(values)}"
+        )
+
+
+def check_shape(expert_ids: np.ndarray, experts: int) -> None:
+    """At least one layer and one expert per token and layer (an empty trace, T = 0, is
+    valid: a source filter can leave nothing), and not more (layer, expert) pairs than
+    :data:`MAX_LAYER_EXPERTS`."""
+    _, layers, k = expert_ids.shape
+    if layers < 1 or k < 1:
+        raise TraceError(
+            f"expert_ids must be [T, L, K] with L >= 1 layers and K >= 1 experts per token, "
+            f"got shape {expert_ids.shape}"
+        )
+    if layers * experts > MAX_LAYER_EXPERTS:
+        raise TraceError(
+            f"num_layers x meta.num_experts must be at most {MAX_LAYER_EXPERTS}, got "
+            f"{layers} x {experts} = {layers * experts} (expert_ids has shape {expert_ids.shape})"
         )
 
 
