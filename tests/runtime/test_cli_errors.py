@@ -272,3 +272,24 @@ def test_good_inputs_still_work(files, capsys, tmp_path):
                  "--d-model", "8", "--depth", "1", "--reuse-hidden", "0"]) == 0  # fmt: skip
     assert (out / "predictor.json").is_file()
     capsys.readouterr()
+
+
+def test_os_errors_of_a_named_file_are_one_line(files, capsys, monkeypatch):
+    """A full disk or a denied permission on a file the command names: one line, exit 2; an
+    OSError that names no file is not the user's to fix and keeps its traceback."""
+    import expertflow.traces.stats as stats
+
+    def denied(trace, seed=0):
+        raise PermissionError(13, "Permission denied", "/data/out.npz")
+
+    monkeypatch.setattr(stats, "routing_stats", denied)
+    assert main(["routing-stats", "--trace", files["good"]]) == 2
+    err = capsys.readouterr().err
+    assert err == "expertflow routing-stats: error: /data/out.npz: Permission denied\n"
+
+    def anonymous(trace, seed=0):
+        raise OSError("no file named")
+
+    monkeypatch.setattr(stats, "routing_stats", anonymous)
+    with pytest.raises(OSError, match="no file named"):
+        main(["routing-stats", "--trace", files["good"]])
