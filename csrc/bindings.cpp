@@ -165,8 +165,12 @@ void bind_expert_cache(py::module_& m) {
           "Returns (slots, ready_order): each expert's slot, and request positions in the order "
           "they become ready (arrived hits, hits in flight, misses).")
       .def("wait", &ExpertCache::wait, py::arg("slot"), py::call_guard<py::gil_scoped_release>())
-      .def("views", &ExpertCache::views, py::arg("slot"), py::arg("layer"))
-      .def("release", &ExpertCache::release, py::arg("layer"))
+      // views, release and stats take the cache's lock, which a blocking acquire on another
+      // thread holds while a copy lands: wait for it without the GIL.
+      .def("views", &ExpertCache::views, py::arg("slot"), py::arg("layer"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("release", &ExpertCache::release, py::arg("layer"),
+           py::call_guard<py::gil_scoped_release>())
       .def("synchronize", &ExpertCache::synchronize, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("num_slots", &ExpertCache::num_slots)
       .def_property_readonly("slot_bytes", &ExpertCache::slot_bytes)
@@ -176,7 +180,11 @@ void bind_expert_cache(py::module_& m) {
       .def("host_expert", [](const ExpertCache& c, int32_t layer,
                              int32_t expert) { return c.store().expert_tensors(layer, expert); })
       .def("stats", [](const ExpertCache& c) {
-        const expertflow::runtime::ExpertCacheStats snapshot = c.stats();
+        expertflow::runtime::ExpertCacheStats snapshot;
+        {
+          py::gil_scoped_release no_gil;
+          snapshot = c.stats();
+        }
         py::dict d = stats_dict(snapshot.policy);
         d["bytes_copied"] = snapshot.transfers.bytes_copied;
         d["wait_seconds"] = snapshot.transfers.wait_seconds;
