@@ -30,19 +30,23 @@ __all__ = ["ExpertCache"]
 _INT32 = 2**31
 
 
-def _int_arg(value, what: str, valid: str) -> int:
-    """``value`` as a Python int for a native call, which takes int32 and checks the range
-    itself. Refused here: a float or bool (the conversion would truncate it or read it as 1
-    silently) and a value outside int32 (pybind11's TypeError would print every argument)."""
+def _as_int(value, what: str, expected: str) -> int:
+    """``value`` as a Python int: a float or bool is refused (the conversion would truncate it
+    or read it as 1 silently), naming ``what`` and what was ``expected``."""
     try:
         if isinstance(value, bool):
             raise TypeError
-        number = operator.index(value)
+        return operator.index(value)
     except TypeError:
         text = repr(value)[:60]
-        raise ValueError(
-            f"{what} must be an int {valid}, got {type(value).__name__} {text}"
-        ) from None
+        raise ValueError(f"{what} must be {expected}, got {type(value).__name__} {text}") from None
+
+
+def _int_arg(value, what: str, valid: str) -> int:
+    """``value`` as a Python int for a native call, which takes int32 and checks the range
+    itself. Refused here: what :func:`_as_int` refuses, and a value outside int32 (pybind11's
+    TypeError would print every argument)."""
+    number = _as_int(value, what, f"an int {valid}")
     if not -_INT32 <= number < _INT32:
         raise IndexError(f"{what} must be {valid}, got {number}")
     return number
@@ -110,15 +114,7 @@ class ExpertCache:
         """``slots``, at most one per expert: per layer a pool never needs more than the
         layer's experts, globally more than all of them, so more would be device memory that
         is never used (a byte budget far above the experts' size asks for that)."""
-        try:
-            if isinstance(slots, bool):
-                raise TypeError
-            slots = operator.index(slots)
-        except TypeError:
-            text = repr(slots)[:60]
-            raise ValueError(
-                f"ExpertCache: slots must be a positive int, got {type(slots).__name__} {text}"
-            ) from None
+        slots = _as_int(slots, "ExpertCache: slots", "a positive int")
         if slots < 1:
             raise ValueError(f"ExpertCache: slots must be a positive int, got {slots}")
         needed = self._num_layers * self._num_experts
