@@ -20,13 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
+import expertflow
 from expertflow.traces.validation import MAX_EXPERTS
 
 MEMORY_LIMIT = 4 * 2**30  # bytes of address space (torch alone maps about 1.5 GiB)
 # Seconds: importing torch (up to ~15 s on two busy cores), then each command; the blow-ups
 # this guards against ran for minutes.
 IMPORT_TIME, COMMAND_TIME = 30, 30
-PYTHON_DIR = Path(__file__).resolve().parents[2] / "python"
+# The subprocess imports the expertflow this test imported (the installed package in CI, the
+# source tree with a copied extension in development).
+PYTHON_DIR = Path(expertflow.__file__).resolve().parents[1]
 
 _RUNNER = """
 import contextlib, io, json, sys
