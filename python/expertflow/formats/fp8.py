@@ -102,8 +102,7 @@ def quantize_fp8_block(
     rows, cols = w.shape
     tiles = (-(-rows // block[0]), -(-cols // block[1]))
     x = w.to(torch.float32)
-    padded = torch.zeros(tiles[0] * block[0], tiles[1] * block[1], dtype=torch.float32)
-    padded = padded.to(x.device)
+    padded = x.new_zeros(tiles[0] * block[0], tiles[1] * block[1])
     padded[:rows, :cols] = x
     amax = padded.abs().reshape(tiles[0], block[0], tiles[1], block[1]).amax(dim=(1, 3))
     scale = amax / FP8_E4M3_MAX
