@@ -22,7 +22,6 @@ score weight."""
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import zipfile
 import zlib
@@ -36,6 +35,7 @@ from expertflow.traces.replay_options import (
     check_options,
     clamp_budget,
 )
+from expertflow.traces.timing import Link
 
 __all__ = ["PREDICTION_POLICIES", "ReplayResult", "check_options", "load_predictions", "replay"]
 
@@ -110,36 +110,6 @@ def load_predictions(path, trace: Trace) -> tuple[np.ndarray, np.ndarray | None]
     return scores, reuse
 
 
-class _Link:
-    """One copy link: queued prefetches in order, urgent copies ahead of unstarted ones."""
-
-    def __init__(self, seconds_per_copy: float):
-        self.seconds_per_copy = seconds_per_copy
-        self.busy_until = 0.0
-        self.queue: collections.deque[tuple[int, float]] = collections.deque()
-        self.done: dict[int, float] = {}  # slot -> arrival time of its latest copy
-
-    def _start_next(self) -> None:
-        slot, issued = self.queue.popleft()
-        self.busy_until = max(self.busy_until, issued) + self.seconds_per_copy
-        self.done[slot] = self.busy_until
-
-    def prefetch(self, slot: int, now: float) -> None:
-        self.done.pop(slot, None)
-        self.queue.append((slot, now))
-
-    def urgent(self, slot: int, now: float) -> None:
-        while self.queue and max(self.busy_until, self.queue[0][1]) < now:
-            self._start_next()  # prefetches already under way when the miss is found
-        self.busy_until = max(self.busy_until, now) + self.seconds_per_copy
-        self.done[slot] = self.busy_until
-
-    def arrival(self, slot: int) -> float:
-        while slot not in self.done and self.queue:
-            self._start_next()
-        return self.done.get(slot, 0.0)
-
-
 def _next_uses(trace: Trace, steps: list[np.ndarray]) -> list[list[dict[int, int]]]:
     """For each step and layer: expert -> tick of its next use after this one (-1: never)."""
     layers = trace.num_layers
@@ -164,7 +134,7 @@ def _layer_experts(trace: Trace, tokens: np.ndarray, layer: int) -> list[int]:
 
 def _prefetch_plan(
     cache,
-    link: _Link | None,
+    link: Link | None,
     scores: np.ndarray,
     tokens: np.ndarray,
     top_k: int,
@@ -189,7 +159,7 @@ def _prefetch_plan(
 
 
 def _prefetch_layer(
-    cache, link: _Link | None, scores: np.ndarray, tokens: np.ndarray, layer: int, top_k: int,
+    cache, link: Link | None, scores: np.ndarray, tokens: np.ndarray, layer: int, top_k: int,
     now: float, prefetch: bool = True,
 ) -> None:  # fmt: skip
     """Gate lookahead for one layer: its scores (max over the step's tokens), then (with
@@ -275,7 +245,7 @@ def replay(
     slots_per_layer, slots, note = clamp_budget(trace, slots_per_layer, slots, spell)
     run = _Run(trace, policy, slots_per_layer, slots, score_weight, spell)
     if bandwidth_gbps is not None:
-        run.link = _Link(trace.meta["expert_bytes"] / (bandwidth_gbps * 1e9))
+        run.link = Link(trace.meta["expert_bytes"] / (bandwidth_gbps * 1e9))
         run.compute_s = layer_compute_ms / 1e3
     steps = trace.steps()
     next_uses = _next_uses(trace, steps) if policy == "belady" else None
@@ -333,7 +303,7 @@ class _Run:
             score_weight=score_weight,
         )
         self.policy = policy
-        self.link: _Link | None = None
+        self.link: Link | None = None
         self.compute_s = 0.0
         self.now = self.stalled = 0.0
 

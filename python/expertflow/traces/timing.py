@@ -1,0 +1,38 @@
+"""The replay's timing model: one host-to-device copy link of fixed bandwidth moving one expert
+at a time (see :mod:`expertflow.traces.replay`)."""
+
+from __future__ import annotations
+
+import collections
+
+__all__ = ["Link"]
+
+
+class Link:
+    """One copy link: queued prefetches in order, urgent copies ahead of unstarted ones."""
+
+    def __init__(self, seconds_per_copy: float):
+        self.seconds_per_copy = seconds_per_copy
+        self.busy_until = 0.0
+        self.queue: collections.deque[tuple[int, float]] = collections.deque()
+        self.done: dict[int, float] = {}  # slot -> arrival time of its latest copy
+
+    def _start_next(self) -> None:
+        slot, issued = self.queue.popleft()
+        self.busy_until = max(self.busy_until, issued) + self.seconds_per_copy
+        self.done[slot] = self.busy_until
+
+    def prefetch(self, slot: int, now: float) -> None:
+        self.done.pop(slot, None)
+        self.queue.append((slot, now))
+
+    def urgent(self, slot: int, now: float) -> None:
+        while self.queue and max(self.busy_until, self.queue[0][1]) < now:
+            self._start_next()  # prefetches already under way when the miss is found
+        self.busy_until = max(self.busy_until, now) + self.seconds_per_copy
+        self.done[slot] = self.busy_until
+
+    def arrival(self, slot: int) -> float:
+        while slot not in self.done and self.queue:
+            self._start_next()
+        return self.done.get(slot, 0.0)
