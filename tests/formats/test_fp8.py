@@ -3,13 +3,11 @@ and against a tile-by-tile loop written from the DeepSeek-V3 layout."""
 
 from __future__ import annotations
 
-import os
-import random
-
 import pytest
 import torch
 
 from expertflow.formats import FP8_E4M3_MAX, dequantize_fp8_block, quantize_fp8_block
+from tests.formats.conftest import random_weight
 
 # e4m3: 3 mantissa bits -> nearest rounding has relative error <= 2^-4 for normal values
 # (|x| >= 2^-6) and absolute error <= half the subnormal step 2^-9 below that.
@@ -17,19 +15,6 @@ REL = 2.0**-4
 SUB_ABS = 2.0**-10
 MIN_NORMAL = 2.0**-6
 ROUNDING = 2.0**-21  # float32 rounding of code * scale and of the difference, relative to |w|
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = int(os.environ.get("EXPERTFLOW_TEST_SEED", random.SystemRandom().randrange(2**31)))
-    print(f"seed={seed} (rerun with EXPERTFLOW_TEST_SEED={seed})")
-    return torch.Generator().manual_seed(seed)
-
-
-def _random_weight(gen: torch.Generator, rows: int, cols: int) -> torch.Tensor:
-    """Gaussian values with row magnitudes spread over 10^-3..10^3."""
-    w = torch.randn(rows, cols, generator=gen)
-    return w * 10.0 ** (torch.rand(rows, 1, generator=gen) * 6 - 3)
 
 
 def _tile_scales(scale: torch.Tensor, rows: int, cols: int, block=(128, 128)) -> torch.Tensor:
@@ -45,7 +30,7 @@ def _tile_scales(scale: torch.Tensor, rows: int, cols: int, block=(128, 128)) ->
 @pytest.mark.parametrize("shape", [(300, 200), (128, 128), (1, 5), (257, 129)])
 def test_round_trip_within_e4m3_error(gen, shape):
     rows, cols = shape
-    w = _random_weight(gen, rows, cols)
+    w = random_weight(gen, rows, cols)
     q, scale = quantize_fp8_block(w)
     assert q.dtype == torch.float8_e4m3fn and q.shape == w.shape
     assert scale.dtype == torch.float32
@@ -88,7 +73,7 @@ def test_dequantize_against_tile_loop(gen):
 
 
 def test_other_block_shape(gen):
-    w = _random_weight(gen, 70, 50)
+    w = random_weight(gen, 70, 50)
     q, scale = quantize_fp8_block(w, block=(32, 16))
     assert scale.shape == (3, 4)
     back = dequantize_fp8_block(q, scale, block=(32, 16), dtype=torch.float32)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import random
-
 import pytest
 import torch
 
@@ -15,20 +12,9 @@ from expertflow.formats import (
     quantize_int8,
     unpack_int4,
 )
+from tests.formats.conftest import random_weight
 
 ROUNDING = 2.0**-21  # float32 rounding of code * scale and of the difference, relative to |w|
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = int(os.environ.get("EXPERTFLOW_TEST_SEED", random.SystemRandom().randrange(2**31)))
-    print(f"seed={seed} (rerun with EXPERTFLOW_TEST_SEED={seed})")
-    return torch.Generator().manual_seed(seed)
-
-
-def _random_weight(gen: torch.Generator, rows: int, cols: int) -> torch.Tensor:
-    w = torch.randn(rows, cols, generator=gen)
-    return w * 10.0 ** (torch.rand(rows, 1, generator=gen) * 6 - 3)
 
 
 # int8
@@ -36,7 +22,7 @@ def _random_weight(gen: torch.Generator, rows: int, cols: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_int8_round_trip_error_at_most_half_a_step(gen, dtype):
-    w = _random_weight(gen, 96, 200).clamp(-6e4, 6e4).to(dtype)
+    w = random_weight(gen, 96, 200).clamp(-6e4, 6e4).to(dtype)
     q, scale = quantize_int8(w)
     assert q.dtype == torch.int8 and q.shape == w.shape
     assert scale.dtype == torch.float32 and scale.shape == (96,)
@@ -97,7 +83,7 @@ def test_int4_packing_order_hand_example():
 @pytest.mark.parametrize("group_size", [32, 64, 128, 256])
 def test_int4_round_trip_error_at_most_half_a_step(gen, group_size):
     rows, cols = 48, 512
-    w = _random_weight(gen, rows, cols)
+    w = random_weight(gen, rows, cols)
     packed, scale = quantize_int4(w, group_size=group_size)
     assert packed.dtype == torch.uint8 and packed.shape == (rows, cols // 2)
     assert scale.dtype == torch.float32 and scale.shape == (rows, cols // group_size)

@@ -5,20 +5,11 @@
 from __future__ import annotations
 
 import math
-import os
-import random
 
 import pytest
 import torch
 
 from expertflow.formats import FP4_VALUES, dequantize_mxfp4, quantize_mxfp4
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = int(os.environ.get("EXPERTFLOW_TEST_SEED", random.SystemRandom().randrange(2**31)))
-    print(f"seed={seed} (rerun with EXPERTFLOW_TEST_SEED={seed})")
-    return torch.Generator().manual_seed(seed)
 
 
 def _e2m1_from_bits(code: int) -> float:
