@@ -59,11 +59,35 @@ def _check_layout(name: str, module: nn.Module) -> None:
             )
 
 
+_QUANTIZED_SUFFIXES = ("_scale_inv", "_scales", "_blocks", "_scale", "_qweight", "_zeros")
+
+
+def _refuse_quantized_experts(model: nn.Module) -> None:
+    """Refuses experts modules that a quantizer (transformers' FP8 or MXFP4 integration,
+    bitsandbytes, ...) already replaced: their codes and scales are not the float stacks the
+    interface describes, and reading only the codes would drop the scales."""
+    for name, module in model.named_modules():
+        tensors = dict(module.named_parameters(recurse=False))
+        tensors.update(module.named_buffers(recurse=False))
+        down = tensors.get("down_proj")
+        packed = [n for n in tensors if n.startswith(("down_proj", "gate_up_proj", "up_proj"))]
+        quantized = [n for n in packed if n.endswith(_QUANTIZED_SUFFIXES)]
+        if quantized or (down is not None and not down.is_floating_point()):
+            raise ValueError(
+                f"offload: the experts of {name} ({type(module).__name__}) are already quantized "
+                f"(tensors {sorted(packed)}); offload() reads float experts only. Load the "
+                "checkpoint with expertflow.from_pretrained(path, expert_format='auto'), which "
+                "keeps FP8 and MXFP4 experts as shipped, or load the model unquantized and "
+                "pass expert_format='int8' or 'int4'"
+            )
+
+
 def offloadable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The experts modules ``offload`` replaces; refuses a model already offloaded, one without
-    experts, and experts of another layout."""
+    experts, quantized experts and experts of another layout."""
     if hasattr(model, "_expertflow"):
         raise ValueError("offload: this model is already offloaded; call restore(model) first")
+    _refuse_quantized_experts(model)
     found = find_experts_modules(model)
     if not found:
         raise ValueError(

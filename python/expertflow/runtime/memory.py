@@ -41,18 +41,22 @@ def memory_report(model: nn.Module) -> dict:
     """Where an offloaded model's bytes are, and what the whole model would need on the device.
 
     Returns:
-        ``resident_bytes`` (non-expert weights, on the device), ``slot_bytes`` (the expert slots),
-        ``host_bytes`` (every expert, in the host store), ``device_bytes`` (resident + slots),
+        ``expert_format`` (how the experts are packed: ``"float"``, ``"int8"``, ...),
+        ``resident_bytes`` (non-expert weights, on the device), ``slot_bytes`` (the expert slots,
+        each holding one packed expert), ``host_bytes`` (every packed expert, in the host store),
+        ``device_bytes`` (resident + slots),
         ``full_model_bytes`` (resident + every expert), ``saving_percent`` (of device memory
         against the whole model on the device) and, on a GPU with nvidia-ml-py installed,
         ``device_used_bytes`` and ``device_total_bytes``.
     """
-    cache = offload_state(model, "memory_report").cache
+    state = offload_state(model, "memory_report")
+    cache = state.cache
     resident = sum(p.numel() * p.element_size() for p in model.parameters())
     resident += sum(b.numel() * b.element_size() for b in model.buffers())
     slots = cache.num_slots * cache.slot_bytes
     full = resident + cache.host_bytes
     report = {
+        "expert_format": state.expert_format,
         "resident_bytes": resident,
         "slot_bytes": slots,
         "host_bytes": cache.host_bytes,

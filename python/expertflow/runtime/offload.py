@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from expertflow.runtime.cache import ExpertCache
+from expertflow.runtime.expert_format import ExpertPacking, codec_for
 from expertflow.runtime.experts import (
     expert_param_names,
     expert_tensors,
@@ -39,6 +40,8 @@ def offload(
     lookahead: bool = False,
     background: bool = False,
     prefetch_threshold: float = 0.0,
+    expert_format: str = "auto",
+    group_size: int | None = None,
 ) -> nn.Module:
     """Moves ``model``'s routed experts into host memory behind one expert cache.
 
@@ -72,6 +75,14 @@ def offload(
             others still rank evictions. 0 (default) prefetches every positive score; with
             the path predictor and its reuse head, 0.9 took the least time in our replays at
             25-62.5% budgets, for fewer hits than 0 (README, "Measured results").
+        expert_format: how the experts are kept in host memory and copied to slots:
+            ``"auto"`` keeps the model's float dtype; ``"int8"`` (per output channel),
+            ``"int4"`` (group-wise), ``"fp8"`` (e4m3, 128 x 128 blocks) or ``"mxfp4"`` quantize
+            them once (2x to 4x fewer bytes held and copied; each slot is expanded to the
+            compute dtype on its device before use). README "Quantized experts" has the
+            accuracy of each.
+        group_size: int4's group of input columns sharing a scale (default 64, or the
+            largest divisor of a weight's input size below it); only with ``"int4"``.
 
     Raises:
         ValueError: an argument of the wrong type or value (named in the message); the model
@@ -85,7 +96,7 @@ def offload(
     """
     options = OffloadOptions(
         device, slots, gpu_memory, policy, budget, predictor, lookahead, background,
-        prefetch_threshold,
+        prefetch_threshold, expert_format, group_size,
     )  # fmt: skip
     if not isinstance(model, nn.Module):
         raise ValueError(
@@ -93,10 +104,34 @@ def offload(
             f"{type(model).__name__}"
         )
     found = offloadable_modules(model)
-    experts = [[expert_tensors(m, e) for e in range(m.num_experts)] for _, m in found]
-    cache = build_cache(model, found, experts, options)
-    del experts
-    return install(model, found, cache, options)
+    packings = packings_for(found, options)
+    if all(p.codec is None for p in packings):  # the store copies the experts' bytes as they are
+        experts = [[expert_tensors(m, e) for e in range(m.num_experts)] for _, m in found]
+        cache = build_cache(model, found, experts, options)
+        del experts
+    else:  # packed one expert at a time into the store: one expert's temporaries at most
+        cache = build_cache(model, found, packed_layouts(found, packings), options)
+        with torch.no_grad():
+            for layer, ((_, module), packing) in enumerate(zip(found, packings, strict=True)):
+                for e in range(module.num_experts):
+                    packed = packing.pack(expert_tensors(module, e))
+                    for dst, src in zip(cache.host_expert(layer, e), packed, strict=True):
+                        dst.copy_(src)
+    return install(model, found, cache, options, packings)
+
+
+def packings_for(found, options: OffloadOptions) -> list[ExpertPacking]:
+    """Each experts module's packing in ``options.expert_format``."""
+    codec = codec_for(options.expert_format, options.group_size)
+    return [ExpertPacking(name, module, codec) for name, module in found]
+
+
+def packed_layouts(found, packings) -> list[list[list[torch.Tensor]]]:
+    """``[layer][expert]`` meta tensors of the packed experts, for the store's layout."""
+    return [
+        [packing.layout(module)] * module.num_experts
+        for (_, module), packing in zip(found, packings, strict=True)
+    ]
 
 
 def _top_k(model: nn.Module) -> int:
@@ -141,7 +176,9 @@ def build_cache(model, found, experts, options: OffloadOptions) -> ExpertCache:
     )
 
 
-def install(model: nn.Module, found, cache: ExpertCache, options: OffloadOptions) -> nn.Module:
+def install(
+    model: nn.Module, found, cache: ExpertCache, options: OffloadOptions, packings
+) -> nn.Module:
     """Swaps every experts module for an OffloadedExperts over ``cache``; moves the rest of the
     model to the cache's device and attaches the prefetcher the options ask for.
 
@@ -151,13 +188,13 @@ def install(model: nn.Module, found, cache: ExpertCache, options: OffloadOptions
     devices = _tensor_devices(model)
     params = [dict(module.named_parameters(recurse=False)) for _, module in found]
     try:
-        return _install(model, found, cache, options)
+        return _install(model, found, cache, options, packings)
     except BaseException:
         _roll_back(model, found, params, devices)
         raise
 
 
-def _install(model: nn.Module, found, cache: ExpertCache, options: OffloadOptions) -> nn.Module:
+def _install(model: nn.Module, found, cache: ExpertCache, options: OffloadOptions, packings):
     per_layer = options.budget == "per_layer"
     pool_size = cache.num_slots // len(found) if per_layer else cache.num_slots
     lock = threading.RLock()
@@ -165,12 +202,16 @@ def _install(model: nn.Module, found, cache: ExpertCache, options: OffloadOption
     for name, module in found:
         parent_name, _, child = name.rpartition(".")
         originals.append((parent_name, child, module))
-    model._expertflow = OffloadState(cache, originals, pool_size, _top_k(model), lock=lock)
+    state = OffloadState(cache, originals, pool_size, _top_k(model), lock=lock, packings=packings)
+    model._expertflow = state
     for layer, (parent_name, child, module) in enumerate(originals):
         parent = model.get_submodule(parent_name) if parent_name else model
-        replacement = OffloadedExperts(module, cache, layer, pool_size, lock)
-        # The original keeps host views of the store (no second copy) for restore().
-        _point_at_store(module, cache, layer)
+        replacement = OffloadedExperts(module, cache, layer, pool_size, lock, packings[layer])
+        if packings[layer].codec is None:
+            # The original keeps host views of the store (no second copy) for restore().
+            _point_at_store(module, cache, layer)
+        else:  # its float experts are dropped; restore() expands the store's packed ones
+            _drop_experts(module)
         setattr(parent, child, replacement)
     model.to(cache.device)
     model._expertflow.lock_hooks = lock_each_forward(model, lock)
@@ -249,14 +290,33 @@ def _point_at_store(module: nn.Module, cache: ExpertCache, layer: int) -> None:
         setattr(module, name, nn.Parameter(view, requires_grad=False))
 
 
+def _drop_experts(module: nn.Module) -> None:
+    """Replaces the module's expert stacks by meta tensors of the same shapes (no memory)."""
+    for name in expert_param_names(module):
+        old = getattr(module, name)
+        setattr(module, name, nn.Parameter(old.to("meta"), requires_grad=False))
+
+
+def _expand_experts(module: nn.Module, cache: ExpertCache, layer: int, packing) -> None:
+    """Gives a module whose experts were dropped the store's experts, expanded to floats
+    (a quantized format's values, not the weights before quantization)."""
+    experts = [packing.unpack(cache.host_expert(layer, e)) for e in range(module.num_experts)]
+    for i, name in enumerate(expert_param_names(module)):
+        stack = torch.stack([tensors[i] for tensors in experts])
+        setattr(module, name, nn.Parameter(stack, requires_grad=False))
+
+
 def restore(model: nn.Module) -> nn.Module:
-    """Undoes :func:`offload`: puts the original experts modules back (on the host)."""
+    """Undoes :func:`offload`: puts the original experts modules back (on the host). With a
+    quantized ``expert_format`` their experts are the quantized ones expanded to floats."""
     state = offload_state(model, "restore")
     if state.prefetcher is not None:
         state.prefetcher.remove()
     for handle in state.lock_hooks:
         handle.remove()
-    for parent_name, child, module in state.originals:
+    for layer, (parent_name, child, module) in enumerate(state.originals):
+        if state.packings and state.packings[layer].codec is not None:
+            _expand_experts(module, state.cache, layer, state.packings[layer])
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, module)
     del model._expertflow

@@ -27,6 +27,7 @@ class OffloadedExperts(nn.Module):
         layer: int,
         pool_size: int,
         lock: threading.RLock | None = None,
+        packing=None,
     ):
         super().__init__()
         self.cache = cache
@@ -35,6 +36,8 @@ class OffloadedExperts(nn.Module):
         # thread's use of the layer's slots: release() unpins every slot of the layer.
         self._lock = lock if lock is not None else contextlib.nullcontext()
         self.layer = layer
+        # How a slot's packed tensors become this layer's weights (None: they already are).
+        self.packing = packing if packing is not None and packing.codec is not None else None
         self.pool_size = pool_size  # experts that fit in the layer's slots at once
         self.num_experts = original.num_experts
         for flag in (*EXPERT_FLAGS, "has_post_expert_norm"):
@@ -82,6 +85,8 @@ class OffloadedExperts(nn.Module):
                     lo, hi = bounds[e], bounds[e + 1]
                     self.cache.wait(slot)
                     tensors = self.cache.views(slot, self.layer)
+                    if self.packing is not None:
+                        tensors = self.packing.unpack(tensors)
                     rows[lo:hi] = self._run_expert(hidden_states[tokens[lo:hi]], tensors)
             finally:
                 self.cache.release(self.layer)
@@ -89,4 +94,8 @@ class OffloadedExperts(nn.Module):
         return out.to(hidden_states.dtype)
 
     def extra_repr(self) -> str:
-        return f"layer={self.layer}, num_experts={self.num_experts}, pool_size={self.pool_size}"
+        fmt = "float" if self.packing is None else self.packing.format_name
+        return (
+            f"layer={self.layer}, num_experts={self.num_experts}, pool_size={self.pool_size}, "
+            f"expert_format={fmt}"
+        )

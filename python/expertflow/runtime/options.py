@@ -11,6 +11,7 @@ import re
 import torch
 
 from expertflow._extension import check_cuda_device
+from expertflow.runtime.expert_format import EXPERT_FORMATS
 from expertflow.runtime.policies import BUDGETS, POLICIES
 
 __all__ = ["OffloadOptions", "parse_bytes"]
@@ -100,6 +101,10 @@ class OffloadOptions:
         lookahead: also prefetch what each layer's router picks one layer early.
         background: run the predictor on a worker thread.
         prefetch_threshold: copy ahead only predicted experts scored at least this.
+        expert_format: how experts are kept in the host store and copied, one of
+            :data:`~expertflow.runtime.expert_format.EXPERT_FORMATS`.
+        group_size: int4's group size (None: the default, or the largest that divides a
+            weight's input size).
     """
 
     device: str | torch.device = "cuda"
@@ -111,6 +116,8 @@ class OffloadOptions:
     lookahead: bool = False
     background: bool = False
     prefetch_threshold: float = 0.0
+    expert_format: str = "auto"
+    group_size: int | None = None
 
     def __post_init__(self):
         if (self.slots is None) == (self.gpu_memory is None):
@@ -131,6 +138,17 @@ class OffloadOptions:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         _check_predictor(self.predictor)
+        if self.expert_format not in EXPERT_FORMATS:
+            raise ValueError(
+                f"expert_format must be one of {EXPERT_FORMATS}, got {_short(self.expert_format)}"
+            )
+        if self.group_size is not None:
+            self.group_size = _positive_int(self.group_size, "group_size")
+            if self.expert_format != "int4":
+                raise ValueError(
+                    f"group_size applies to expert_format='int4' only, got expert_format="
+                    f"{self.expert_format!r}"
+                )
         try:
             self.device = torch.device(self.device)
         except (RuntimeError, TypeError) as exc:

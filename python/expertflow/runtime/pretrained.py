@@ -21,7 +21,7 @@ from torch import nn
 
 from expertflow.runtime.checkpoint import KeyTranslator, Shard, checkpoint_files
 from expertflow.runtime.experts import expert_param_names, expert_tensors, offloadable_modules
-from expertflow.runtime.offload import build_cache, install
+from expertflow.runtime.offload import build_cache, install, packings_for
 from expertflow.runtime.options import OffloadOptions
 
 __all__ = ["from_pretrained"]
@@ -174,7 +174,7 @@ def from_pretrained(
     filled = _stream_shards(model, found, cache, files, device, dtype)
     model.tie_weights()
     _check_complete(model, found, filled, path)
-    return install(model, found, cache, options)
+    return install(model, found, cache, options, packings_for(found, options))
 
 
 def _check_size(model: nn.Module, files: list[Path], path: Path) -> None:

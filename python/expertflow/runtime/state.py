@@ -28,6 +28,8 @@ class OffloadState:
             prefetcher keeps per-call state, so calls from several threads run one after
             another, never interleaved.
         lock_hooks: the model's hooks that take and give back ``lock``.
+        packings: per MoE layer, how its experts are packed in the store
+            (:class:`~expertflow.runtime.expert_format.ExpertPacking`).
     """
 
     cache: ExpertCache
@@ -37,6 +39,13 @@ class OffloadState:
     prefetcher: object = None
     lock: threading.RLock = dataclasses.field(default_factory=threading.RLock, repr=False)
     lock_hooks: list = dataclasses.field(default_factory=list, repr=False)
+    packings: list = dataclasses.field(default_factory=list, repr=False)
+
+    @property
+    def expert_format(self) -> str:
+        """The experts' format in the store: ``"float"`` or a quantized format's name."""
+        names = sorted({p.format_name for p in self.packings}) or ["float"]
+        return ", ".join(names)
 
 
 def offload_state(model: nn.Module, caller: str) -> OffloadState:
