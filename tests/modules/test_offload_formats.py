@@ -182,3 +182,25 @@ def test_experts_already_quantized_are_refused_naming_the_class():
     experts.down_proj_scale_inv = nn.Parameter(scale[None].repeat(8, 1, 1), requires_grad=False)
     with pytest.raises(ValueError, match=r"model.layers.0.mlp.experts \(MixtralExperts\) are "):
         expertflow.offload(model, device="cpu", slots=4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp8", "mxfp4"])
+def test_on_cuda_slots_hold_packed_bytes_and_expand_on_the_gpu(fmt):
+    """fp32 on the GPU against the round-trip model on the GPU: the slot's bytes are expanded
+    by the CUDA kernels."""
+    family = "gpt_oss" if fmt == "mxfp4" else "mixtral"
+    reference = build(family)
+    _quantize_in_place(reference, fmt, None)
+    ids, mask = batch()
+    with torch.no_grad():
+        want = reference.to("cuda")(input_ids=ids.cuda(), attention_mask=mask.cuda()).logits
+    model = build(family)
+    layers = len(find_experts_modules(model))
+    slots = layers * model.config.num_experts_per_tok
+    expertflow.offload(model, device="cuda", slots=slots, expert_format=fmt)
+    with torch.no_grad():
+        got = model(input_ids=ids.cuda(), attention_mask=mask.cuda()).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert model._expertflow.cache.host_pinned
+    assert model._expertflow.cache.stats()["evictions"] > 0
