@@ -167,22 +167,37 @@ class ExpertPacking:
         name: the module's qualified name (for messages).
         module: a transformers experts module (its tensors may be on the meta device).
         codec: the weights' codec, or None to keep the logical tensors as they are.
+        chunks: per logical tensor, how many row chunks (of the ``[out, in]`` weight) are
+            packed each on its own, for a codec that cannot pack rows apart
+            (``row_splittable`` false, such as fp8's tiles) and a checkpoint that gives a
+            weight as several sources (gate and up); :meth:`unpack` concatenates the chunks
+            along ``out``. Default: one chunk each, the whole weight.
     """
 
-    def __init__(self, name: str, module: nn.Module, codec: WeightCodec | None):
+    def __init__(
+        self,
+        name: str,
+        module: nn.Module,
+        codec: WeightCodec | None,
+        chunks: list[int] | None = None,
+    ):
         self.codec = codec
         self.names = expert_param_names(module)
         self.transposed = bool(module.is_transposed)
         self.dtype = module.down_proj.dtype  # the compute dtype
         # per logical tensor: its [out, in] shape (None for a bias) and packed-tensor count
         self._shapes = []
-        for attr in self.names:
+        # per logical tensor: the row chunks its weight is packed as, each on its own (1: whole)
+        self._chunks = list(chunks) if chunks is not None else [1] * len(self.names)
+        for attr, n in zip(self.names, self._chunks, strict=True):
             shape = tuple(getattr(module, attr).shape[1:])
             if attr.endswith("_bias") or codec is None:
                 self._shapes.append(None)
                 continue
             out, inp = (shape[1], shape[0]) if self.transposed else shape
             codec.check(out, inp, f"{name}.{attr}")
+            if n < 1 or out % n:
+                raise ValueError(f"{name}.{attr}: {out} output rows do not split into {n} chunks")
             self._shapes.append((out, inp))
         self._ranges = self._part_ranges()
 
@@ -196,21 +211,38 @@ class ExpertPacking:
 
     def _part_ranges(self) -> list[range]:
         ranges, start = [], 0
-        for shape in self._shapes:
-            n = 1 if shape is None else len(self.codec.layout(*shape))
+        for index, shape in enumerate(self._shapes):
+            n = 1 if shape is None else len(self._chunk_layout(index)) * self._chunks[index]
             ranges.append(range(start, start + n))
             start += n
         return ranges
 
+    def _chunk_layout(self, index: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """The codec's layout of one row chunk of logical weight ``index``."""
+        out, inp = self._shapes[index]
+        return self.codec.layout(out // self._chunks[index], inp)
+
+    def chunk_ranges(self, index: int) -> list[range]:
+        """For logical tensor ``index``, the positions of each row chunk's packed tensors in an
+        expert's list (one range, the whole tensor, unless it was packed in chunks)."""
+        whole = self._ranges[index]
+        if self._shapes[index] is None or self._chunks[index] == 1:
+            return [whole]
+        k = len(self._chunk_layout(index))
+        return [
+            range(whole.start + c * k, whole.start + (c + 1) * k)
+            for c in range(self._chunks[index])
+        ]
+
     def layout(self, module: nn.Module) -> list[torch.Tensor]:
         """One expert's packed tensors as meta tensors (shapes and dtypes only)."""
         out = []
-        for attr, shape in zip(self.names, self._shapes, strict=True):
+        for index, (attr, shape) in enumerate(zip(self.names, self._shapes, strict=True)):
             if shape is None:
                 t = getattr(module, attr)
                 out.append(torch.empty(t.shape[1:], dtype=t.dtype, device="meta"))
             else:
-                layout = self.codec.layout(*shape)
+                layout = self._chunk_layout(index) * self._chunks[index]
                 out += [torch.empty(s, dtype=d, device="meta") for s, d in layout]
         return out
 
@@ -223,8 +255,12 @@ class ExpertPacking:
         if self.codec is None:
             return list(tensors)
         out = []
-        for t, shape in zip(tensors, self._shapes, strict=True):
-            out += [t] if shape is None else self.codec.pack(self.oriented(t))
+        for t, shape, n in zip(tensors, self._shapes, self._chunks, strict=True):
+            if shape is None:
+                out.append(t)
+                continue
+            for chunk in self.oriented(t).split(shape[0] // n):
+                out += self.codec.pack(chunk)
         return out
 
     def unpack(self, packed: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -233,10 +269,14 @@ class ExpertPacking:
         if self.codec is None:
             return packed
         out = []
-        for r, shape in zip(self._ranges, self._shapes, strict=True):
+        for index, (r, shape) in enumerate(zip(self._ranges, self._shapes, strict=True)):
             if shape is None:
                 out.append(packed[r.start])
                 continue
-            w = self.codec.unpack([packed[i] for i in r], self.dtype)
+            chunks = [
+                self.codec.unpack([packed[i] for i in c], self.dtype)
+                for c in self.chunk_ranges(index)
+            ]
+            w = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
             out.append(w.t() if self.transposed else w)
         return out
