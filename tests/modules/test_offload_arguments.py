@@ -168,3 +168,15 @@ def test_a_failed_offload_to_cuda_moves_the_model_back_to_the_host(tmp_path):
     for name, t in model.state_dict(keep_vars=True).items():
         assert t.device.type == "cpu", name
         assert torch.equal(t, values[name]), name
+
+
+def test_a_budget_too_small_states_the_minimum_in_gib_and_what_would_fit():
+    model = build("mixtral")  # 51840 resident bytes, 18432-byte slots, 2 layers, top-2
+    with pytest.raises(ValueError) as error:
+        expertflow.offload(model, device="cpu", gpu_memory=100_000)
+    text = str(error.value)
+    assert "minimum of 0.00 GiB (125568 bytes) for budget='per_layer'" in text
+    assert "budget='global' needs only 0.00 GiB (88704 bytes)" in text
+    assert "expert_format" in text
+    expertflow.offload(model, device="cpu", gpu_memory=100_000, budget="global")
+    assert model._expertflow.cache.num_slots == 2

@@ -151,12 +151,32 @@ def _slots_for_memory(model, found, experts, options: OffloadOptions, top_k: int
     slots = (parse_bytes(options.gpu_memory) - resident) // slot_bytes
     minimum = top_k * (len(found) if options.budget == "per_layer" else 1)
     if slots < minimum:
-        need = resident + minimum * slot_bytes
-        raise ValueError(
-            f"offload: gpu_memory={options.gpu_memory!r} is below the minimum of {need} bytes "
-            f"({resident} resident + {minimum} slots x {slot_bytes} bytes)"
-        )
+        raise ValueError(_budget_too_small(options, resident, slot_bytes, minimum, top_k))
     return slots
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB ({n} bytes)"
+
+
+def _budget_too_small(options, resident, slot_bytes, minimum, top_k) -> str:
+    """Why ``gpu_memory`` is too small, with the minimum in GiB and what would fit instead: a
+    global pool needs only ``top_k`` slots where per-layer pools need ``top_k`` per layer."""
+    need = resident + minimum * slot_bytes
+    text = (
+        f"offload: gpu_memory={options.gpu_memory!r} is below the minimum of {_gib(need)} for "
+        f"budget={options.budget!r}: {_gib(resident)} resident weights + {minimum} slots x "
+        f"{slot_bytes} bytes"
+    )
+    budget = parse_bytes(options.gpu_memory)
+    if options.budget == "per_layer" and budget >= resident + top_k * slot_bytes:
+        text += (
+            f"; budget='global' needs only {_gib(resident + top_k * slot_bytes)} (one pool "
+            "shared by all layers)"
+        )
+    if options.expert_format == "auto":
+        text += "; a quantized expert_format ('int8', 'int4') makes each slot 2-4x smaller"
+    return text
 
 
 def build_cache(model, found, experts, options: OffloadOptions) -> ExpertCache:
