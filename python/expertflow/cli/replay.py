@@ -33,6 +33,18 @@ def _lookahead_scores(args: argparse.Namespace, trace):
     return multi_hot(trace.lookahead_ids, trace.num_experts)
 
 
+def _expert_bytes(value: str | None) -> int | None:
+    """``--expert-bytes`` as an int (its range is checked with the other options)."""
+    if value is None:
+        return None
+    try:
+        return int(value.strip().replace("_", ""))
+    except ValueError:
+        raise ValueError(
+            f"--expert-bytes must be a positive integer (the bytes of one expert), got {value!r}"
+        ) from None
+
+
 def run(args: argparse.Namespace) -> int:
     from expertflow.traces.replay import load_predictions, replay
     from expertflow.traces.replay_options import check_options, option_spelling
@@ -44,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         bandwidth_gbps=args.bandwidth_gbps,
         layer_compute_ms=args.layer_compute_ms,
         prefetch_threshold=args.prefetch_threshold,
+        expert_bytes=_expert_bytes(args.expert_bytes),
     )
     # Refuse before reading predictions (they can be large): only their presence matters here.
     check_options(
@@ -89,6 +102,11 @@ def _print_result(args: argparse.Namespace, trace, result) -> None:
         f"  prefetches         {result.prefetches}  (used {result.prefetch_hits}, "
         f"wasted {result.wasted_prefetches})"
     )
+    if result.expert_bytes != result.trace_expert_bytes:
+        print(
+            f"  expert size        {human_bytes(result.expert_bytes)} ({result.expert_bytes} B, "
+            f"--expert-bytes; the trace's: {result.trace_expert_bytes} B)"
+        )
     if result.tokens:
         print(
             f"  bytes moved        {human_bytes(result.bytes_per_token)} per token, "
@@ -140,5 +158,10 @@ def add_parser(sub) -> None:
     )
     rp.add_argument("--bandwidth-gbps", type=float, help="timing model: copy bandwidth")
     rp.add_argument("--layer-compute-ms", type=float, help="timing model: compute per layer")
+    rp.add_argument(
+        "--expert-bytes",
+        help="timing model and bytes moved: every expert this many bytes instead of the trace's "
+        "meta.expert_bytes (e.g. its packed size in a quantized format)",
+    )
     rp.add_argument("--json", action="store_true", help="print the result as JSON")
     rp.set_defaults(run=run)

@@ -11,7 +11,8 @@ experts are valued by them from the layer's release on (``CachePolicy.set_scores
 told each expert's next use from the trace itself (the optimum no real policy can reach).
 
 Timing model (with ``bandwidth_gbps`` and ``layer_compute_ms``): one host-to-device link of
-that bandwidth moves one expert at a time; prefetches queue on it in issue order, and an urgent
+that bandwidth moves one expert at a time (``meta["expert_bytes"]``, or ``expert_bytes``: e.g.
+a quantized format's packed size); prefetches queue on it in issue order, and an urgent
 load (a miss) goes ahead of every prefetch that has not started yet. A layer starts when the
 previous one has finished and all of its experts have arrived, and then computes for
 ``layer_compute_ms``. Stalled time is the time layers spend waiting for copies.
@@ -58,6 +59,8 @@ class ReplayResult:
     stall_share: float | None = None
     slots_requested: int | None = None  # the budget asked for, as ``slots`` counts it
     note: str | None = None  # set when the budget was cut to what can ever be used
+    expert_bytes: int | None = None  # one expert's copy size the bytes and times count
+    trace_expert_bytes: int | None = None  # the trace's own (meta.expert_bytes)
 
     @property
     def hit_ratio(self) -> float:
@@ -199,6 +202,7 @@ def replay(
     prefetch_threshold: float | None = None,
     score_weight: float | None = None,
     reuse: np.ndarray | None = None,
+    expert_bytes: int | None = None,
     spell: Spell = str,
 ) -> ReplayResult:
     """Replays ``trace`` through the native policy; see the module docstring.
@@ -231,6 +235,10 @@ def replay(
             next-step scores alone, as the ExpertFlow paper's PLEC does.
         reuse: ``[T, L, E]`` reuse scores (``expertflow`` with ``predictions``): each layer's
             eviction scores from its release on, see the module docstring.
+        expert_bytes: the size of every expert, in bytes, in place of the trace's
+            ``meta["expert_bytes"]`` (the size it was recorded at): e.g. an expert's packed size
+            in a quantized format. Bytes moved and the timing model's copy time follow it; the
+            routing, and so hits and misses, do not change. None: the trace's size.
         spell: how error messages name an argument (the command line: its option,
             :func:`~expertflow.traces.replay_options.option_spelling`).
     """
@@ -238,14 +246,17 @@ def replay(
         trace, policy, slots_per_layer=slots_per_layer, slots=slots, predictions=predictions,
         lookahead=lookahead, reuse=reuse, prefetch=prefetch,
         prefetch_threshold=prefetch_threshold, score_weight=score_weight,
-        bandwidth_gbps=bandwidth_gbps, layer_compute_ms=layer_compute_ms, spell=spell,
+        bandwidth_gbps=bandwidth_gbps, layer_compute_ms=layer_compute_ms,
+        expert_bytes=expert_bytes, spell=spell,
     )  # fmt: skip
     _check_shapes(trace, predictions=predictions, lookahead=lookahead, reuse=reuse)
     requested = slots_per_layer * trace.num_layers if slots_per_layer is not None else slots
     slots_per_layer, slots, note = clamp_budget(trace, slots_per_layer, slots, spell)
     run = _Run(trace, policy, slots_per_layer, slots, score_weight, spell)
+    if expert_bytes is not None:
+        run.expert_bytes = int(expert_bytes)
     if bandwidth_gbps is not None:
-        run.link = Link(trace.meta["expert_bytes"] / (bandwidth_gbps * 1e9))
+        run.link = Link(run.expert_bytes / (bandwidth_gbps * 1e9))
         run.compute_s = layer_compute_ms / 1e3
     steps = trace.steps()
     next_uses = _next_uses(trace, steps) if policy == "belady" else None
@@ -303,6 +314,7 @@ class _Run:
             score_weight=score_weight,
         )
         self.policy = policy
+        self.expert_bytes = int(trace.meta["expert_bytes"])  # one copy's size
         self.link: Link | None = None
         self.compute_s = 0.0
         self.now = self.stalled = 0.0
@@ -363,7 +375,9 @@ class _Run:
             prefetches=stats["prefetches"],
             prefetch_hits=stats["prefetch_hits"],
             wasted_prefetches=stats["wasted_prefetches"],
-            bytes_moved=stats["loads"] * self.trace.meta["expert_bytes"],
+            bytes_moved=stats["loads"] * self.expert_bytes,
+            expert_bytes=self.expert_bytes,
+            trace_expert_bytes=int(self.trace.meta["expert_bytes"]),
         )
         if self.link is not None and tokens:
             result.time_per_token_ms = self.now / tokens * 1e3

@@ -15,7 +15,13 @@ import numpy as np
 from expertflow.runtime.policies import POLICIES
 from expertflow.traces.format import Trace
 
-__all__ = ["PREDICTION_POLICIES", "check_options", "clamp_budget", "option_spelling"]
+__all__ = [
+    "PREDICTION_POLICIES",
+    "check_expert_bytes",
+    "check_options",
+    "clamp_budget",
+    "option_spelling",
+]
 
 # The policies that read predicted scores (predictions, lookahead, reuse, the prefetch
 # threshold, the score weight); every other policy would silently ignore them.
@@ -43,6 +49,7 @@ def check_options(
     score_weight: float | None = None,
     bandwidth_gbps: float | None = None,
     layer_compute_ms: float | None = None,
+    expert_bytes: int | None = None,
     spell: Spell = str,
 ) -> None:
     """Raises ValueError, naming the argument (as ``spell`` writes it), for every option
@@ -64,6 +71,18 @@ def check_options(
         spell,
     )
     _check_timing(bandwidth_gbps, layer_compute_ms, spell)
+    check_expert_bytes(expert_bytes, spell)
+
+
+def check_expert_bytes(expert_bytes, spell: Spell = str) -> None:
+    """Refuses an expert size that is not a positive integer (None: the trace's own size)."""
+    if expert_bytes is None:
+        return
+    if not _is_int(expert_bytes) or expert_bytes < 1:
+        raise ValueError(
+            f"{spell('expert_bytes')} must be a positive integer (the bytes of one expert, e.g. "
+            f"its packed size in a quantized format), got {expert_bytes!r}"
+        )
 
 
 def _is_int(value) -> bool:
