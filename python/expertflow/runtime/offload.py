@@ -8,6 +8,7 @@ one :class:`~expertflow.ExpertCache`, and the outputs are combined with the rout
 
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -25,7 +26,11 @@ from expertflow.runtime.options import OffloadOptions, parse_bytes
 from expertflow.runtime.routing import router_of
 from expertflow.runtime.state import OffloadState, lock_each_forward, offload_state
 
-__all__ = ["offload", "restore"]
+__all__ = ["WORKING_MEMORY_FRACTION", "offload", "restore"]
+
+# The share of a gpu_memory budget left to the KV cache and activations: on a 24 GB card,
+# 2.4 GB holds Mixtral-8x7B's KV cache for about 18,000 tokens (128 KiB a token in bf16).
+WORKING_MEMORY_FRACTION = 0.10
 
 
 def offload(
@@ -54,8 +59,9 @@ def offload(
             int. More than one per expert is never allocated: the cache then holds every
             expert (``num_layers x num_experts`` slots).
         gpu_memory: a total budget (bytes as an int or whole float, or a str such as
-            "24GiB"); slots are what remains after the resident weights, divided by the slot
-            size, again at most one per expert.
+            "24GiB"). A tenth of it is kept free for the KV cache and activations
+            (:data:`WORKING_MEMORY_FRACTION`); slots are what remains after that and the
+            resident weights, divided by the slot size, again at most one per expert.
         policy: cache policy, ``"expertflow"`` (prediction-aware), ``"lrfu"`` (decayed
             request counts: the fewest bytes when no predictor prefetches), ``"lru"``, ``"lfu"``
             (fewest requests since the expert was last loaded), ``"lfu_history"`` (fewest
@@ -139,7 +145,8 @@ def _top_k(model: nn.Module) -> int:
 
 
 def _slots_for_memory(model, found, experts, options: OffloadOptions, top_k: int) -> int:
-    """The slots that fit in ``options.gpu_memory`` after the resident, non-expert weights."""
+    """The slots that fit in ``options.gpu_memory`` after the working memory and the resident,
+    non-expert weights."""
     expert_ids = {id(p) for _, m in found for p in m.parameters(recurse=False)}
     resident = sum(
         p.numel() * p.element_size() for p in model.parameters() if id(p) not in expert_ids
@@ -148,7 +155,8 @@ def _slots_for_memory(model, found, experts, options: OffloadOptions, top_k: int
         sum((t.numel() * t.element_size() + 255) // 256 * 256 for t in tensors[0])
         for tensors in experts
     )
-    slots = (parse_bytes(options.gpu_memory) - resident) // slot_bytes
+    usable = int(parse_bytes(options.gpu_memory) * (1 - WORKING_MEMORY_FRACTION))
+    slots = (usable - resident) // slot_bytes
     minimum = top_k * (len(found) if options.budget == "per_layer" else 1)
     if slots < minimum:
         raise ValueError(_budget_too_small(options, resident, slot_bytes, minimum, top_k))
@@ -159,21 +167,24 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB ({n} bytes)"
 
 
+def _budget_for(weights: int) -> int:
+    """The least gpu_memory whose share for weights holds ``weights`` bytes."""
+    return math.ceil(weights / (1 - WORKING_MEMORY_FRACTION))
+
+
 def _budget_too_small(options, resident, slot_bytes, minimum, top_k) -> str:
     """Why ``gpu_memory`` is too small, with the minimum in GiB and what would fit instead: a
     global pool needs only ``top_k`` slots where per-layer pools need ``top_k`` per layer."""
-    need = resident + minimum * slot_bytes
+    need = _budget_for(resident + minimum * slot_bytes)
     text = (
         f"offload: gpu_memory={options.gpu_memory!r} is below the minimum of {_gib(need)} for "
         f"budget={options.budget!r}: {_gib(resident)} resident weights + {minimum} slots x "
-        f"{slot_bytes} bytes"
+        f"{slot_bytes} bytes, plus {WORKING_MEMORY_FRACTION:.0%} kept for the KV cache and "
+        "activations"
     )
-    budget = parse_bytes(options.gpu_memory)
-    if options.budget == "per_layer" and budget >= resident + top_k * slot_bytes:
-        text += (
-            f"; budget='global' needs only {_gib(resident + top_k * slot_bytes)} (one pool "
-            "shared by all layers)"
-        )
+    global_need = _budget_for(resident + top_k * slot_bytes)
+    if options.budget == "per_layer" and parse_bytes(options.gpu_memory) >= global_need:
+        text += f"; budget='global' needs only {_gib(global_need)} (one pool for all layers)"
     if options.expert_format == "auto":
         text += "; a quantized expert_format ('int8', 'int4') makes each slot 2-4x smaller"
     return text
