@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["KeyTranslator", "Shard", "checkpoint_files"]
+__all__ = ["SAFETENSORS_DTYPES", "KeyTranslator", "Shard", "checkpoint_files"]
 
 
 def checkpoint_files(path: Path) -> list[Path]:
@@ -84,6 +84,7 @@ for _name, _attr in (
 ):
     if hasattr(torch, _attr):
         _SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
+SAFETENSORS_DTYPES = _SAFETENSORS_DTYPES  # header dtype name -> torch dtype
 
 _MAX_HEADER = 100 * 2**20  # the safetensors library's own limit
 _ENTRY = "{dtype, shape, data_offsets}"

@@ -19,10 +19,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from expertflow.runtime.checkpoint import KeyTranslator, Shard, checkpoint_files
-from expertflow.runtime.experts import expert_param_names, expert_tensors, offloadable_modules
-from expertflow.runtime.offload import build_cache, install, packings_for
+from expertflow.runtime.checkpoint import Shard, checkpoint_files
+from expertflow.runtime.checkpoint_plan import plan_checkpoint, stacks_of
+from expertflow.runtime.expert_format import ExpertPacking
+from expertflow.runtime.experts import expert_param_names, offloadable_modules
+from expertflow.runtime.fp8_pairs import Fp8Pairs
+from expertflow.runtime.offload import build_cache, install, packed_layouts
 from expertflow.runtime.options import OffloadOptions
+from expertflow.runtime.packed_loading import (
+    check_expert_entries,
+    expected_tracks,
+    write_expert_piece,
+)
+from expertflow.runtime.quant_config import (
+    drop_quantization_config,
+    expert_codec,
+    read_quant_config,
+)
 
 __all__ = ["from_pretrained"]
 
@@ -46,8 +59,8 @@ def _parameters_on_meta():
         nn.Module.register_parameter = register
 
 
-def _set_tensor(model: nn.Module, target: str, shard: Shard, key: str, device, dtype) -> None:
-    """Reads checkpoint tensor ``key`` into the model's parameter or buffer ``target``."""
+def _owner(model: nn.Module, target: str, where, key: str) -> tuple[nn.Module, str]:
+    """The module holding parameter or buffer ``target`` and its name there."""
     module_name, _, name = target.rpartition(".")
     try:
         module = model.get_submodule(module_name) if module_name else model
@@ -55,9 +68,15 @@ def _set_tensor(model: nn.Module, target: str, shard: Shard, key: str, device, d
         module = None
     if module is None or (name not in module._parameters and name not in module._buffers):
         raise ValueError(
-            f"from_pretrained: {shard.path} has tensor {key}, which the model does not have "
+            f"from_pretrained: {where} has tensor {key}, which the model does not have "
             f"(as {target}): a checkpoint of another model or config?"
         )
+    return module, name
+
+
+def _set_tensor(model: nn.Module, target: str, shard: Shard, key: str, device, dtype) -> None:
+    """Reads checkpoint tensor ``key`` into the model's parameter or buffer ``target``."""
+    module, name = _owner(model, target, shard.path, key)
     if name in module._parameters:
         old = module._parameters[name]
         if list(old.shape) != shard.shape(key):
@@ -69,6 +88,18 @@ def _set_tensor(model: nn.Module, target: str, shard: Shard, key: str, device, d
         module._parameters[name] = type(old)(value, requires_grad=False)
     else:
         module._buffers[name] = shard.read(key).to(device, dtype)
+
+
+def _assigner(model: nn.Module, device):
+    """``assign(target, value, key)``: a value computed from the checkpoint (a dequantized
+    fp8 weight) as the model's parameter ``target``."""
+
+    def assign(target: str, value: torch.Tensor, key: str) -> None:
+        module, name = _owner(model, target, "the checkpoint", key)
+        old = module._parameters[name]
+        module._parameters[name] = type(old)(value.to(device), requires_grad=False)
+
+    return assign
 
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -133,6 +164,8 @@ def from_pretrained(
     lookahead: bool = False,
     background: bool = False,
     prefetch_threshold: float = 0.0,
+    expert_format: str = "auto",
+    group_size: int | None = None,
 ) -> nn.Module:
     """Loads a local transformers checkpoint (``config.json`` + safetensors, sharded or not)
     as an offloaded model: like ``offload(AutoModelForCausalLM.from_pretrained(path))`` but
@@ -145,36 +178,76 @@ def from_pretrained(
         dtype: the weights' dtype on the device and in the host store, a floating
             ``torch.dtype`` or its name such as ``"bfloat16"`` (default: the checkpoint's
             ``dtype`` in its config, else float32).
+        expert_format: how the experts are kept in host memory and copied to slots. For a
+            float checkpoint as for :func:`expertflow.offload`: ``"auto"`` keeps the float
+            dtype; ``"int8"``, ``"int4"``, ``"fp8"`` or ``"mxfp4"`` quantize each expert while
+            streaming (never the whole float experts on the host). A checkpoint shipped
+            quantized (``quantization_config`` with ``quant_method`` ``"fp8"``: e4m3 with
+            ``weight_scale_inv`` per ``weight_block_size`` tile, DeepSeek-V3/R1 and
+            Qwen3-*-FP8; or ``"mxfp4"``: GPT-OSS's ``*_blocks`` / ``*_scales``) keeps its
+            experts exactly as shipped with ``"auto"`` or that format named; its other
+            weights (fp8 attention, shared experts) are dequantized to ``dtype`` on load.
+        group_size: int4's group of input columns sharing a scale (default 64, or the
+            largest divisor of a weight's input size below it); only with ``"int4"``.
 
     Raises:
         ValueError: for a folder that is not a complete checkpoint of a supported model: no
             or an unreadable config, index or shard, a safetensors header that breaks the
             format (offsets outside the data, overlapping or not matching shape x dtype), a
-            tensor the model does not have, one given twice, or a weight missing.
+            tensor the model does not have, one given twice, or a weight missing; a
+            ``quantization_config`` other than the two above, or an ``expert_format`` the
+            checkpoint cannot give (int8 from fp8, say), before any weight is read; packed
+            tensors or scales of the wrong shape or dtype (from the headers, before any
+            weight is read), non-finite fp8 scales, NaN (0xFF) mxfp4 scales, an fp8 weight
+            without its scale; a ``group_size`` that does not divide an input size.
     """
     options = OffloadOptions(
         device, slots, gpu_memory, policy, budget, predictor, lookahead, background,
-        prefetch_threshold,
+        prefetch_threshold, expert_format, group_size,
     )  # fmt: skip
     if not isinstance(path, str | os.PathLike):
         raise ValueError(f"from_pretrained: path must be a str or path, got {type(path).__name__}")
     path = Path(path)
     files = checkpoint_files(path)
+    headers = {}
     for file in files:  # every header checked before the model is built and the store sized
-        Shard(file).close()
+        shard = Shard(file)
+        headers[file] = shard.entries
+        shard.close()
     config = _read_config(path)
+    quant = read_quant_config(config, path)
+    codec = expert_codec(quant, options.expert_format, options.group_size, path)
+    drop_quantization_config(config)
     dtype = _model_dtype(dtype, config, path)
-    device = options.device
     model = _build_model(config, dtype, path)
     _check_size(model, files, path)
     found = offloadable_modules(model)
-    layouts = [[expert_tensors(m, e) for e in range(m.num_experts)] for _, m in found]
-    cache = build_cache(model, found, layouts, options)
-    del layouts
-    filled = _stream_shards(model, found, cache, files, device, dtype)
+    skip = _skipped_keys(model, stacks_of(found))
+    entries, parts = plan_checkpoint(model, found, headers, quant, skip)
+    packings = _packings(found, codec, parts)
+    check_expert_entries(entries, found, packings, headers)
+    if quant.method == "fp8":
+        Fp8Pairs.check(entries, headers, model, quant.block)
+    cache = build_cache(model, found, packed_layouts(found, packings), options)
+    filled = _stream_shards(model, found, cache, packings, entries, quant, options.device, dtype)
     model.tie_weights()
-    _check_complete(model, found, filled, path)
-    return install(model, found, cache, options, packings_for(found, options))
+    _check_complete(model, found, packings, filled, path)
+    return install(model, found, cache, options, packings)
+
+
+def _packings(found, codec, parts: dict[str, int]) -> list[ExpertPacking]:
+    """Each experts module's packing; a codec that cannot pack rows apart (fp8) packs each
+    source of a merged weight (gate and up) as a chunk of its own."""
+    packings = []
+    for name, module in found:
+        chunks = None
+        if codec is not None and not codec.row_splittable and not module.is_transposed:
+            chunks = [
+                1 if attr.endswith("_bias") else parts.get(f"{name}.{attr}", 1)
+                for attr in expert_param_names(module)
+            ]
+        packings.append(ExpertPacking(name, module, codec, chunks))
+    return packings
 
 
 def _check_size(model: nn.Module, files: list[Path], path: Path) -> None:
@@ -191,43 +264,35 @@ def _check_size(model: nn.Module, files: list[Path], path: Path) -> None:
         )
 
 
-def _stream_shards(model, found, cache, files, device, dtype) -> dict:
-    """Reads the checkpoint one shard at a time: expert tensors into the host store, every other
-    tensor to ``device``. Returns the expert pieces written, per (layer, part)."""
-    # model key of an experts stack -> (layer, part in the store's expert tensors, experts)
-    stacks = {
-        f"{name}.{param}": (layer, i, module.num_experts)
-        for layer, (name, module) in enumerate(found)
-        for i, param in enumerate(expert_param_names(module))
-    }
-    filled: dict[tuple[int, int], set] = {key[:2]: set() for key in stacks.values()}
-    translate = KeyTranslator(model)
-    skip = _skipped_keys(model, stacks)
-    seen: dict[str, Path] = {}
+def _stream_shards(model, found, cache, packings, entries, quant, device, dtype) -> dict:
+    """Reads the checkpoint one shard at a time: expert pieces into the host store (packed),
+    every other tensor to ``device``. Returns the expert pieces written, per track."""
+    filled = expected_tracks(packings)
+    pairs = None
+    if quant.method == "fp8":
+        pairs = Fp8Pairs(quant.block, dtype, _assigner(model, device))
+    by_file: dict[Path, list] = {}
+    for entry in entries:
+        by_file.setdefault(entry.file, []).append(entry)
     with torch.no_grad():
-        for file in files:
+        for file, items in by_file.items():
             shard = Shard(file)
             try:
-                for key in shard.keys():
-                    if key in seen:  # the later copy would silently win
-                        raise ValueError(
-                            f"from_pretrained: tensor {key} is in both {seen[key]} and {file}"
-                        )
-                    seen[key] = file
-                    target, piece = translate(key)
-                    if skip(key, target):
+                for entry in items:
+                    if entry.role == "skip":
                         continue
-                    if target in stacks:
-                        _fill_expert_piece(cache, shard, key, stacks[target], piece, filled)
-                    elif piece is None:
-                        _set_tensor(model, target, shard, key, device, dtype)
+                    if entry.stack is not None:
+                        layer = entry.stack.layer
+                        module = found[layer][1]
+                        write_expert_piece(cache, shard, entry, packings[layer], module, filled)
+                    elif entry.role in ("fp8", "fp8_scale"):
+                        pairs.add(entry, shard.read(entry.key))
                     else:
-                        raise ValueError(
-                            f"from_pretrained: {file} has tensor {key}, a piece of experts "
-                            f"stack {target}, which the model does not have"
-                        )
+                        _set_tensor(model, entry.target, shard, entry.key, device, dtype)
             finally:
                 shard.close()
+    if pairs is not None:
+        pairs.finish()
     return filled
 
 
@@ -245,51 +310,25 @@ def _skipped_keys(model, stacks):
     return lambda key, target: target not in known and ignored.search(key) is not None
 
 
-def _fill_expert_piece(cache, shard: Shard, key, stack, piece, filled) -> None:
-    """Writes one checkpoint tensor into the host store: a whole ``[E, ...]`` stack one expert
-    at a time, or one expert's (part of a) tensor."""
-    layer, part, num_experts = stack
-    shape = shard.shape(key)
-    if piece is None and (not shape or shape[0] > num_experts):
-        raise ValueError(
-            f"from_pretrained: {shard.path}: tensor {key} has shape {shape}, expected a stack "
-            f"of at most the layer's {num_experts} experts"
-        )
-    if piece is not None and piece[0] >= num_experts:
-        raise ValueError(
-            f"from_pretrained: {shard.path}: tensor {key} is of expert {piece[0]}, the model's "
-            f"layer has experts 0 to {num_experts - 1}"
-        )
-    if piece is None:
-        for e in range(shape[0]):
-            shard.read_into(key, cache.host_expert(layer, e)[part], row=e)
-            filled[(layer, part)].add((e, 0, 1))
-        return
-    expert, index, parts = piece
-    dst = cache.host_expert(layer, expert)[part]
-    rows = dst.shape[0] // parts
-    shard.read_into(key, dst[index * rows : (index + 1) * rows])
-    filled[(layer, part)].add((expert, index, parts))
-
-
-def _check_complete(model, found, filled, path) -> None:
-    """Every piece of every expert, and every other parameter, came from the checkpoint."""
-    for (layer, part), pieces in filled.items():
+def _check_complete(model, found, packings, filled, path) -> None:
+    """Every piece of every expert (its values and, packed, its scales), and every other
+    parameter, came from the checkpoint."""
+    for (layer, index, track), pieces in filled.items():
         module = found[layer][1]
         parts = max((p for _, _, p in pieces), default=1)
         wanted = {(e, i, parts) for e in range(module.num_experts) for i in range(parts)}
-        name = expert_param_names(module)[part]
+        name = f"{found[layer][0]}.{packings[layer].names[index]}"
+        if track == "scales":
+            name += " (its scales)"
         if pieces - wanted:  # some experts both whole and in parts
             twice = sorted({e for e, _, _ in pieces - wanted})
             raise ValueError(
-                f"from_pretrained: {path} gives experts {twice[:8]} of {found[layer][0]}.{name} "
+                f"from_pretrained: {path} gives experts {twice[:8]} of {name} "
                 "in two layouts (whole and in parts)"
             )
         if pieces != wanted:
             missing = sorted({e for e, _, _ in wanted - pieces})
-            raise ValueError(
-                f"from_pretrained: {path} lacks experts {missing[:8]} of {found[layer][0]}.{name}"
-            )
+            raise ValueError(f"from_pretrained: {path} lacks experts {missing[:8]} of {name}")
     expert_params = {id(p) for _, m in found for p in m.parameters(recurse=False)}
     missing = [
         name for name, p in model.named_parameters() if p.is_meta and id(p) not in expert_params
