@@ -180,3 +180,11 @@ def test_a_budget_too_small_states_the_minimum_in_gib_and_what_would_fit():
     assert "expert_format" in text
     expertflow.offload(model, device="cpu", gpu_memory=100_000, budget="global")
     assert model._expertflow.cache.num_slots == 2
+
+
+def test_transformers_older_than_5_is_named_with_the_version_needed(monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "4.56.2")
+    with pytest.raises(ValueError, match=r"transformers 4.56.2 is installed; .* >= 5.0"):
+        expertflow.offload(torch.nn.Linear(2, 2), device="cpu", slots=1)

@@ -82,6 +82,29 @@ def _refuse_quantized_experts(model: nn.Module) -> None:
             )
 
 
+MIN_TRANSFORMERS = (5, 0)
+
+
+def _check_transformers_version() -> None:
+    """Older transformers keep experts as a ModuleList of MLPs, which offload cannot read:
+    say so rather than "no experts module"."""
+    try:
+        import transformers
+    except ImportError:
+        return
+    release = transformers.__version__.split("+")[0].split(".")
+    try:
+        version = tuple(int(part) for part in release[:2])
+    except ValueError:
+        return  # a development version: let the structural message speak
+    if version < MIN_TRANSFORMERS:
+        raise ValueError(
+            f"offload: transformers {transformers.__version__} is installed; expertflow needs "
+            "transformers >= 5.0, whose MoE families share the experts interface offload "
+            "reads (pip install 'transformers>=5')"
+        )
+
+
 def offloadable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The experts modules ``offload`` replaces; refuses a model already offloaded, one without
     experts, quantized experts and experts of another layout."""
@@ -90,6 +113,7 @@ def offloadable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     _refuse_quantized_experts(model)
     found = find_experts_modules(model)
     if not found:
+        _check_transformers_version()
         raise ValueError(
             f"offload: {type(model).__name__} has no MoE experts module (looked for modules with "
             f"a 3-D down_proj parameter and the flags {', '.join(EXPERT_FLAGS)}, as transformers' "
