@@ -44,14 +44,14 @@ def _position(packing, entry: Entry) -> int:
 
 def _expected(packing, module, layout, entry: Entry) -> tuple[list[int], torch.dtype | None]:
     """One expert's shape of the piece, and its required dtype (None: any, converted)."""
-    part, parts, chunked = _split(packing, entry)
-    if entry.role == "expert" and _packed(packing, entry):
+    _, parts, chunked = _split(packing, entry)
+    if entry.role == "expert" and _packed(packing, entry):  # a float part: module rows
         shape = list(getattr(module, packing.names[entry.stack.index]).shape[1:])
-        dtype = None
-    else:
-        t = layout[_position(packing, entry)]
-        shape, dtype = list(t.shape), (t.dtype if entry.role != "expert" else None)
-    if parts > 1 and not chunked:
+        shape[0] //= parts
+        return shape, None
+    t = layout[_position(packing, entry)]
+    shape, dtype = list(t.shape), (t.dtype if entry.role != "expert" else None)
+    if parts > 1 and not chunked:  # a part's rows of the packed (or float) tensor
         shape[0] //= parts
     return shape, dtype
 
