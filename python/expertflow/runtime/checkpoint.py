@@ -154,9 +154,10 @@ def _check_layout(path: Path, header: dict, data_bytes: int) -> None:
             )
         end, previous = stop, key
     if end > data_bytes:
+        cut = [key for begin, stop, key in spans if stop > data_bytes]
         raise ValueError(
             f"from_pretrained: {path} is truncated: its header places tensors up to byte {end} "
-            f"of the data, the file holds {data_bytes}"
+            f"of the data, the file holds {data_bytes} (cut: {', '.join(cut[:4])})"
         )
     if end < data_bytes:
         raise ValueError(

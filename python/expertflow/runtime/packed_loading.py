@@ -85,6 +85,11 @@ def check_expert_entries(entries, found, packings, headers) -> None:
                 f"{where} has shape {list(got)}{whole}, expected {shape} for "
                 f"{entry.stack.name} ({entry.role}, {packing.format_name})"
             )
+        if entry.role == "expert" and not SAFETENSORS_DTYPES[info["dtype"]].is_floating_point:
+            raise ValueError(
+                f"{where} has dtype {info['dtype']}, expected a float dtype for "
+                f"{entry.stack.name} (or a packed format's codes with their scales)"
+            )
         if dtype is not None and SAFETENSORS_DTYPES[info["dtype"]] != dtype:
             raise ValueError(
                 f"{where} has dtype {info['dtype']}, expected {dtype} for {entry.stack.name} "
