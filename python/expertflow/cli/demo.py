@@ -5,14 +5,28 @@ from __future__ import annotations
 import argparse
 import json
 
+from expertflow.runtime.expert_format import EXPERT_FORMATS
 from expertflow.runtime.policies import BUDGETS
+
+
+def _group_size(value: str | None) -> int | None:
+    """``--group-size`` as an int (what it may be is checked with the format)."""
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"--group-size must be a positive integer, got {value!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:
     from expertflow.cli.common import check_device
-    from expertflow.demo.run import DEFAULT_PROMPT, format_demo, run_demo
+    from expertflow.demo.run import DEFAULT_PROMPT, check_expert_format, format_demo, run_demo
+    from expertflow.traces.replay_options import option_spelling
 
     check_device("--device", args.device)
+    group_size = _group_size(args.group_size)
+    check_expert_format(args.expert_format, group_size, spell=option_spelling)
 
     result = run_demo(
         DEFAULT_PROMPT if args.prompt is None else args.prompt,
@@ -23,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
         budget=args.budget,
         device=args.device,
         prefetch_threshold=args.prefetch_threshold,
+        expert_format=args.expert_format,
+        group_size=group_size,
     )
     print(json.dumps(result, indent=1) if args.json else format_demo(result))
     return 0 if all(r.get("same_tokens", True) for r in result["rows"]) else 1
@@ -44,5 +60,12 @@ def add_parser(sub) -> None:
         default=0.5,
         help="the expertflow policy prefetches experts the predictor scores at least this",
     )
+    dp.add_argument(
+        "--expert-format",
+        default="auto",
+        metavar="{" + ",".join(EXPERT_FORMATS) + "}",
+        help="how the experts are kept in host memory and copied (auto: the float dtype)",
+    )
+    dp.add_argument("--group-size", help="int4's group size (default 64); with int4 only")
     dp.add_argument("--json", action="store_true")
     dp.set_defaults(run=run)

@@ -4,16 +4,22 @@ The same prompt is decoded greedily by the whole model on the device and by the 
 under each cache policy with the same slot budget (about a quarter of the experts by default).
 Every offloaded run must produce exactly the whole model's tokens; the table shows what each
 policy paid for them: hits, expert copies, bytes moved, speed, and device memory.
+
+With a quantized ``expert_format`` the experts are kept and copied packed; the whole model then
+runs with the same quantized experts expanded to floats (``restore`` of an offloaded copy), so
+"same tokens" still checks the offloaded runs exactly, and the float model's text is decoded
+too, to show how far quantization moved it.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import time
 
 import torch
 
-__all__ = ["DEFAULT_PROMPT", "format_demo", "run_demo"]
+__all__ = ["DEFAULT_PROMPT", "check_expert_format", "format_demo", "run_demo"]
 
 DEFAULT_PROMPT = "The history of the city begins"
 
@@ -70,13 +76,83 @@ def _generate(model, input_ids, max_new_tokens, desc, on_first=None):
     }
 
 
-def _whole_model_row(base, input_ids, max_new_tokens, device):
+def check_expert_format(expert_format: str, group_size: int | None, spell=str) -> None:
+    """Refuses, before the model is loaded, an ``expert_format`` or ``group_size`` the demo model
+    cannot be offloaded with (its shape is read from its config.json); ``spell`` names the
+    arguments (the command line: its options)."""
+    from expertflow.demo.model import DEMO_MODEL_DIR
+    from expertflow.formats import MXFP4_BLOCK
+    from expertflow.runtime.expert_format import EXPERT_FORMATS
+
+    if expert_format not in EXPERT_FORMATS:
+        raise ValueError(
+            f"{spell('expert_format')} must be one of {', '.join(EXPERT_FORMATS)}, got "
+            f"{expert_format!r}"
+        )
+    if group_size is None:
+        return
+    if expert_format != "int4":
+        raise ValueError(
+            f"{spell('group_size')} applies to {spell('expert_format')} int4 only, got "
+            f"{expert_format!r}"
+        )
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
+        raise ValueError(f"{spell('group_size')} must be a positive integer, got {group_size!r}")
+    config = json.loads((DEMO_MODEL_DIR / "config.json").read_text())
+    dims = (config["hidden_size"], config["intermediate_size"])  # the experts' input sizes
+    if any(d % group_size for d in dims):
+        fits = [g for g in (16, 32, 64, 128) if all(d % g == 0 for d in dims)]
+        raise ValueError(
+            f"{spell('group_size')} {group_size} does not divide the demo model's expert input "
+            f"sizes (hidden {dims[0]}, intermediate {dims[1]}); give one of "
+            f"{', '.join(map(str, fits))}"
+        )
+    assert all(d % MXFP4_BLOCK == 0 for d in dims)  # mxfp4 always fits the demo
+
+
+def _quantized_copy(base, expert_format: str, group_size: int | None):
+    """``base`` with its experts quantized in ``expert_format`` and expanded back to floats:
+    the values every offloaded run computes with."""
+    import expertflow
+
+    model = copy.deepcopy(base)
+    config = model.config
+    expertflow.offload(
+        model,
+        device="cpu",
+        slots=config.num_hidden_layers * config.num_local_experts,
+        expert_format=expert_format,
+        group_size=group_size,
+    )
+    return expertflow.restore(model)
+
+
+def _whole_model_row(base, input_ids, max_new_tokens, device, name="whole model on device"):
     """The whole model on the device: its tokens (the reference) and its row of figures."""
     full = copy.deepcopy(base).to(device)
     full_bytes = sum(p.numel() * p.element_size() for p in full.parameters())
     full_bytes += sum(b.numel() * b.element_size() for b in full.buffers())
-    reference, timing = _generate(full, input_ids.to(device), max_new_tokens, "whole model")
-    return reference, {"name": "whole model on device", "device_bytes": full_bytes, **timing}
+    reference, timing = _generate(full, input_ids.to(device), max_new_tokens, name)
+    return reference, {"name": name, "device_bytes": full_bytes, **timing}
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """How many tokens two greedy continuations share before they first differ."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _expert_bytes(model) -> int:
+    """The float experts' bytes (every expert of every layer)."""
+    from expertflow.runtime.experts import expert_param_names, find_experts_modules
+
+    return sum(
+        getattr(m, name).numel() * getattr(m, name).element_size()
+        for _, m in find_experts_modules(model)
+        for name in expert_param_names(m)
+    )
 
 
 def _offloaded_row(
@@ -103,6 +179,7 @@ def _offloaded_row(
     )  # fmt: skip
     stats = state.cache.stats()
     decode = {k: stats[k] - after_prefill.get(k, 0) for k in stats}
+    report = expertflow.memory_report(model)
     lookups = decode["hits"] + decode["misses"]
     prefetcher = state.prefetcher
     row = {
@@ -119,7 +196,9 @@ def _offloaded_row(
         / (max_new_tokens - 1),
         "bytes_moved": decode["bytes_copied"],
         "bytes_moved_with_prompt": stats["bytes_copied"],
-        "device_bytes": expertflow.memory_report(model)["device_bytes"],
+        "device_bytes": report["device_bytes"],
+        "host_bytes": report["host_bytes"],
+        "expert_format": report["expert_format"],
         "same_tokens": tokens == reference,
         **timing,
     }
@@ -137,13 +216,18 @@ def run_demo(
     budget: str = "per_layer",
     device: str | None = None,
     prefetch_threshold: float = 0.5,
+    expert_format: str = "auto",
+    group_size: int | None = None,
 ) -> dict:
     """Runs the demo and returns the text and one row of figures per configuration.
     ``prefetch_threshold`` applies to the expertflow policy's predictor: at 0.5 the bundled
     path predictor gave both more hits and fewer expert loads per token than the history
-    predictor bundled before it (README, "Routing predictor")."""
+    predictor bundled before it (README, "Routing predictor"). ``expert_format`` and
+    ``group_size`` go to ``offload`` (checked before anything runs: :func:`check_expert_format`);
+    with a quantized format the whole model's row runs the same quantized experts."""
     from expertflow.demo.model import load_demo_model
 
+    check_expert_format(expert_format, group_size)
     if max_new_tokens < 2:
         raise ValueError(f"max_new_tokens must be >= 2, got {max_new_tokens}")
     if slots is not None and gpu_memory is not None:
@@ -160,8 +244,26 @@ def run_demo(
     total_experts = config.num_hidden_layers * config.num_local_experts
     if slots is None and gpu_memory is None:
         slots = max(total_experts // 4, config.num_hidden_layers * config.num_experts_per_tok)
-    reference, whole = _whole_model_row(base, input_ids, max_new_tokens, device)
-    options = {"device": device, "slots": slots, "gpu_memory": gpu_memory, "budget": budget}
+    float_tokens = None
+    if expert_format == "auto":
+        reference, whole = _whole_model_row(base, input_ids, max_new_tokens, device)
+    else:
+        float_tokens, _ = _generate(
+            copy.deepcopy(base).to(device), input_ids.to(device), max_new_tokens, "float model"
+        )
+        quantized = _quantized_copy(base, expert_format, group_size)
+        reference, whole = _whole_model_row(
+            quantized, input_ids, max_new_tokens, device, f"whole model ({expert_format} experts)"
+        )
+        del quantized
+    options = {
+        "device": device,
+        "slots": slots,
+        "gpu_memory": gpu_memory,
+        "budget": budget,
+        "expert_format": expert_format,
+        "group_size": group_size,
+    }
     rows = [whole] + [
         _offloaded_row(
             base, input_ids, max_new_tokens, policy, options, prefetch_threshold, reference
@@ -176,8 +278,35 @@ def run_demo(
         "total_experts": total_experts,
         "max_new_tokens": max_new_tokens,
         "budget": budget,
+        "expert_format": rows[-1]["expert_format"] if len(rows) > 1 else expert_format,
+        "group_size": group_size,
+        "host_bytes": rows[-1]["host_bytes"] if len(rows) > 1 else None,
+        "float_expert_bytes": _expert_bytes(base),
+        "float_text": None if float_tokens is None else tokenizer.decode(float_tokens),
+        "float_tokens_agreeing": None
+        if float_tokens is None
+        else _common_prefix(float_tokens, reference),
         "rows": rows,
     }
+
+
+def _format_line(result: dict) -> str:
+    """Which format the experts are kept in, and their host bytes against float."""
+    float_bytes = result["float_expert_bytes"]
+    line = f"experts in host memory: {result['expert_format']}"
+    if result["host_bytes"] is not None:
+        share = 100 * result["host_bytes"] / float_bytes
+        line += (
+            f", {result['host_bytes'] / 2**20:.1f} MiB ({share:.0f}% of "
+            f"{float_bytes / 2**20:.1f} MiB as {result['dtype']})"
+        )
+    if result["float_text"] is not None:
+        line += (
+            f"\nthe {result['dtype']} model's text agrees on the first "
+            f"{result['float_tokens_agreeing']} of {result['max_new_tokens']} tokens: "
+            f"{result['prompt'] + result['float_text']!r}"
+        )
+    return line + "\n"
 
 
 def format_demo(result: dict) -> str:
@@ -211,6 +340,7 @@ def format_demo(result: dict) -> str:
                 f"{r['device_bytes'] / 2**20:.1f} MiB ({100 * r['device_bytes'] / full_bytes:.0f}%)"
             ),
         ),
+        ("host memory (experts)", lambda r: cell(r, "host_bytes", mib)),
         ("same tokens as whole", lambda r: cell(r, "same_tokens", lambda v: "yes" if v else "NO")),
     ]
     names = [r["name"] for r in rows]
@@ -222,6 +352,7 @@ def format_demo(result: dict) -> str:
         "",
         result["prompt"] + result["text"],
         "",
+        _format_line(result),
         " " * 24 + "".join(n.rjust(width) for n in names),
     ]
     for label, fn in table:
