@@ -17,6 +17,7 @@ import torch
 
 import expertflow
 from expertflow import formats
+from expertflow.runtime.experts import find_experts_modules
 from tests.modules.test_offload import COMMON, FAMILIES, batch
 
 transformers = pytest.importorskip("transformers")
@@ -141,9 +142,9 @@ def load(folder, **kwargs):
     return expertflow.from_pretrained(folder, **kwargs)
 
 
-def tight_slots(model_or_folder) -> int:
-    config = model_or_folder.config
-    return config.num_hidden_layers * config.num_experts_per_tok
+def tight_slots(model) -> int:
+    """The tightest per-layer budget: top_k slots per MoE layer."""
+    return len(find_experts_modules(model)) * model.config.num_experts_per_tok
 
 
 @pytest.mark.parametrize("expert_format", ["auto", "mxfp4"])
@@ -236,3 +237,19 @@ def test_from_config_ignores_quantization_config(tmp_path):
     assert all(p.is_floating_point() and p.dtype != torch.float8_e4m3fn for p in built.parameters())
     model = load(folder, slots=4)
     assert getattr(model.config, "quantization_config", None) is None
+
+
+def test_deepseek_v3_mtp_layer_skipped(tmp_path):
+    """DeepSeek-V3 ships a multi-token-prediction layer 61 (fp8 too) that transformers skips
+    (``_keys_to_ignore_on_load_unexpected``): its weights and scales are skipped alike."""
+    block, overrides = FP8_CASES["deepseek_v3"]
+    folder, deq = fp8_checkpoint("deepseek_v3", tmp_path, block, shards=1, **overrides)
+    tensors = safetensors_torch.load_file(folder / "model.safetensors")
+    for key in list(tensors):
+        if key.startswith("model.layers.1."):
+            tensors[key.replace("model.layers.1.", "model.layers.61.")] = tensors[key].clone()
+    assert "model.layers.61.mlp.experts.0.gate_proj.weight_scale_inv" in tensors
+    assert "model.layers.61.self_attn.q_a_proj.weight_scale_inv" in tensors
+    safetensors_torch.save_file(tensors, folder / "model.safetensors", {"format": "pt"})
+    want = reference(deq)
+    assert_close(logits(load(folder, slots=tight_slots(want))), logits(want))

@@ -7,6 +7,7 @@ refused before the store is allocated and the streaming starts."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ from expertflow.runtime.checkpoint import SAFETENSORS_DTYPES, KeyTranslator
 from expertflow.runtime.experts import expert_param_names
 from expertflow.runtime.quant_config import CheckpointQuant
 
-__all__ = ["Entry", "Stack", "plan_checkpoint"]
+__all__ = ["Entry", "Stack", "plan_checkpoint", "skipped_keys", "stacks_of"]
 
 SCALE_INV = "_scale_inv"  # fp8: X.weight_scale_inv is the multiplier of X.weight's tiles
 MX_SUFFIXES = {"_blocks": "codes", "_scales": "scales"}  # GPT-OSS: X_blocks, X_scales
@@ -69,6 +70,8 @@ def _classify(key, dtype, quant, translate, stacks, skip) -> tuple[str, str, obj
                 base, kind = key.removesuffix(suffix), what
     if base is not None:
         target, piece = translate(base)
+        if skip(key, target):
+            return "skip", target, piece
         if target in stacks:
             return ("codes" if kind == "codes" else "scales"), target, piece
         if kind == "scale":
@@ -103,7 +106,7 @@ def plan_checkpoint(model, found, headers: dict[Path, dict], quant: CheckpointQu
                 _check_piece_index(entry, info["shape"])
                 n = 1 if piece is None else piece[2]
                 parts[target] = max(parts.get(target, 1), n)
-            elif piece is not None:
+            elif piece is not None and role != "skip":
                 raise ValueError(
                     f"from_pretrained: {file} has tensor {key}, a piece of experts stack "
                     f"{target}, which the model does not have"
@@ -124,3 +127,17 @@ def _check_piece_index(entry: Entry, shape: list[int]) -> None:
             f"from_pretrained: {entry.file}: tensor {entry.key} is of expert {entry.piece[0]}, "
             f"the model's layer has experts 0 to {experts - 1}"
         )
+
+
+def skipped_keys(model, stacks):
+    """Whether a checkpoint key is one transformers skips for this model: not a tensor of the
+    model and matched by its ``_keys_to_ignore_on_load_unexpected`` (DeepSeek-V3's
+    multi-token-prediction layer 61, for one). Any other unknown key is refused."""
+    patterns = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    if not patterns:
+        return lambda key, target: False
+    ignored = re.compile("|".join(f"({p})" for p in sorted(patterns)))
+    known = set(stacks)
+    known.update(name for name, _ in model.named_parameters(remove_duplicate=False))
+    known.update(name for name, _ in model.named_buffers(remove_duplicate=False))
+    return lambda key, target: target not in known and ignored.search(key) is not None

@@ -16,7 +16,7 @@ from expertflow.formats.mxfp4 import E8M0_NAN
 from expertflow.runtime.checkpoint import SAFETENSORS_DTYPES, Shard
 from expertflow.runtime.checkpoint_plan import Entry
 
-__all__ = ["check_expert_entries", "expected_tracks", "write_expert_piece"]
+__all__ = ["check_complete", "check_expert_entries", "expected_tracks", "write_expert_piece"]
 
 
 def _packed(packing, entry: Entry) -> bool:
@@ -170,3 +170,30 @@ def expected_tracks(packings) -> dict:
             if packing.codec is not None and not name.endswith("_bias"):
                 tracks[(layer, index, "scales")] = set()
     return tracks
+
+
+def check_complete(model, found, packings, filled, path) -> None:
+    """Every piece of every expert (its values and, packed, its scales), and every other
+    parameter, came from the checkpoint."""
+    for (layer, index, track), pieces in filled.items():
+        module = found[layer][1]
+        parts = max((p for _, _, p in pieces), default=1)
+        wanted = {(e, i, parts) for e in range(module.num_experts) for i in range(parts)}
+        name = f"{found[layer][0]}.{packings[layer].names[index]}"
+        if track == "scales":
+            name += " (its scales)"
+        if pieces - wanted:  # some experts both whole and in parts
+            twice = sorted({e for e, _, _ in pieces - wanted})
+            raise ValueError(
+                f"from_pretrained: {path} gives experts {twice[:8]} of {name} "
+                "in two layouts (whole and in parts)"
+            )
+        if pieces != wanted:
+            missing = sorted({e for e, _, _ in wanted - pieces})
+            raise ValueError(f"from_pretrained: {path} lacks experts {missing[:8]} of {name}")
+    expert_params = {id(p) for _, m in found for p in m.parameters(recurse=False)}
+    missing = [
+        name for name, p in model.named_parameters() if p.is_meta and id(p) not in expert_params
+    ]
+    if missing:
+        raise ValueError(f"from_pretrained: {path} lacks weights for {missing[:8]}")

@@ -7,26 +7,33 @@ store (converted from the checkpoint's per-expert layout where needed, e.g. Mixt
 ``experts.N.w1/w2/w3``), every other tensor goes to the device. Peak host memory is the store
 plus one open shard. Checkpoint key names are translated with transformers' own conversion
 mapping, so every family transformers can load is read the same way.
+
+Expert formats: a float checkpoint's experts are packed one piece at a time while streaming
+(``expert_format="int8"`` etc., :mod:`expertflow.runtime.packed_loading`); a checkpoint shipped
+in block fp8 or MXFP4 (:mod:`expertflow.runtime.quant_config`) has its expert codes and scales
+read straight into the store, and its fp8 non-expert weights dequantized on load
+(:mod:`expertflow.runtime.fp8_pairs`). What each tensor is, and whether its shape and dtype fit,
+is decided from the headers before any weight is read (:mod:`expertflow.runtime.checkpoint_plan`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from expertflow.runtime.checkpoint import Shard, checkpoint_files
-from expertflow.runtime.checkpoint_plan import plan_checkpoint, stacks_of
+from expertflow.runtime.checkpoint_plan import plan_checkpoint, skipped_keys, stacks_of
 from expertflow.runtime.expert_format import ExpertPacking
 from expertflow.runtime.experts import expert_param_names, offloadable_modules
 from expertflow.runtime.fp8_pairs import Fp8Pairs
 from expertflow.runtime.offload import build_cache, install, packed_layouts
 from expertflow.runtime.options import OffloadOptions
 from expertflow.runtime.packed_loading import (
+    check_complete,
     check_expert_entries,
     expected_tracks,
     write_expert_piece,
@@ -222,7 +229,7 @@ def from_pretrained(
     model = _build_model(config, dtype, path)
     _check_size(model, files, path)
     found = offloadable_modules(model)
-    skip = _skipped_keys(model, stacks_of(found))
+    skip = skipped_keys(model, stacks_of(found))
     entries, parts = plan_checkpoint(model, found, headers, quant, skip)
     packings = _packings(found, codec, parts)
     check_expert_entries(entries, found, packings, headers)
@@ -231,7 +238,7 @@ def from_pretrained(
     cache = build_cache(model, found, packed_layouts(found, packings), options)
     filled = _stream_shards(model, found, cache, packings, entries, quant, options.device, dtype)
     model.tie_weights()
-    _check_complete(model, found, packings, filled, path)
+    check_complete(model, found, packings, filled, path)
     return install(model, found, cache, options, packings)
 
 
@@ -294,44 +301,3 @@ def _stream_shards(model, found, cache, packings, entries, quant, device, dtype)
     if pairs is not None:
         pairs.finish()
     return filled
-
-
-def _skipped_keys(model, stacks):
-    """Whether a checkpoint key is one transformers skips for this model: not a tensor of the
-    model and matched by its ``_keys_to_ignore_on_load_unexpected`` (DeepSeek-V3's
-    multi-token-prediction layer 61, for one). Any other unknown key is refused."""
-    patterns = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
-    if not patterns:
-        return lambda key, target: False
-    ignored = re.compile("|".join(f"({p})" for p in sorted(patterns)))
-    known = set(stacks)
-    known.update(name for name, _ in model.named_parameters(remove_duplicate=False))
-    known.update(name for name, _ in model.named_buffers(remove_duplicate=False))
-    return lambda key, target: target not in known and ignored.search(key) is not None
-
-
-def _check_complete(model, found, packings, filled, path) -> None:
-    """Every piece of every expert (its values and, packed, its scales), and every other
-    parameter, came from the checkpoint."""
-    for (layer, index, track), pieces in filled.items():
-        module = found[layer][1]
-        parts = max((p for _, _, p in pieces), default=1)
-        wanted = {(e, i, parts) for e in range(module.num_experts) for i in range(parts)}
-        name = f"{found[layer][0]}.{packings[layer].names[index]}"
-        if track == "scales":
-            name += " (its scales)"
-        if pieces - wanted:  # some experts both whole and in parts
-            twice = sorted({e for e, _, _ in pieces - wanted})
-            raise ValueError(
-                f"from_pretrained: {path} gives experts {twice[:8]} of {name} "
-                "in two layouts (whole and in parts)"
-            )
-        if pieces != wanted:
-            missing = sorted({e for e, _, _ in wanted - pieces})
-            raise ValueError(f"from_pretrained: {path} lacks experts {missing[:8]} of {name}")
-    expert_params = {id(p) for _, m in found for p in m.parameters(recurse=False)}
-    missing = [
-        name for name, p in model.named_parameters() if p.is_meta and id(p) not in expert_params
-    ]
-    if missing:
-        raise ValueError(f"from_pretrained: {path} lacks weights for {missing[:8]}")
