@@ -253,3 +253,21 @@ def test_deepseek_v3_mtp_layer_skipped(tmp_path):
     safetensors_torch.save_file(tensors, folder / "model.safetensors", {"format": "pt"})
     want = reference(deq)
     assert_close(logits(load(folder, slots=tight_slots(want))), logits(want))
+
+
+def test_gpu_memory_budgets_the_shipped_slot_size_and_restore_expands(tmp_path):
+    """The slots a gpu_memory budget buys are counted in packed bytes (about 4x more than for
+    the same experts in float32); restore() gives the experts back expanded to floats."""
+    folder, deq = fp8_checkpoint("mixtral", tmp_path, (32, 32), shards=1)
+    want = reference(deq)
+    budget = 185_000
+    packed = load(folder, gpu_memory=budget, slots=None)
+    floats = load(deq, gpu_memory=budget, slots=None)
+    n_packed, n_float = (m._expertflow.cache.num_slots for m in (packed, floats))
+    slot = packed._expertflow.cache.slot_bytes
+    assert 4 <= n_float < n_packed <= 16
+    assert slot < floats._expertflow.cache.slot_bytes / 3
+    report = expertflow.memory_report(packed)
+    assert report["resident_bytes"] + n_packed * slot <= budget
+    expertflow.restore(packed)
+    assert_close(logits(packed), logits(want))
