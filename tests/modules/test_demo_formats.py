@@ -60,7 +60,7 @@ def test_the_float_run_names_its_format():
         "rows": [{"name": "whole model on device", "device_bytes": 2**21}],
     }
     text = format_demo(result)
-    assert "experts in host memory: float, 1.0 MiB (100% of 1.0 MiB as float32)" in text
+    assert "experts in host memory: float32, 1.0 MiB (100% of 1.0 MiB as float32)" in text
     assert "agrees" not in text
 
 

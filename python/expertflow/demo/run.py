@@ -293,7 +293,8 @@ def run_demo(
 def _format_line(result: dict) -> str:
     """Which format the experts are kept in, and their host bytes against float."""
     float_bytes = result["float_expert_bytes"]
-    line = f"experts in host memory: {result['expert_format']}"
+    fmt = result["expert_format"]
+    line = f"experts in host memory: {result['dtype'] if fmt == 'float' else fmt}"
     if result["host_bytes"] is not None:
         share = 100 * result["host_bytes"] / float_bytes
         line += (
