@@ -17,12 +17,23 @@ from expertflow.cli import (
     generate,
     replay,
     routing_stats,
+    serve,
     trace,
     train_predictor,
 )
 from expertflow.traces import TraceError
 
-_COMMANDS = (chat, generate, demo, replay, trace, train_predictor, eval_predictor, routing_stats)
+_COMMANDS = (
+    chat,
+    generate,
+    serve,
+    demo,
+    replay,
+    trace,
+    train_predictor,
+    eval_predictor,
+    routing_stats,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,10 +18,12 @@ from expertflow.cli.model_options import add_model_options, add_sampling_options
 
 
 def run(args: argparse.Namespace) -> int:
+    from expertflow.cli.common import check_positive
     from expertflow.serving.chat_format import has_template
     from expertflow.serving.engine import Engine
     from expertflow.serving.loading import check_sampling, summary_line
 
+    check_positive(args, "max_tokens")
     check_sampling(args.temperature, args.top_p, args.seed)
     loaded = load(args)
     template = "chat template" if has_template(loaded.tokenizer) else "no chat template: plain text"

@@ -13,10 +13,12 @@ from expertflow.cli.model_options import add_model_options, add_sampling_options
 
 
 def run(args: argparse.Namespace) -> int:
+    from expertflow.cli.common import check_positive
     from expertflow.serving.engine import Engine
     from expertflow.serving.loading import check_sampling, summary_line
     from expertflow.serving.streaming import Reply, TextStream, stream_reply
 
+    check_positive(args, "max_tokens")
     check_sampling(args.temperature, args.top_p, args.seed)
     text = _prompt_text(args)
     loaded = load(args)

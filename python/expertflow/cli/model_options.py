@@ -56,7 +56,7 @@ def load(args: argparse.Namespace):
     from expertflow.serving.loading import OffloadChoices, load_model
 
     check_device("--device", args.device)
-    check_positive(args, "max_tokens", "slots", "group_size")
+    check_positive(args, "slots", "group_size")
     choices = OffloadChoices(
         device=args.device, slots=args.slots, gpu_memory=args.gpu_memory, policy=args.policy,
         budget=args.budget, predictor=args.predictor, expert_format=args.expert_format,

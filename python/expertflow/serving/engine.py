@@ -109,6 +109,10 @@ class Engine:
         """Whether a request waits or decodes."""
         return self._running().busy()
 
+    def running(self) -> int:
+        """Requests decoding in a batch."""
+        return sum(len(rows) for rows in self._running().batches)
+
     def waiting(self) -> int:
         """Requests not yet admitted into a batch."""
         return len(self._running().waiting)
