@@ -213,6 +213,9 @@ class _Served:
                     return
                 if finish is None:
                     yield piece, None
+                    continue
+                yield piece + stream.finish(), finish
+                return
             if finish is not None:
                 yield stream.finish(), finish
                 return
