@@ -42,7 +42,9 @@ def alone():
     def decode(ids: list[int], max_new_tokens: int) -> list[int]:
         key = (tuple(ids), max_new_tokens)
         if key not in cache:
-            out = expertflow.generate_batch(model, [ids], max_new_tokens=max_new_tokens, batch_size=1)
+            out = expertflow.generate_batch(
+                model, [ids], max_new_tokens=max_new_tokens, batch_size=1
+            )
             cache[key] = out.sequences[0]
         return cache[key]
 

@@ -96,8 +96,8 @@ def _add_error_handlers(app: FastAPI, worker: Worker) -> None:
             body = api.error_body(f"the body is not valid JSON: {error}", "invalid_request_error")
             return JSONResponse(body, status_code=400)
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        message = f"{where}: {first.get('msg', 'invalid')}" if where else first.get("msg", "")
-        body = api.error_body(message or "invalid request body", "invalid_request_error", where)
+        message = f"{where or 'the body'}: {first.get('msg', 'invalid')}"
+        body = api.error_body(message, "invalid_request_error", where or None)
         return JSONResponse(body, status_code=400)
 
 
