@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="package", autouse=True)
 def one_thread():
     """One intra-op thread: on a loaded 2-core machine two threads spin against each other
     (a demo decode step took 40x longer)."""

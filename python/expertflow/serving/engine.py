@@ -148,8 +148,12 @@ class Engine:
 
     def step(self) -> None:
         """One round: waiting requests admitted, then one decode step of every batch."""
+        run = self._running()
         with torch.no_grad():
-            self._running().round()
+            run.round()
+        # generate_batch averages the distinct experts of every step at its end; a server's
+        # engine never ends, and that list would grow by one entry per step for ever.
+        run._distinct.clear()
 
     def _running(self) -> _Generator:
         if self._run is None:
