@@ -7,6 +7,7 @@ speed go to stderr.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from expertflow.cli.model_options import add_model_options, add_sampling_options, load
@@ -28,19 +29,25 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("the prompt has no tokens")
     sampling = loaded.sampling_for(args.temperature, args.top_p, args.seed)
     reply, stream = Reply(), TextStream(loaded.tokenizer)
-    with Engine(
-        loaded.model, batch_size=1, active_batches=1, eos_token_id=sorted(loaded.eos)
-    ) as engine:
-        for token in stream_reply(
-            engine, ids, reply, max_new_tokens=_room(args.max_tokens, len(ids), loaded.context),
-            sampling=sampling,
-        ):  # fmt: skip
-            sys.stdout.write(stream.push(token))
-            sys.stdout.flush()
+    room = _room(args.max_tokens, len(ids), loaded.context)
+    # Ctrl-C ends the program, but after the decode step under way (as chat's stops a reply):
+    # the text so far and the summary are still printed, and the status is 130.
+    interrupted = []
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    try:
+        with Engine(
+            loaded.model, batch_size=1, active_batches=1, eos_token_id=sorted(loaded.eos)
+        ) as engine:
+            for token in stream_reply(engine, ids, reply, max_new_tokens=room, sampling=sampling,
+                                      cancelled=lambda: bool(interrupted)):  # fmt: skip
+                sys.stdout.write(stream.push(token))
+                sys.stdout.flush()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     sys.stdout.write(stream.finish() + "\n")
     sys.stdout.flush()
     print(reply_line(reply), file=sys.stderr)
-    return 0
+    return 130 if interrupted else 0
 
 
 def reply_line(reply) -> str:

@@ -114,7 +114,11 @@ class _Served:
     async def chat(self, body: api.ChatRequest, request: Request):
         self._check_model(body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        ids = chat_ids(self.loaded.tokenizer, messages)
+        try:
+            ids = chat_ids(self.loaded.tokenizer, messages)
+        except Exception as exc:  # a template may refuse a role or an order of messages
+            message = f"the model's chat template refused the messages: {exc}"
+            raise APIError(400, message, param="messages") from exc
         ticket = self._submit(ids, body, "messages")
         rid = api.new_id("chatcmpl")
         if body.stream:
