@@ -65,6 +65,7 @@ def test_expert_format_on_a_checkpoint(checkpoint):
     assert expertflow.memory_report(loaded.model)["expert_format"] == "int8"
 
 
+@pytest.mark.slow  # a subprocess loads the model
 def test_chat_on_the_checkpoint_uses_its_template(checkpoint, alone):
     from transformers import AutoTokenizer
 

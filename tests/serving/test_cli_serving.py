@@ -31,6 +31,7 @@ def text_alone(loaded, alone, ids: list[int], max_tokens: int) -> str:
     return loaded.tokenizer.decode(alone(ids, max_tokens), skip_special_tokens=True)
 
 
+@pytest.mark.slow  # a subprocess loads the model
 def test_generate_streams_the_greedy_continuation(loaded, alone):
     prompt = "The history of the city begins"
     done = expertflow("generate", "--prompt", prompt, "--max-tokens", "8", "--device", "cpu")
@@ -43,6 +44,7 @@ def test_generate_streams_the_greedy_continuation(loaded, alone):
     assert from_stdin.stdout == done.stdout
 
 
+@pytest.mark.slow  # a subprocess loads the model
 def test_chat_keeps_history_until_reset(loaded, alone):
     done = expertflow("chat", "--max-tokens", "6", "--device", "cpu",
                       stdin="Hello there\n/reset\nThe city\n/exit\n")  # fmt: skip
@@ -56,6 +58,7 @@ def test_chat_keeps_history_until_reset(loaded, alone):
     assert done.stderr.count("[6 tokens, ") == 2
 
 
+@pytest.mark.slow  # a subprocess loads the model
 def test_ctrl_c_stops_the_reply_not_the_chat():
     chat = subprocess.Popen(
         [sys.executable, "-m", "expertflow", "chat", "--max-tokens", "900", "--device", "cpu"],
@@ -84,6 +87,7 @@ def test_ctrl_c_stops_the_reply_not_the_chat():
     assert "cancelled]" in err and "Traceback" not in err
 
 
+@pytest.mark.slow  # a subprocess loads the model
 def test_sigterm_finishes_the_request_in_flight_and_exits_0(loaded, alone):
     httpx = pytest.importorskip("httpx", reason="the serving tests send requests with httpx")
     pytest.importorskip("fastapi", reason="expertflow serve needs the 'serve' extra")
