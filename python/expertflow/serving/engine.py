@@ -96,7 +96,7 @@ class Engine:
     def __exit__(self, *exc) -> None:
         if self._tap is not None:
             self._tap.__exit__(*exc)
-        self._tap = None
+        self._tap = self._run = None  # its requests are dropped with it
         if self._prefetcher is not None:
             self._prefetcher.reset()
 
