@@ -1,7 +1,8 @@
 """expertflow: run Mixture-of-Experts models larger than GPU memory.
 
-The ``expertflow`` command line: ``demo``, ``trace``, ``routing-stats``, ``replay``,
-``train-predictor`` and ``eval-predictor``, one module each (``add_parser`` and ``run``).
+The ``expertflow`` command line: ``chat``, ``generate``, ``serve``, ``demo``, ``trace``,
+``routing-stats``, ``replay``, ``train-predictor`` and ``eval-predictor``, one module each
+(``add_parser`` and ``run``).
 """
 
 from __future__ import annotations
@@ -9,10 +10,30 @@ from __future__ import annotations
 import argparse
 import sys
 
-from expertflow.cli import demo, eval_predictor, replay, routing_stats, trace, train_predictor
+from expertflow.cli import (
+    chat,
+    demo,
+    eval_predictor,
+    generate,
+    replay,
+    routing_stats,
+    serve,
+    trace,
+    train_predictor,
+)
 from expertflow.traces import TraceError
 
-_COMMANDS = (demo, replay, trace, train_predictor, eval_predictor, routing_stats)
+_COMMANDS = (
+    chat,
+    generate,
+    serve,
+    demo,
+    replay,
+    trace,
+    train_predictor,
+    eval_predictor,
+    routing_stats,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -85,21 +85,45 @@ class _Generator:
         }
         self._distinct: list[float] = []  # per decode step: mean distinct experts per layer
         self._last_union: np.ndarray | None = None  # [L, E] experts of the last decode step
+        self._rounds = 0
 
     def run(self) -> None:
-        rounds = 0
-        while self.waiting or any(len(b) for b in self.batches):
-            for batch in range(len(self.batches)):
-                self._admit(batch)
-            order = list(range(len(self.batches)))
-            if self.schedule == "expertflow" and rounds % self.regroup_every == 0:
-                order = self._regroup() or order
-            rounds += 1
-            live = [b for b in order if len(self.batches[b])]
-            for i, batch in enumerate(live):
-                # The last batch's follower already ran this round: its paths are gone.
-                following = self.batches[live[i + 1]].requests if i + 1 < len(live) else []
-                self.batches[batch] = self._step(self.batches[batch], following)
+        while self.busy():
+            self.round()
+
+    def busy(self) -> bool:
+        """Whether a request waits or decodes."""
+        return bool(self.waiting) or any(len(b) for b in self.batches)
+
+    def round(self) -> None:
+        """Admits waiting requests into free rows, regroups (``"expertflow"``), then gives
+        every batch holding requests one decode step. A request added to ``waiting`` between
+        rounds joins at the next one (continuous batching, :mod:`expertflow.serving.engine`)."""
+        for batch in range(len(self.batches)):
+            self._admit(batch)
+        order = list(range(len(self.batches)))
+        if self.schedule == "expertflow" and self._rounds % self.regroup_every == 0:
+            order = self._regroup() or order
+        self._rounds += 1
+        live = [b for b in order if len(self.batches[b])]
+        for i, batch in enumerate(live):
+            # The last batch's follower already ran this round: its paths are gone.
+            following = self.batches[live[i + 1]].requests if i + 1 < len(live) else []
+            self.batches[batch] = self._step(self.batches[batch], following)
+
+    def remove(self, request: _Request) -> bool:
+        """Takes a request out, waiting or decoding (its KV rows dropped); False if it is in
+        neither (it has already finished)."""
+        for i, waiting in enumerate(self.waiting):
+            if waiting is request:
+                del self.waiting[i]
+                return True
+        for b, rows in enumerate(self.batches):
+            if any(r is request for r in rows.requests):
+                keep = [i for i, r in enumerate(rows.requests) if r is not request]
+                self.batches[b] = rows.select(keep)
+                return True
+        return False
 
     def distinct_experts_per_layer(self) -> float | None:
         return float(np.mean(self._distinct)) if self._distinct else None

@@ -3,7 +3,7 @@ tokens accepted until it ends, and why it ended."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +21,11 @@ class _Request:
     scores: np.ndarray | None = None  # [L, E] predicted for the next step, if predicted
     reuse: np.ndarray | None = None  # [L, E] the predictor's reuse scores with them, if any
     generator: torch.Generator | None = None  # its own random stream, when sampling
+    # Set by an engine serving requests that arrive one by one (serving.engine); None in
+    # generate_batch, whose options hold for every request.
+    max_new_tokens: int | None = None  # its own limit instead of the call's
+    sampling: object = None  # its own _Sampling (its seed taken as is, not seed + index)
+    notify: Callable[[_Request, str | None], None] | None = None  # per token, and at the end
 
 
 def _prompt_ids(prompts, vocab: int | None, context: int | None) -> list[list[int]]:
@@ -109,7 +114,8 @@ class _Outcomes:
     def _finished(self, request: _Request) -> str | None:
         if request.generated[-1] in self.eos:
             return "stop"
-        if len(request.generated) >= self.max_new_tokens:
+        limit = request.max_new_tokens or self.max_new_tokens
+        if len(request.generated) >= limit:
             return "length"
         if self.context is not None and len(request.ids) >= self.context:
             return "context"  # the next token would need a position past the context
@@ -124,8 +130,12 @@ class _Outcomes:
         reason = self._finished(request)
         if reason is not None:
             self.finish[request.index] = reason
+        if request.notify is not None:
+            request.notify(request, reason)
         return reason is None
 
     def fail(self, request: _Request, error: Exception) -> None:
         self.finish[request.index] = "error"
         self.errors[request.index] = error
+        if request.notify is not None:
+            request.notify(request, "error")

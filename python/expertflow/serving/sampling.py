@@ -58,7 +58,16 @@ class _Sampling:
             )
 
     def pick(self, logits: torch.Tensor, requests: list[_Request]) -> list[int]:
-        """The next token of each row of ``logits`` ``[B, vocab]``."""
+        """The next token of each row of ``logits`` ``[B, vocab]``: by each request's own
+        sampling where it has one (served requests), else by these options."""
+        if any(r.sampling is not None for r in requests):
+            return [
+                (r.sampling or self)._pick(logits[i : i + 1], [r])[0]
+                for i, r in enumerate(requests)
+            ]
+        return self._pick(logits, requests)
+
+    def _pick(self, logits: torch.Tensor, requests: list[_Request]) -> list[int]:
         if not self.do_sample:
             return logits.argmax(dim=-1).tolist()
         logits = logits.float()
@@ -79,8 +88,11 @@ class _Sampling:
         tokens = []
         for row, request in zip(probs, requests, strict=True):
             if request.generator is None:
+                # A request with its own options has its own seed; in generate_batch, request
+                # i takes seed + i so that no two share a stream.
+                own = request.sampling is not None
                 request.generator = torch.Generator(device=row.device)
-                request.generator.manual_seed(self.seed + request.index)
+                request.generator.manual_seed(self.seed if own else self.seed + request.index)
             tokens.append(int(torch.multinomial(row, 1, generator=request.generator)))
         return tokens
 

@@ -1,0 +1,78 @@
+"""chat, generate and serve on a checkpoint folder the test writes (the demo model saved with a
+chat template and a generation_config.json), as a newcomer's own checkpoint is loaded."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from expertflow.serving.chat_format import chat_ids
+from expertflow.serving.loading import OffloadChoices, load_model
+from tests.serving.test_cli_serving import expertflow
+
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from transformers import GenerationConfig
+
+    from expertflow.demo.model import load_demo_model
+
+    folder = tmp_path_factory.mktemp("ckpt") / "tiny-moe"
+    model, tokenizer = load_demo_model()
+    model.save_pretrained(folder)
+    tokenizer.chat_template = TEMPLATE
+    tokenizer.save_pretrained(folder)
+    last = model.config.vocab_size - 1  # a second EOS id, as Qwen3's <|im_end|>
+    GenerationConfig(eos_token_id=[0, last], do_sample=True, temperature=0.7, top_p=0.8,
+                     top_k=20).save_pretrained(folder)  # fmt: skip
+    return folder
+
+
+def test_loading_honours_generation_config_and_template(checkpoint):
+    loaded = load_model(str(checkpoint), OffloadChoices(device="cpu", slots=24))
+    assert loaded.name == "tiny-moe"
+    assert loaded.eos == {0, loaded.model.config.vocab_size - 1}
+    assert loaded.sampling == {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
+    assert loaded.sampling_for().do_sample and loaded.sampling_for(temperature=0) is None
+    ids = chat_ids(loaded.tokenizer, [{"role": "user", "content": "hi"}])
+    assert loaded.tokenizer.decode(ids) == "<|user|>hi\n<|assistant|>"
+
+
+def test_a_checkpoint_needs_a_budget():
+    from expertflow.demo.model import DEMO_MODEL_DIR
+
+    with pytest.raises(ValueError, match="--gpu-memory or --slots is needed"):
+        load_model(str(DEMO_MODEL_DIR), OffloadChoices(device="cpu"))
+
+
+def test_expert_format_on_a_checkpoint(checkpoint):
+    from expertflow.runtime.pretrained import from_pretrained
+
+    choices = OffloadChoices(device="cpu", slots=24, expert_format="int8")
+    if "expert_format" not in inspect.signature(from_pretrained).parameters:
+        with pytest.raises(ValueError, match="--expert-format: this version's from_pretrained"):
+            load_model(str(checkpoint), choices)
+        return
+    import expertflow
+
+    loaded = load_model(str(checkpoint), choices)
+    assert expertflow.memory_report(loaded.model)["expert_format"] == "int8"
+
+
+@pytest.mark.slow  # a subprocess loads the model
+def test_chat_on_the_checkpoint_uses_its_template(checkpoint, alone):
+    from transformers import AutoTokenizer
+
+    options = ["--slots", "24", "--device", "cpu", "--temperature", "0", "--max-tokens", "6"]
+    done = expertflow("chat", "--model", str(checkpoint), *options, stdin="The city\n/exit\n")
+    assert done.returncode == 0, done.stderr
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    ids = chat_ids(tokenizer, [{"role": "user", "content": "The city"}])
+    assert tokenizer.decode(alone(ids, 6), skip_special_tokens=True) + "\n" in done.stdout
+    assert "tiny-moe: 24 of 96 expert slots" in done.stderr and "; chat template;" in done.stderr
