@@ -3,8 +3,6 @@ chat template and a generation_config.json), as a newcomer's own checkpoint is l
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 
 from expertflow.serving.chat_format import chat_ids
@@ -52,14 +50,9 @@ def test_a_checkpoint_needs_a_budget():
 
 
 def test_expert_format_on_a_checkpoint(checkpoint):
-    from expertflow.runtime.pretrained import from_pretrained
+    import expertflow
 
     choices = OffloadChoices(device="cpu", slots=24, expert_format="int8")
-    if "expert_format" not in inspect.signature(from_pretrained).parameters:
-        with pytest.raises(ValueError, match="--expert-format: this version's from_pretrained"):
-            load_model(str(checkpoint), choices)
-        return
-    import expertflow
 
     loaded = load_model(str(checkpoint), choices)
     assert expertflow.memory_report(loaded.model)["expert_format"] == "int8"

@@ -7,7 +7,6 @@ is read: a bad ``--slots`` must not cost a whole model load first.
 
 from __future__ import annotations
 
-import inspect
 import math
 import secrets
 from dataclasses import dataclass, field
@@ -105,10 +104,9 @@ def load_model(spec: str, choices: OffloadChoices) -> Loaded:
     # Checked whole before any loading (OffloadOptions raises ValueError naming the option).
     OffloadOptions(device, slots, gpu_memory, choices.policy, choices.budget, predictor,
                    expert_format=choices.expert_format, group_size=choices.group_size)  # fmt: skip
-    formats = {"expert_format": choices.expert_format, "group_size": choices.group_size}
-    formats = {k: v for k, v in formats.items() if v not in (None, "auto")}
     common = dict(device=device, slots=slots, gpu_memory=gpu_memory, policy=choices.policy,
-                  budget=choices.budget, predictor=predictor, **formats)  # fmt: skip
+                  budget=choices.budget, predictor=predictor, expert_format=choices.expert_format,
+                  group_size=choices.group_size)  # fmt: skip
     if demo:
         import expertflow
         from expertflow.demo.model import load_demo_model
@@ -145,13 +143,6 @@ def _checkpoint_folder(spec: str) -> Path:
 def _from_checkpoint(path: Path, options: dict) -> nn.Module:
     from expertflow.runtime.pretrained import from_pretrained
 
-    taken = inspect.signature(from_pretrained).parameters
-    for name in ("expert_format", "group_size"):
-        if name in options and name not in taken:
-            raise ValueError(
-                f"--{name.replace('_', '-')}: this version's from_pretrained cannot load a "
-                f"checkpoint with {name}={options[name]!r} (the demo model can); leave it out"
-            )
     return from_pretrained(path, **options)
 
 
