@@ -18,7 +18,7 @@ is decided from the headers before any weight is read (:mod:`expertflow.runtime.
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
 from pathlib import Path
 
@@ -30,6 +30,12 @@ from expertflow.runtime.checkpoint_plan import plan_checkpoint, skipped_keys, st
 from expertflow.runtime.expert_format import ExpertPacking
 from expertflow.runtime.experts import expert_param_names, offloadable_modules
 from expertflow.runtime.fp8_pairs import Fp8Pairs
+from expertflow.runtime.model_building import (
+    build_model,
+    model_dtype,
+    read_config,
+    read_generation_config,
+)
 from expertflow.runtime.offload import build_cache, install, packed_layouts
 from expertflow.runtime.options import OffloadOptions
 from expertflow.runtime.packed_loading import (
@@ -46,24 +52,7 @@ from expertflow.runtime.quant_config import (
 
 __all__ = ["from_pretrained"]
 
-
-@contextlib.contextmanager
-def _parameters_on_meta():
-    """Module construction with every parameter on the meta device (no memory, no init) while
-    buffers (rotary tables and the like, computed at construction) stay real."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module, name, param):
-        register(module, name, param)
-        if param is not None:
-            kind = type(module._parameters[name])
-            module._parameters[name] = kind(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
+log = logging.getLogger("expertflow")
 
 
 def _owner(model: nn.Module, target: str, where, key: str) -> tuple[nn.Module, str]:
@@ -109,55 +98,6 @@ def _assigner(model: nn.Module, device):
     return assign
 
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def _model_dtype(dtype, config, path: Path) -> torch.dtype:
-    """``dtype`` (a floating torch.dtype or its name), else the config's, else float32."""
-    source = "dtype"
-    if dtype is None:
-        dtype = getattr(config, "dtype", None) or torch.float32
-        source = f"the dtype in {path / 'config.json'}"
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
-    if dtype not in _FLOAT_DTYPES:
-        names = [str(d).removeprefix("torch.") for d in _FLOAT_DTYPES]
-        raise ValueError(
-            f"from_pretrained: {source} must be a floating torch.dtype or its name "
-            f"({', '.join(names)}), got {dtype!r}"
-        )
-    return dtype
-
-
-def _read_config(path: Path):
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(str(path), local_files_only=True)
-    # Any failure: transformers raises OSError, ValueError, AttributeError (an unknown dtype
-    # name) or huggingface_hub's validation errors (a field of the wrong type).
-    except Exception as exc:
-        raise ValueError(
-            f"from_pretrained: {path / 'config.json'} is not a usable transformers config "
-            f"({type(exc).__name__}: {exc})"
-        ) from exc
-
-
-def _build_model(config, dtype: torch.dtype, path: Path) -> nn.Module:
-    """The model of ``config`` with its parameters on the meta device."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        with _parameters_on_meta():
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except Exception as exc:  # a config transformers reads but cannot build a model from
-        raise ValueError(
-            f"from_pretrained: no model can be built from {path / 'config.json'} "
-            f"({type(exc).__name__}: {exc})"
-        ) from exc
-    return model.eval()
-
-
 def from_pretrained(
     path: str | Path,
     *,
@@ -183,8 +123,8 @@ def from_pretrained(
         device, slots, gpu_memory, policy, budget, predictor, lookahead, background,
             prefetch_threshold: as for :func:`expertflow.offload`.
         dtype: the weights' dtype on the device and in the host store, a floating
-            ``torch.dtype`` or its name such as ``"bfloat16"`` (default: the checkpoint's
-            ``dtype`` in its config, else float32).
+            ``torch.dtype`` or its name such as ``"bfloat16"`` (default, or ``"auto"``: the
+            checkpoint's ``dtype`` in its config, else float32).
         expert_format: how the experts are kept in host memory and copied to slots. For a
             float checkpoint as for :func:`expertflow.offload`: ``"auto"`` keeps the float
             dtype; ``"int8"``, ``"int4"``, ``"fp8"`` or ``"mxfp4"`` quantize each expert while
@@ -221,12 +161,13 @@ def from_pretrained(
         shard = Shard(file)
         headers[file] = shard.entries
         shard.close()
-    config = _read_config(path)
+    config = read_config(path)
+    generation = read_generation_config(path)
     quant = read_quant_config(config, path)
     codec = expert_codec(quant, options.expert_format, options.group_size, path)
     drop_quantization_config(config)
-    dtype = _model_dtype(dtype, config, path)
-    model = _build_model(config, dtype, path)
+    dtype = model_dtype(dtype, config, path)
+    model = build_model(config, dtype, path)
     _check_size(model, files, path)
     found = offloadable_modules(model)
     skip = skipped_keys(model, stacks_of(found))
@@ -239,7 +180,24 @@ def from_pretrained(
     filled = _stream_shards(model, found, cache, packings, entries, quant, options.device, dtype)
     model.tie_weights()
     check_complete(model, found, packings, filled, path)
-    return install(model, found, cache, options, packings)
+    if generation is not None:
+        model.generation_config = generation
+    install(model, found, cache, options, packings)
+    _log_loaded(model, path)
+    return model
+
+
+def _log_loaded(model: nn.Module, path: Path) -> None:
+    from expertflow.runtime.memory import memory_report
+
+    r = memory_report(model)
+    cache = model._expertflow.cache
+    log.info(
+        "from_pretrained: %s loaded: %d slots of %.1f MiB (%s experts) on %s, %.2f GiB on the "
+        "device, %.2f GiB of experts in host memory",
+        path.name, cache.num_slots, cache.slot_bytes / 2**20, r["expert_format"], cache.device,
+        r["device_bytes"] / 2**30, r["host_bytes"] / 2**30,
+    )  # fmt: skip
 
 
 def _packings(found, codec, parts: dict[str, int]) -> list[ExpertPacking]:
@@ -282,7 +240,8 @@ def _stream_shards(model, found, cache, packings, entries, quant, device, dtype)
     for entry in entries:
         by_file.setdefault(entry.file, []).append(entry)
     with torch.no_grad():
-        for file, items in by_file.items():
+        for number, (file, items) in enumerate(by_file.items(), start=1):
+            log.info("from_pretrained: reading %s (%d of %d)", file.name, number, len(by_file))
             shard = Shard(file)
             try:
                 for entry in items:
