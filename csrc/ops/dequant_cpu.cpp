@@ -1,0 +1,206 @@
+// CPU dequantize kernels: plain loops over the rows of a weight (at::parallel_for), written so
+// that the compiler vectorises them; each row range is compiled twice, for x86-64 baseline and
+// for AVX2 (picked at run time), as torch's own wheels must run on CPUs without AVX2.
+// Every output is one float32 product `decoded code * scale` rounded once to the output dtype,
+// as the references in python/expertflow/formats compute it (float32, then .to(dtype)).
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <bit>
+#include <cstdint>
+
+#include "ops/dequant.h"
+#include "ops/dequant_decode.h"
+#include "ops/dispatch.h"
+
+namespace expertflow::ops {
+namespace {
+
+#define EF_INLINE [[gnu::always_inline]] inline
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define EF_HAVE_AVX2_CLONE 1
+// No "fma": c10::Half's float conversion is `a * b + c` and must not be contracted.
+#define EF_TARGET_AVX2 __attribute__((target("avx2,f16c")))
+#else
+#define EF_HAVE_AVX2_CLONE 0
+#define EF_TARGET_AVX2
+#endif
+
+// Elements per parallel task: enough work to amortise waking a thread.
+constexpr int64_t kGrainElems = 1 << 16;
+
+template <typename Out>
+EF_INLINE Out to_out(float v) {
+  return static_cast<Out>(v);  // c10::BFloat16 / c10::Half: round to nearest even, as torch
+}
+
+struct Int8Rows {
+  const int8_t* q;     // [rows, in]
+  const float* scale;  // [rows]
+  int64_t in;
+  template <typename Out>
+  EF_INLINE void operator()(Out* out, int64_t r0, int64_t r1) const {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float s = scale[r];
+      const int8_t* src = q + r * in;
+      Out* dst = out + r * in;
+      for (int64_t j = 0; j < in; ++j) dst[j] = to_out<Out>(static_cast<float>(src[j]) * s);
+    }
+  }
+};
+
+struct Int4Rows {
+  const uint8_t* packed;  // [rows, in / 2]
+  const float* scale;     // [rows, in / group]
+  int64_t in, group;
+  template <typename Out>
+  EF_INLINE void operator()(Out* out, int64_t r0, int64_t r1) const {
+    const int64_t groups = in / group;
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* src = packed + r * (in / 2);
+      const float* s_row = scale + r * groups;
+      Out* dst = out + r * in;
+      if (group % 2 == 0) {  // whole bytes per group: a straight loop the compiler vectorises
+        const int64_t bytes = group / 2;
+        for (int64_t g = 0; g < groups; ++g) {
+          const float s = s_row[g];
+          const uint8_t* b = src + g * bytes;
+          Out* d = dst + g * group;
+          for (int64_t k = 0; k < bytes; ++k) {
+            d[2 * k] = to_out<Out>(int4_low(b[k]) * s);
+            d[2 * k + 1] = to_out<Out>(int4_high(b[k]) * s);
+          }
+        }
+      } else {  // odd groups split bytes: element by element
+        for (int64_t j = 0; j < in; ++j) {
+          const uint8_t b = src[j / 2];
+          dst[j] = to_out<Out>((j % 2 ? int4_high(b) : int4_low(b)) * s_row[j / group]);
+        }
+      }
+    }
+  }
+};
+
+struct Fp8BlockRows {
+  const uint8_t* weight;   // [rows, in], e4m3fn bytes
+  const float* scale_inv;  // [ceil(rows / block_rows), ceil(in / block_cols)]
+  int64_t in, block_rows, block_cols;
+  template <typename Out>
+  EF_INLINE void operator()(Out* out, int64_t r0, int64_t r1) const {
+    const int64_t tiles = (in + block_cols - 1) / block_cols;
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* s_row = scale_inv + (r / block_rows) * tiles;
+      const uint8_t* src = weight + r * in;
+      Out* dst = out + r * in;
+      for (int64_t t = 0; t < tiles; ++t) {
+        const float s = s_row[t];
+        const int64_t end = std::min(in, (t + 1) * block_cols);
+        for (int64_t j = t * block_cols; j < end; ++j) dst[j] = to_out<Out>(fp8_e4m3(src[j]) * s);
+      }
+    }
+  }
+};
+
+struct Mxfp4Rows {
+  const uint8_t* blocks;  // [rows, nblocks, 16]
+  const uint8_t* scales;  // [rows, nblocks], e8m0
+  int64_t nblocks;
+  template <typename Out>
+  EF_INLINE void operator()(Out* out, int64_t r0, int64_t r1) const {
+    for (int64_t i = r0 * nblocks; i < r1 * nblocks; ++i) {  // blocks are contiguous across rows
+      const float s = e8m0(scales[i]);
+      const uint8_t* b = blocks + i * kMxfp4BlockBytes;
+      Out* d = out + i * kMxfp4Block;
+      for (int64_t k = 0; k < kMxfp4BlockBytes; ++k) {
+        d[2 * k] = to_out<Out>(e2m1(b[k] & 0xF) * s);
+        d[2 * k + 1] = to_out<Out>(e2m1(b[k] >> 4) * s);
+      }
+    }
+  }
+};
+
+template <typename Rows, typename Out>
+void rows_baseline(const Rows& rows, Out* out, int64_t r0, int64_t r1) {
+  rows(out, r0, r1);
+}
+
+template <typename Rows, typename Out>
+EF_TARGET_AVX2 void rows_avx2(const Rows& rows, Out* out, int64_t r0, int64_t r1) {
+  rows(out, r0, r1);
+}
+
+bool cpu_has_avx2() {
+#if EF_HAVE_AVX2_CLONE
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// Runs `rows` over [0, num_rows) in parallel into a new [num_rows, row_elems] tensor of dtype.
+template <typename Rows>
+at::Tensor run_rows(const Rows& rows, int64_t num_rows, int64_t row_elems,
+                    const at::TensorOptions& opts) {
+  at::Tensor out = at::empty({num_rows, row_elems}, opts);
+  if (out.numel() == 0) return out;
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / row_elems);
+  EXPERTFLOW_DISPATCH_FLOAT_TYPES(out.scalar_type(), "dequantize", [&] {
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    const auto fn = cpu_has_avx2() ? &rows_avx2<Rows, scalar_t> : &rows_baseline<Rows, scalar_t>;
+    at::parallel_for(0, num_rows, grain, [&](int64_t r0, int64_t r1) { fn(rows, dst, r0, r1); });
+  });
+  return out;
+}
+
+}  // namespace
+
+at::Tensor dequantize_int8_cpu(const at::Tensor& q, const at::Tensor& scale, at::ScalarType dtype) {
+  check_int8_args(q, scale, dtype);
+  const at::Tensor qc = q.contiguous();
+  const at::Tensor sc = scale.contiguous();
+  const Int8Rows rows{qc.const_data_ptr<int8_t>(), sc.const_data_ptr<float>(), qc.size(1)};
+  return run_rows(rows, qc.size(0), qc.size(1), q.options().dtype(dtype));
+}
+
+at::Tensor dequantize_int4_cpu(const at::Tensor& packed, const at::Tensor& scale,
+                               int64_t group_size, at::ScalarType dtype) {
+  check_int4_args(packed, scale, group_size, dtype);
+  const at::Tensor pc = packed.contiguous();
+  const at::Tensor sc = scale.contiguous();
+  const int64_t in = pc.size(1) * 2;
+  const Int4Rows rows{pc.const_data_ptr<uint8_t>(), sc.const_data_ptr<float>(), in, group_size};
+  return run_rows(rows, pc.size(0), in, packed.options().dtype(dtype));
+}
+
+at::Tensor dequantize_fp8_block_cpu(const at::Tensor& weight, const at::Tensor& scale_inv,
+                                    int64_t block_rows, int64_t block_cols, at::ScalarType dtype) {
+  check_fp8_block_args(weight, scale_inv, block_rows, block_cols, dtype);
+  const at::Tensor wc = weight.contiguous();
+  const at::Tensor sc = scale_inv.contiguous();
+  const Fp8BlockRows rows{static_cast<const uint8_t*>(wc.const_data_ptr()),
+                          sc.const_data_ptr<float>(), wc.size(1), block_rows, block_cols};
+  return run_rows(rows, wc.size(0), wc.size(1), weight.options().dtype(dtype));
+}
+
+at::Tensor dequantize_mxfp4_cpu(const at::Tensor& blocks, const at::Tensor& scales,
+                                at::ScalarType dtype) {
+  check_mxfp4_args(blocks, scales, dtype);
+  const at::Tensor bc = blocks.contiguous();
+  const at::Tensor sc = scales.contiguous();
+  const Mxfp4Rows rows{bc.const_data_ptr<uint8_t>(), sc.const_data_ptr<uint8_t>(), bc.size(1)};
+  return run_rows(rows, bc.size(0), bc.size(1) * kMxfp4Block, blocks.options().dtype(dtype));
+}
+
+TORCH_LIBRARY_IMPL(expertflow, CPU, m) {
+  m.impl("dequantize_int8", &dequantize_int8_cpu);
+  m.impl("dequantize_int4", &dequantize_int4_cpu);
+  m.impl("dequantize_fp8_block", &dequantize_fp8_block_cpu);
+  m.impl("dequantize_mxfp4", &dequantize_mxfp4_cpu);
+}
+
+}  // namespace expertflow::ops
