@@ -5,17 +5,15 @@
 // as the references in python/expertflow/formats compute it (float32, then .to(dtype)).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include <sys/mman.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <bit>
 #include <cstdint>
+#include <type_traits>
 
 #include "ops/dequant.h"
 #include "ops/dequant_decode.h"
-#include "ops/dispatch.h"
 
 namespace expertflow::ops {
 namespace {
@@ -23,8 +21,8 @@ namespace {
 #define EF_INLINE [[gnu::always_inline]] inline
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define EF_HAVE_AVX2_CLONE 1
-// No "fma": c10::Half's float conversion is `a * b + c` and must not be contracted.
-#define EF_TARGET_AVX2 __attribute__((target("avx2,f16c")))
+// No "fma": a contracted `a * b + c` would round differently from torch.
+#define EF_TARGET_AVX2 __attribute__((target("avx2")))
 #else
 #define EF_HAVE_AVX2_CLONE 0
 #define EF_TARGET_AVX2
@@ -33,22 +31,70 @@ namespace {
 // Elements per parallel task: enough work to amortise waking a thread.
 constexpr int64_t kGrainElems = 1 << 16;
 
-template <typename Out>
-EF_INLINE Out to_out(float v) {
-  return static_cast<Out>(v);  // c10::BFloat16 / c10::Half: round to nearest even, as torch
+// float32 -> bfloat16 bits, round to nearest even (as torch's .to()), NaN -> 0x7FC0. Integer
+// operations only, so the loops vectorise (c10::BFloat16's constructor branches on NaN).
+EF_INLINE uint16_t bf16_bits(float value) {
+  const uint32_t x = bits_from_float(value);
+  const uint32_t rounded = (x + 0x7FFFu + ((x >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>((x & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
+}
+
+// float32 -> float16 bits, round to nearest even, overflow to inf, NaN -> 0x7E00 with its sign
+// (as c10::Half, which the compiler does not vectorise).
+EF_INLINE uint16_t half_bits(float value) {
+  const uint32_t x = bits_from_float(value);
+  const uint32_t a = x & 0x7FFFFFFFu;
+  // Normal results (|v| >= 2^-14): exponent bias 127 -> 15, drop 13 mantissa bits, ties to even;
+  // a carry out of the mantissa moves to the next binade, as it should.
+  const uint32_t normal = (a - (112u << 23) + 0xFFFu + ((a >> 13) & 1u)) >> 13;
+  // Subnormal results: adding 0.5 makes the float32 adder round |v| to a multiple of 2^-24 (the
+  // float16 subnormal step), ties to even; the low bits then count those steps.
+  const uint32_t subnormal = bits_from_float(float_from_bits(a) + 0.5f) - 0x3F000000u;
+  uint32_t h = a < (113u << 23) ? subnormal : normal;
+  h = a >= 0x477FF000u ? 0x7C00u : h;  // |v| >= 65520 rounds to inf
+  h = a > 0x7F800000u ? 0x7E00u : h;
+  return static_cast<uint16_t>(h | ((x >> 16) & 0x8000u));
+}
+
+// Output conversions, storing raw bits: the compiler vectorises stores of uint16_t, not of
+// c10::BFloat16 / c10::Half objects.
+struct ToFloat {
+  using T = float;
+  EF_INLINE static T cvt(float v) { return v; }
+};
+struct ToBFloat16 {
+  using T = uint16_t;
+  EF_INLINE static T cvt(float v) { return bf16_bits(v); }
+};
+struct ToHalf {
+  using T = uint16_t;
+  EF_INLINE static T cvt(float v) { return half_bits(v); }
+};
+
+// Fresh outputs of hundreds of MB: ask for 2 MiB pages (transparent huge pages in "madvise"
+// mode), so that first touch takes 512 times fewer page faults. Advice only: failure is harmless,
+// and the aligned range lies inside this allocation.
+void advise_huge_pages(void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  if (bytes < 4 * kHuge) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
 }
 
 struct Int8Rows {
   const int8_t* q;     // [rows, in]
   const float* scale;  // [rows]
   int64_t in;
-  template <typename Out>
-  EF_INLINE void operator()(Out* out, int64_t r0, int64_t r1) const {
+  template <typename To>
+  EF_INLINE void operator()(typename To::T* out, int64_t r0, int64_t r1) const {
     for (int64_t r = r0; r < r1; ++r) {
       const float s = scale[r];
       const int8_t* src = q + r * in;
-      Out* dst = out + r * in;
-      for (int64_t j = 0; j < in; ++j) dst[j] = to_out<Out>(static_cast<float>(src[j]) * s);
+      typename To::T* dst = out + r * in;
+      for (int64_t j = 0; j < in; ++j) dst[j] = To::cvt(static_cast<float>(src[j]) * s);
     }
   }
 };
@@ -57,28 +103,28 @@ struct Int4Rows {
   const uint8_t* packed;  // [rows, in / 2]
   const float* scale;     // [rows, in / group]
   int64_t in, group;
-  template <typename Out>
-  EF_INLINE void operator()(Out* out, int64_t r0, int64_t r1) const {
+  template <typename To>
+  EF_INLINE void operator()(typename To::T* out, int64_t r0, int64_t r1) const {
     const int64_t groups = in / group;
     for (int64_t r = r0; r < r1; ++r) {
       const uint8_t* src = packed + r * (in / 2);
       const float* s_row = scale + r * groups;
-      Out* dst = out + r * in;
+      typename To::T* dst = out + r * in;
       if (group % 2 == 0) {  // whole bytes per group: a straight loop the compiler vectorises
         const int64_t bytes = group / 2;
         for (int64_t g = 0; g < groups; ++g) {
           const float s = s_row[g];
           const uint8_t* b = src + g * bytes;
-          Out* d = dst + g * group;
+          typename To::T* d = dst + g * group;
           for (int64_t k = 0; k < bytes; ++k) {
-            d[2 * k] = to_out<Out>(int4_low(b[k]) * s);
-            d[2 * k + 1] = to_out<Out>(int4_high(b[k]) * s);
+            d[2 * k] = To::cvt(int4_low(b[k]) * s);
+            d[2 * k + 1] = To::cvt(int4_high(b[k]) * s);
           }
         }
       } else {  // odd groups split bytes: element by element
         for (int64_t j = 0; j < in; ++j) {
           const uint8_t b = src[j / 2];
-          dst[j] = to_out<Out>((j % 2 ? int4_high(b) : int4_low(b)) * s_row[j / group]);
+          dst[j] = To::cvt((j % 2 ? int4_high(b) : int4_low(b)) * s_row[j / group]);
         }
       }
     }
@@ -89,17 +135,17 @@ struct Fp8BlockRows {
   const uint8_t* weight;   // [rows, in], e4m3fn bytes
   const float* scale_inv;  // [ceil(rows / block_rows), ceil(in / block_cols)]
   int64_t in, block_rows, block_cols;
-  template <typename Out>
-  EF_INLINE void operator()(Out* out, int64_t r0, int64_t r1) const {
+  template <typename To>
+  EF_INLINE void operator()(typename To::T* out, int64_t r0, int64_t r1) const {
     const int64_t tiles = (in + block_cols - 1) / block_cols;
     for (int64_t r = r0; r < r1; ++r) {
       const float* s_row = scale_inv + (r / block_rows) * tiles;
       const uint8_t* src = weight + r * in;
-      Out* dst = out + r * in;
+      typename To::T* dst = out + r * in;
       for (int64_t t = 0; t < tiles; ++t) {
         const float s = s_row[t];
         const int64_t end = std::min(in, (t + 1) * block_cols);
-        for (int64_t j = t * block_cols; j < end; ++j) dst[j] = to_out<Out>(fp8_e4m3(src[j]) * s);
+        for (int64_t j = t * block_cols; j < end; ++j) dst[j] = To::cvt(fp8_e4m3(src[j]) * s);
       }
     }
   }
@@ -109,28 +155,28 @@ struct Mxfp4Rows {
   const uint8_t* blocks;  // [rows, nblocks, 16]
   const uint8_t* scales;  // [rows, nblocks], e8m0
   int64_t nblocks;
-  template <typename Out>
-  EF_INLINE void operator()(Out* out, int64_t r0, int64_t r1) const {
+  template <typename To>
+  EF_INLINE void operator()(typename To::T* out, int64_t r0, int64_t r1) const {
     for (int64_t i = r0 * nblocks; i < r1 * nblocks; ++i) {  // blocks are contiguous across rows
       const float s = e8m0(scales[i]);
       const uint8_t* b = blocks + i * kMxfp4BlockBytes;
-      Out* d = out + i * kMxfp4Block;
+      typename To::T* d = out + i * kMxfp4Block;
       for (int64_t k = 0; k < kMxfp4BlockBytes; ++k) {
-        d[2 * k] = to_out<Out>(e2m1(b[k] & 0xF) * s);
-        d[2 * k + 1] = to_out<Out>(e2m1(b[k] >> 4) * s);
+        d[2 * k] = To::cvt(e2m1(b[k] & 0xF) * s);
+        d[2 * k + 1] = To::cvt(e2m1(b[k] >> 4) * s);
       }
     }
   }
 };
 
-template <typename Rows, typename Out>
-void rows_baseline(const Rows& rows, Out* out, int64_t r0, int64_t r1) {
-  rows(out, r0, r1);
+template <typename Rows, typename To>
+void rows_baseline(const Rows& rows, void* out, int64_t r0, int64_t r1) {
+  rows.template operator()<To>(static_cast<typename To::T*>(out), r0, r1);
 }
 
-template <typename Rows, typename Out>
-EF_TARGET_AVX2 void rows_avx2(const Rows& rows, Out* out, int64_t r0, int64_t r1) {
-  rows(out, r0, r1);
+template <typename Rows, typename To>
+EF_TARGET_AVX2 void rows_avx2(const Rows& rows, void* out, int64_t r0, int64_t r1) {
+  rows.template operator()<To>(static_cast<typename To::T*>(out), r0, r1);
 }
 
 bool cpu_has_avx2() {
@@ -148,12 +194,18 @@ at::Tensor run_rows(const Rows& rows, int64_t num_rows, int64_t row_elems,
                     const at::TensorOptions& opts) {
   at::Tensor out = at::empty({num_rows, row_elems}, opts);
   if (out.numel() == 0) return out;
+  advise_huge_pages(out.mutable_data_ptr(), out.nbytes());
   const int64_t grain = std::max<int64_t>(1, kGrainElems / row_elems);
-  EXPERTFLOW_DISPATCH_FLOAT_TYPES(out.scalar_type(), "dequantize", [&] {
-    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    const auto fn = cpu_has_avx2() ? &rows_avx2<Rows, scalar_t> : &rows_baseline<Rows, scalar_t>;
-    at::parallel_for(0, num_rows, grain, [&](int64_t r0, int64_t r1) { fn(rows, dst, r0, r1); });
-  });
+  using Fn = void (*)(const Rows&, void*, int64_t, int64_t);
+  const bool avx2 = cpu_has_avx2();
+  Fn fn = avx2 ? &rows_avx2<Rows, ToFloat> : &rows_baseline<Rows, ToFloat>;
+  if (out.scalar_type() == at::kBFloat16) {
+    fn = avx2 ? &rows_avx2<Rows, ToBFloat16> : &rows_baseline<Rows, ToBFloat16>;
+  } else if (out.scalar_type() == at::kHalf) {
+    fn = avx2 ? &rows_avx2<Rows, ToHalf> : &rows_baseline<Rows, ToHalf>;
+  }
+  void* dst = out.mutable_data_ptr();
+  at::parallel_for(0, num_rows, grain, [&](int64_t r0, int64_t r1) { fn(rows, dst, r0, r1); });
   return out;
 }
 

@@ -184,3 +184,31 @@ def test_cuda_equals_cpu_on_expert_sized_inputs(gen, dtype):
 def test_cuda_refuses_cpu_scales():
     with pytest.raises(ValueError, match="scale must be on q' device cuda:0"):
         ops.dequantize_int8(torch.zeros(2, 2, dtype=torch.int8, device="cuda"), torch.ones(2))
+
+
+def _conversion_inputs(gen) -> torch.Tensor:
+    """float32 values probing the float32 -> bfloat16 / float16 rounding: every float16 and
+    bfloat16 value, the midpoints between neighbours (ties) and one float32 ulp either side,
+    the overflow and subnormal boundaries, and random bit patterns."""
+    values = []
+    for narrow in (torch.float16, torch.bfloat16):
+        grid = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(narrow)
+        grid = grid.float()
+        grid = grid[torch.isfinite(grid)].sort().values
+        mid = (grid[:-1].double() + grid[1:].double()) / 2
+        mid = mid[mid.abs() < 3.4e38].float()
+        ulp = torch.nextafter(mid, torch.full_like(mid, float("inf"))) - mid
+        values += [grid, mid, mid + ulp, mid - ulp]
+    random = torch.randint(-(2**31), 2**31, (1 << 20,), generator=gen, dtype=torch.int64)
+    random = random.to(torch.int32).view(torch.float32)
+    values.append(random[torch.isfinite(random)])
+    return torch.cat(values)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rounding_to_the_output_dtype_is_torchs(device, gen, dtype):
+    # q = 1: the output is the scale itself, rounded to dtype.
+    scale = _conversion_inputs(gen)
+    q = torch.ones(scale.numel(), 1, dtype=torch.int8)
+    got = ops.dequantize_int8(q.to(device), scale.to(device), dtype)
+    assert_same(got, scale[:, None].to(dtype))
