@@ -18,14 +18,12 @@
 namespace expertflow::ops {
 namespace {
 
-#define EF_INLINE [[gnu::always_inline]] inline
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// The loops are also compiled for AVX2 (no "fma": a contracted `a * b + c` would round
+// differently from torch), picked at run time.
 #define EF_HAVE_AVX2_CLONE 1
-// No "fma": a contracted `a * b + c` would round differently from torch.
-#define EF_TARGET_AVX2 __attribute__((target("avx2")))
 #else
 #define EF_HAVE_AVX2_CLONE 0
-#define EF_TARGET_AVX2
 #endif
 
 // Elements per parallel task: enough work to amortise waking a thread.
@@ -33,7 +31,7 @@ constexpr int64_t kGrainElems = 1 << 16;
 
 // float32 -> bfloat16 bits, round to nearest even (as torch's .to()), NaN -> 0x7FC0. Integer
 // operations only, so the loops vectorise (c10::BFloat16's constructor branches on NaN).
-EF_INLINE uint16_t bf16_bits(float value) {
+inline uint16_t bf16_bits(float value) {
   const uint32_t x = bits_from_float(value);
   const uint32_t rounded = (x + 0x7FFFu + ((x >> 16) & 1u)) >> 16;
   return static_cast<uint16_t>((x & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
@@ -41,7 +39,7 @@ EF_INLINE uint16_t bf16_bits(float value) {
 
 // float32 -> float16 bits, round to nearest even, overflow to inf, NaN -> 0x7E00 with its sign
 // (as c10::Half, which the compiler does not vectorise).
-EF_INLINE uint16_t half_bits(float value) {
+inline uint16_t half_bits(float value) {
   const uint32_t x = bits_from_float(value);
   const uint32_t a = x & 0x7FFFFFFFu;
   // Normal results (|v| >= 2^-14): exponent bias 127 -> 15, drop 13 mantissa bits, ties to even;
@@ -60,15 +58,15 @@ EF_INLINE uint16_t half_bits(float value) {
 // c10::BFloat16 / c10::Half objects.
 struct ToFloat {
   using T = float;
-  EF_INLINE static T cvt(float v) { return v; }
+  static T cvt(float v) { return v; }
 };
 struct ToBFloat16 {
   using T = uint16_t;
-  EF_INLINE static T cvt(float v) { return bf16_bits(v); }
+  static T cvt(float v) { return bf16_bits(v); }
 };
 struct ToHalf {
   using T = uint16_t;
-  EF_INLINE static T cvt(float v) { return half_bits(v); }
+  static T cvt(float v) { return half_bits(v); }
 };
 
 // Fresh outputs of hundreds of MB: ask for 2 MiB pages (transparent huge pages in "madvise"
@@ -88,105 +86,44 @@ struct Int8Rows {
   const int8_t* q;     // [rows, in]
   const float* scale;  // [rows]
   int64_t in;
-  template <typename To>
-  EF_INLINE void operator()(typename To::T* out, int64_t r0, int64_t r1) const {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float s = scale[r];
-      const int8_t* src = q + r * in;
-      typename To::T* dst = out + r * in;
-      for (int64_t j = 0; j < in; ++j) dst[j] = To::cvt(static_cast<float>(src[j]) * s);
-    }
-  }
 };
 
 struct Int4Rows {
   const uint8_t* packed;  // [rows, in / 2]
   const float* scale;     // [rows, in / group]
   int64_t in, group;
-  template <typename To>
-  EF_INLINE void operator()(typename To::T* out, int64_t r0, int64_t r1) const {
-    const int64_t groups = in / group;
-    for (int64_t r = r0; r < r1; ++r) {
-      const uint8_t* src = packed + r * (in / 2);
-      const float* s_row = scale + r * groups;
-      typename To::T* dst = out + r * in;
-      if (group % 2 == 0) {  // whole bytes per group: a straight loop the compiler vectorises
-        const int64_t bytes = group / 2;
-        for (int64_t g = 0; g < groups; ++g) {
-          const float s = s_row[g];
-          const uint8_t* b = src + g * bytes;
-          typename To::T* d = dst + g * group;
-          for (int64_t k = 0; k < bytes; ++k) {
-            d[2 * k] = To::cvt(int4_low(b[k]) * s);
-            d[2 * k + 1] = To::cvt(int4_high(b[k]) * s);
-          }
-        }
-      } else {  // odd groups split bytes: element by element
-        for (int64_t j = 0; j < in; ++j) {
-          const uint8_t b = src[j / 2];
-          dst[j] = To::cvt((j % 2 ? int4_high(b) : int4_low(b)) * s_row[j / group]);
-        }
-      }
-    }
-  }
 };
 
 struct Fp8BlockRows {
   const uint8_t* weight;   // [rows, in], e4m3fn bytes
   const float* scale_inv;  // [ceil(rows / block_rows), ceil(in / block_cols)]
   int64_t in, block_rows, block_cols;
-  template <typename To>
-  EF_INLINE void operator()(typename To::T* out, int64_t r0, int64_t r1) const {
-    const int64_t tiles = (in + block_cols - 1) / block_cols;
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* s_row = scale_inv + (r / block_rows) * tiles;
-      const uint8_t* src = weight + r * in;
-      typename To::T* dst = out + r * in;
-      for (int64_t t = 0; t < tiles; ++t) {
-        const float s = s_row[t];
-        const int64_t end = std::min(in, (t + 1) * block_cols);
-        for (int64_t j = t * block_cols; j < end; ++j) dst[j] = To::cvt(fp8_e4m3(src[j]) * s);
-      }
-    }
-  }
 };
 
 struct Mxfp4Rows {
   const uint8_t* blocks;  // [rows, nblocks, 16]
   const uint8_t* scales;  // [rows, nblocks], e8m0
   int64_t nblocks;
-  template <typename To>
-  EF_INLINE void operator()(typename To::T* out, int64_t r0, int64_t r1) const {
-    for (int64_t i = r0 * nblocks; i < r1 * nblocks; ++i) {  // blocks are contiguous across rows
-      const float s = e8m0(scales[i]);
-      const uint8_t* b = blocks + i * kMxfp4BlockBytes;
-      typename To::T* d = out + i * kMxfp4Block;
-      for (int64_t k = 0; k < kMxfp4BlockBytes; ++k) {
-        d[2 * k] = To::cvt(e2m1(b[k] & 0xF) * s);
-        d[2 * k + 1] = To::cvt(e2m1(b[k] >> 4) * s);
-      }
-    }
-  }
 };
 
-template <typename Rows, typename To>
-void rows_baseline(const Rows& rows, void* out, int64_t r0, int64_t r1) {
-  rows.template operator()<To>(static_cast<typename To::T*>(out), r0, r1);
-}
+namespace baseline {
+#define EF_ROWS_TARGET
+#include "ops/dequant_cpu_rows.h"
+#undef EF_ROWS_TARGET
+}  // namespace baseline
 
-template <typename Rows, typename To>
-EF_TARGET_AVX2 void rows_avx2(const Rows& rows, void* out, int64_t r0, int64_t r1) {
-  rows.template operator()<To>(static_cast<typename To::T*>(out), r0, r1);
-}
+#if EF_HAVE_AVX2_CLONE
+namespace avx2 {
+#define EF_ROWS_TARGET __attribute__((target("avx2")))
+#include "ops/dequant_cpu_rows.h"
+#undef EF_ROWS_TARGET
+}  // namespace avx2
 
 bool cpu_has_avx2() {
-#if EF_HAVE_AVX2_CLONE
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  static const bool has = __builtin_cpu_supports("avx2");
   return has;
-#else
-  return false;
-#endif
 }
+#endif
 
 // Runs `rows` over [0, num_rows) in parallel into a new [num_rows, row_elems] tensor of dtype.
 template <typename Rows>
@@ -197,13 +134,16 @@ at::Tensor run_rows(const Rows& rows, int64_t num_rows, int64_t row_elems,
   advise_huge_pages(out.mutable_data_ptr(), out.nbytes());
   const int64_t grain = std::max<int64_t>(1, kGrainElems / row_elems);
   using Fn = void (*)(const Rows&, void*, int64_t, int64_t);
-  const bool avx2 = cpu_has_avx2();
-  Fn fn = avx2 ? &rows_avx2<Rows, ToFloat> : &rows_baseline<Rows, ToFloat>;
-  if (out.scalar_type() == at::kBFloat16) {
-    fn = avx2 ? &rows_avx2<Rows, ToBFloat16> : &rows_baseline<Rows, ToBFloat16>;
-  } else if (out.scalar_type() == at::kHalf) {
-    fn = avx2 ? &rows_avx2<Rows, ToHalf> : &rows_baseline<Rows, ToHalf>;
+  Fn fn = &baseline::rows<ToFloat>;
+  if (out.scalar_type() == at::kBFloat16) fn = &baseline::rows<ToBFloat16>;
+  if (out.scalar_type() == at::kHalf) fn = &baseline::rows<ToHalf>;
+#if EF_HAVE_AVX2_CLONE
+  if (cpu_has_avx2()) {
+    fn = &avx2::rows<ToFloat>;
+    if (out.scalar_type() == at::kBFloat16) fn = &avx2::rows<ToBFloat16>;
+    if (out.scalar_type() == at::kHalf) fn = &avx2::rows<ToHalf>;
   }
+#endif
   void* dst = out.mutable_data_ptr();
   at::parallel_for(0, num_rows, grain, [&](int64_t r0, int64_t r1) { fn(rows, dst, r0, r1); });
   return out;
