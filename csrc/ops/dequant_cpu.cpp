@@ -5,12 +5,15 @@
 // as the references in python/expertflow/formats compute it (float32, then .to(dtype)).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <sys/mman.h>
 #include <torch/library.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
+#include <cstdlib>
+#include <string_view>
 
 #include "ops/dequant.h"
 #include "ops/dequant_decode.h"
@@ -119,9 +122,15 @@ namespace avx2 {
 #undef EF_ROWS_TARGET
 }  // namespace avx2
 
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
+// ATEN_CPU_CAPABILITY=default, torch's switch to its baseline kernels, selects ours too (that is
+// also how the tests reach the baseline loops on an AVX2 machine).
+bool use_avx2() {
+  static const bool use = [] {
+    const char* capability = std::getenv("ATEN_CPU_CAPABILITY");
+    if (capability != nullptr && std::string_view(capability) == "default") return false;
+    return static_cast<bool>(__builtin_cpu_supports("avx2"));
+  }();
+  return use;
 }
 #endif
 
@@ -138,7 +147,7 @@ at::Tensor run_rows(const Rows& rows, int64_t num_rows, int64_t row_elems,
   if (out.scalar_type() == at::kBFloat16) fn = &baseline::rows<ToBFloat16>;
   if (out.scalar_type() == at::kHalf) fn = &baseline::rows<ToHalf>;
 #if EF_HAVE_AVX2_CLONE
-  if (cpu_has_avx2()) {
+  if (use_avx2()) {
     fn = &avx2::rows<ToFloat>;
     if (out.scalar_type() == at::kBFloat16) fn = &avx2::rows<ToBFloat16>;
     if (out.scalar_type() == at::kHalf) fn = &avx2::rows<ToHalf>;

@@ -8,6 +8,11 @@ NaN codes included) with scales spread over many binades (float16 overflow and s
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -212,3 +217,38 @@ def test_rounding_to_the_output_dtype_is_torchs(device, gen, dtype):
     q = torch.ones(scale.numel(), 1, dtype=torch.int8)
     got = ops.dequantize_int8(q.to(device), scale.to(device), dtype)
     assert_same(got, scale[:, None].to(dtype))
+
+
+_BASELINE_SCRIPT = """
+import torch
+from expertflow import formats, ops
+from tests.ops.test_dequantize import assert_same, raw_bytes, spread_scales
+
+gen = torch.Generator().manual_seed(1)
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    q, s = raw_bytes((9, 70), gen).view(torch.int8), spread_scales(9, gen)
+    assert_same(ops.dequantize_int8(q, s, dtype), formats.dequantize_int8(q, s, dtype))
+    p, s = raw_bytes((9, 64), gen), spread_scales((9, 4), gen)
+    assert_same(ops.dequantize_int4(p, s, 32, dtype), formats.dequantize_int4(p, s, 32, dtype))
+    w, s = raw_bytes((9, 70), gen).view(torch.float8_e4m3fn), spread_scales((3, 9), gen)
+    want = formats.dequantize_fp8_block(w, s, (4, 8), dtype)
+    assert_same(ops.dequantize_fp8_block(w, s, (4, 8), dtype), want)
+    b, e = raw_bytes((9, 5, 16), gen), raw_bytes((9, 5), gen)
+    want = formats.dequantize_mxfp4(b, e, dtype, nan_scales="propagate")
+    assert_same(ops.dequantize_mxfp4(b, e, dtype), want)
+print("baseline ok")
+"""
+
+
+@pytest.mark.slow
+def test_baseline_loops_without_avx2():
+    # ATEN_CPU_CAPABILITY=default selects the x86-64 baseline build of the CPU loops.
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(root / "python"), str(root), env.get("PYTHONPATH", "")]
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", _BASELINE_SCRIPT], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "baseline ok" in done.stdout, done.stderr[-3000:]
