@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import expertflow
 from expertflow import formats, ops
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -243,11 +244,10 @@ print("baseline ok")
 @pytest.mark.slow
 def test_baseline_loops_without_avx2():
     # ATEN_CPU_CAPABILITY=default selects the x86-64 baseline build of the CPU loops.
-    root = Path(__file__).resolve().parents[2]
+    # The child imports the expertflow this process uses, and the tests package.
+    paths = [Path(expertflow.__file__).parents[1], Path(__file__).resolve().parents[2]]
     env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(root / "python"), str(root), env.get("PYTHONPATH", "")]
-    )
+    env["PYTHONPATH"] = os.pathsep.join([*map(str, paths), env.get("PYTHONPATH", "")])
     done = subprocess.run(
         [sys.executable, "-c", _BASELINE_SCRIPT], env=env, capture_output=True, text=True
     )
