@@ -11,6 +11,7 @@
 #endif
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstdlib>
 #include <string_view>
@@ -84,6 +85,15 @@ void advise_huge_pages(void* data, size_t bytes) {
   if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
 #endif
 }
+
+// Every fp8 e4m3fn code decoded once (NaN codes included): a table lookup vectorises to a
+// gather, ~1.5x faster here than the branch-free decode, whose byte-wide selects GCC widens to
+// 32 bits in many steps.
+const std::array<float, 256> kFp8Values = [] {
+  std::array<float, 256> table{};
+  for (int code = 0; code < 256; ++code) table[code] = fp8_e4m3(static_cast<uint8_t>(code));
+  return table;
+}();
 
 struct Int8Rows {
   const int8_t* q;     // [rows, in]

@@ -25,7 +25,7 @@ template <typename To>
 template <typename To>
 [[gnu::noinline]] EF_ROWS_TARGET void fp8_run(const uint8_t* __restrict src, float s,
                                               typename To::T* __restrict dst, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = To::cvt(fp8_e4m3(src[j]) * s);
+  for (int64_t j = 0; j < n; ++j) dst[j] = To::cvt(kFp8Values[src[j]] * s);
 }
 
 // `count` consecutive mxfp4 blocks (16 bytes, one e8m0 scale each) into 32 * count outputs.
