@@ -4,7 +4,9 @@ CPU: the memory read bandwidth (torch.sum over a float32 buffer of 1 GiB) is the
 format of the expert's weights (gate_up [28672, 4096] and down [4096, 14336]) is dequantized to
 bfloat16 and float32, reporting packed GB/s (stored bytes read per second), total GB/s (stored
 bytes read + output written) and packed GB/s over the read bandwidth (the issue's target:
->= 0.5), with the plain-torch reference (expertflow.formats) timed on the same inputs.
+>= 0.5), with the plain-torch reference (expertflow.formats) timed on the same inputs, and the
+time to allocate and fill a new tensor of the output's size (its page faults are the floor of
+an op that returns a new tensor).
 CUDA: the pinned host-to-device copy of the stored bytes is the ceiling; the issue's target is
 a dequantize kernel time < 10% of that copy's.
 
@@ -79,6 +81,12 @@ def read_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
     return nbytes / median_seconds(lambda: buf.sum(), device, warmup=2, repeats=10)
 
 
+def fresh_output_seconds(shape, dtype: torch.dtype, device: str) -> float:
+    """A new tensor of the output's shape and dtype, filled: allocation + first write."""
+    fill = lambda: torch.empty(shape, dtype=dtype, device=device).fill_(1.0)  # noqa: E731
+    return median_seconds(fill, device, warmup=2, repeats=5, min_seconds=0)
+
+
 def h2d_seconds(nbytes: int) -> float:
     """Pinned host-to-device copy of `nbytes` stored bytes."""
     host = torch.randint(0, 256, (nbytes,), dtype=torch.uint8).pin_memory()
@@ -94,15 +102,17 @@ def run(device: str, shapes, dtypes, ceiling: float):
         inputs = [tuple(t.to(device) for t in stored(fmt, r, c, gen)) for r, c in shapes]
         packed = sum(t.numel() * t.element_size() for args in inputs for t in args)
         for dtype in dtypes:
-            native_s = ref_s = 0.0
+            native_s = ref_s = fresh_s = 0.0
             out_bytes = 0
             for args in inputs:
                 native, ref = calls(fmt, args, dtype)
                 got, want = native(), ref()  # the same answer before timing anything
                 torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
                 out_bytes += got.numel() * got.element_size()
+                shape = got.shape
                 del got, want
                 native_s += median_seconds(native, device, warmup=2, repeats=5, min_seconds=0)
+                fresh_s += fresh_output_seconds(shape, dtype, device)
                 # The reference takes seconds per call on a CPU: once, after the check above.
                 ref_s += median_seconds(ref, device, warmup=0, repeats=ref_repeats, min_seconds=0)
             row = {
@@ -115,6 +125,10 @@ def run(device: str, shapes, dtypes, ceiling: float):
                 "packed_GBps": packed / native_s / 1e9,
                 "total_GBps": (packed + out_bytes) / native_s / 1e9,
             }
+            # Allocating and writing the output alone (page faults on the CPU), the floor of any
+            # kernel that returns a new tensor.
+            row["fresh_output_ms"] = fresh_s * 1e3
+            row["of_fresh_output"] = native_s / fresh_s
             if device == "cuda":
                 row["h2d_ms"] = h2d_seconds(packed) * 1e3
                 row["of_h2d"] = row["native_ms"] / row["h2d_ms"]
