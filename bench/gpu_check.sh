@@ -30,6 +30,8 @@ done
 
 "$py" bench/bench_transfer.py --out "$out" >"$out/bench_transfer.txt" 2>&1 \
   || echo "bench_transfer FAILED"
+"$py" bench/bench_dequant.py --device cuda --out "$out" >"$out/bench_dequant.txt" 2>&1 \
+  || echo "bench_dequant FAILED"
 "$py" bench/bench_offload.py --device cuda --layers 8 --hidden 1024 --intermediate 2816 \
   --out "$out" >"$out/bench_offload.txt" 2>&1 || echo "bench_offload FAILED"
 
@@ -47,6 +49,8 @@ for dtype in float32 bfloat16; do
   echo "-- gating on cuda, $dtype (T=4096 rows)"
   grep -E "router|4096|min speed-up|copy_bandwidth" "$out/bench_gating_$dtype.txt" | cut -c1-160
 done
+echo "-- dequantize an expert on cuda (kernel vs pinned H2D copy of the stored bytes)"
+tail -11 "$out/bench_dequant.txt"
 echo "-- transfer engine"
 tail -12 "$out/bench_transfer.txt"
 echo "-- offloaded decode"

@@ -9,4 +9,11 @@ TORCH_LIBRARY(expertflow, m) {
       "float routed_scaling_factor=1.0, bool softmax_after_topk=False) -> (Tensor, Tensor)");
   m.def("group_by_expert(Tensor topk_ids, int num_experts) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("combine(Tensor expert_outputs, Tensor topk_weights, Tensor inverse) -> Tensor");
+  // Expert weight formats to float32/bfloat16/float16 (semantics: expertflow/formats).
+  m.def("dequantize_int8(Tensor q, Tensor scale, ScalarType dtype) -> Tensor");
+  m.def("dequantize_int4(Tensor packed, Tensor scale, int group_size, ScalarType dtype) -> Tensor");
+  m.def(
+      "dequantize_fp8_block(Tensor weight, Tensor scale_inv, int block_rows, int block_cols, "
+      "ScalarType dtype) -> Tensor");
+  m.def("dequantize_mxfp4(Tensor blocks, Tensor scales, ScalarType dtype) -> Tensor");
 }

@@ -68,4 +68,12 @@ def test_mismatched_torch_is_refused_with_a_clear_error():
 
 def test_public_api():
     assert set(expertflow.__all__) >= {"build_info", "ops", "__version__"}
-    assert set(expertflow.ops.__all__) == {"topk_gating", "group_by_expert", "combine"}
+    assert set(expertflow.ops.__all__) == {
+        "topk_gating",
+        "group_by_expert",
+        "combine",
+        "dequantize_int8",
+        "dequantize_int4",
+        "dequantize_fp8_block",
+        "dequantize_mxfp4",
+    }

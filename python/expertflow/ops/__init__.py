@@ -1,4 +1,5 @@
-"""Native MoE routing ops: fused gating, grouping of tokens by expert, weighted combine.
+"""Native MoE ops: fused gating, grouping of tokens by expert, weighted combine, and the
+dequantization of expert weight formats.
 
 Each function wraps a ``torch.ops.expertflow`` operator (CPU and CUDA kernels, chosen by the
 dispatcher from the input's device) and has a fake kernel so that ``torch.compile`` and
@@ -10,7 +11,22 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["topk_gating", "group_by_expert", "combine"]
+from expertflow.ops.dequantize import (
+    dequantize_fp8_block,
+    dequantize_int4,
+    dequantize_int8,
+    dequantize_mxfp4,
+)
+
+__all__ = [
+    "topk_gating",
+    "group_by_expert",
+    "combine",
+    "dequantize_int8",
+    "dequantize_int4",
+    "dequantize_fp8_block",
+    "dequantize_mxfp4",
+]
 
 _SCORINGS = ("softmax", "sigmoid")
 

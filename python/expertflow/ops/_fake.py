@@ -87,3 +87,112 @@ def _combine_fake(expert_outputs, topk_weights, inverse):
     _check_same_device("combine", expert_outputs, "expert_outputs", topk_weights, "topk_weights")
     _check_same_device("combine", expert_outputs, "expert_outputs", inverse, "inverse")
     return expert_outputs.new_empty((topk_weights.shape[0], expert_outputs.shape[1]))
+
+
+_DEQUANT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_tensor(op, name, t, want, ndim, layout):
+    want_name = str(want).removeprefix("torch.")  # as C++ names it: int8, not Char
+    torch._check_value(t.dtype == want, lambda: f"{op}: {name} must be {want_name}, got {t.dtype}")
+    torch._check_value(
+        t.dim() == ndim,
+        lambda: f"{op}: {name} must be {ndim}-D {layout}, got shape {list(t.shape)}",
+    )
+
+
+def _check_dequant(op, dtype, tensors):
+    """dtype, then each ``(name, tensor, want_dtype, ndim, layout)`` as dequant_common.cpp."""
+    torch._check_value(
+        dtype in _DEQUANT_DTYPES,
+        lambda: f"{op}: dtype must be float32, bfloat16 or float16, got {dtype}",
+    )
+    for args in tensors:
+        _check_tensor(op, *args)
+    first_name, first = tensors[0][0], tensors[0][1]
+    for name, t, *_ in tensors[1:]:
+        _check_same_device(op, first, first_name, t, name)
+
+
+def _check_shape(op, name, t, layout, want):
+    torch._check_value(
+        list(t.shape) == list(want),
+        lambda: f"{op}: {name} must be {layout} = {list(want)}, got {list(t.shape)}",
+    )
+
+
+@torch.library.register_fake("expertflow::dequantize_int8")
+def _dequantize_int8_fake(q, scale, dtype):
+    op = "dequantize_int8"
+    _check_dequant(
+        op,
+        dtype,
+        [("q", q, torch.int8, 2, "[out, in]"), ("scale", scale, torch.float32, 1, "[out]")],
+    )
+    _check_shape(op, "scale", scale, "[out]", [q.shape[0]])
+    return q.new_empty(q.shape, dtype=dtype)
+
+
+@torch.library.register_fake("expertflow::dequantize_int4")
+def _dequantize_int4_fake(packed, scale, group_size, dtype):
+    op = "dequantize_int4"
+    layout = "[out, in/group_size]"
+    _check_dequant(
+        op,
+        dtype,
+        [
+            ("packed", packed, torch.uint8, 2, "[out, in/2]"),
+            ("scale", scale, torch.float32, 2, layout),
+        ],
+    )
+    rows, cols = packed.shape[0], packed.shape[1] * 2
+    torch._check_value(
+        group_size >= 1 and cols % group_size == 0,
+        lambda: f"{op}: group_size must be a positive divisor of in = {cols}, got {group_size}",
+    )
+    _check_shape(op, "scale", scale, layout, [rows, cols // group_size])
+    return packed.new_empty((rows, cols), dtype=dtype)
+
+
+@torch.library.register_fake("expertflow::dequantize_fp8_block")
+def _dequantize_fp8_block_fake(weight, scale_inv, block_rows, block_cols, dtype):
+    op = "dequantize_fp8_block"
+    layout = "[ceil(out/block_rows), ceil(in/block_cols)]"
+    torch._check_value(
+        block_rows >= 1 and block_cols >= 1,
+        lambda: f"{op}: block_rows and block_cols must be >= 1, got {block_rows} and {block_cols}",
+    )
+    _check_dequant(
+        op,
+        dtype,
+        [
+            ("weight", weight, torch.float8_e4m3fn, 2, "[out, in]"),
+            ("scale_inv", scale_inv, torch.float32, 2, layout),
+        ],
+    )
+    rows, cols = weight.shape
+    tiles = [-(-rows // block_rows), -(-cols // block_cols)]
+    _check_shape(op, "scale_inv", scale_inv, layout, tiles)
+    return weight.new_empty((rows, cols), dtype=dtype)
+
+
+@torch.library.register_fake("expertflow::dequantize_mxfp4")
+def _dequantize_mxfp4_fake(blocks, scales, dtype):
+    op = "dequantize_mxfp4"
+    _check_dequant(
+        op,
+        dtype,
+        [
+            ("blocks", blocks, torch.uint8, 3, "[rows, nblocks, 16]"),
+            ("scales", scales, torch.uint8, 2, "[rows, nblocks]"),
+        ],
+    )
+    torch._check_value(
+        blocks.shape[2] == 16,
+        lambda: (
+            f"{op}: blocks must be [rows, nblocks, 16] (16 bytes = 32 e2m1 codes per block), "
+            f"got shape {list(blocks.shape)}"
+        ),
+    )
+    _check_shape(op, "scales", scales, "[rows, nblocks]", list(blocks.shape[:2]))
+    return blocks.new_empty((blocks.shape[0], blocks.shape[1] * 32), dtype=dtype)
