@@ -37,12 +37,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    ev = sub.add_parser("eval-predictor", help="recall/precision of a predictor on a trace")
-    ev.add_argument("--predictor", required=True, help="predictor folder, or 'history' (online)")
-    ev.add_argument("--traces", required=True, help="trace to evaluate on")
+    ev = sub.add_parser(
+        "eval-predictor", help="recall and precision of a routing predictor on a trace"
+    )
+    ev.add_argument(
+        "--predictor", required=True,
+        help="predictor folder (train-predictor --out), or 'history': a history predictor "
+        "learning online from the trace itself",
+    )  # fmt: skip
+    ev.add_argument("--traces", required=True, help="trace .npz to evaluate on")
     ev.add_argument("--only-source", help="evaluate on this source (domain) only")
     ev.add_argument(
         "--write-scores", help="also write the scores (and reuse scores) .npz, for replay"
     )
-    ev.add_argument("--json", action="store_true")
+    ev.add_argument(
+        "--json", action="store_true", help="print the evaluation as JSON instead of a report"
+    )
     ev.set_defaults(run=run)

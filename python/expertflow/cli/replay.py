@@ -126,7 +126,7 @@ def _print_result(args: argparse.Namespace, trace, result) -> None:
 def add_parser(sub) -> None:
     rp = sub.add_parser("replay", help="replay a routing trace through a cache policy")
     rp.add_argument("--trace", required=True, help="trace .npz (see expertflow.traces.format)")
-    rp.add_argument("--policy", required=True, choices=POLICIES)
+    rp.add_argument("--policy", required=True, choices=POLICIES, help="the cache policy to replay")
     budget = rp.add_mutually_exclusive_group(required=True)
     budget.add_argument(
         "--slots-per-layer",
@@ -156,8 +156,16 @@ def add_parser(sub) -> None:
         help="(expertflow policy, with --predictions) prefetch only predictions scored at "
         "least this (the others still rank evictions; default 0)",
     )
-    rp.add_argument("--bandwidth-gbps", type=float, help="timing model: copy bandwidth")
-    rp.add_argument("--layer-compute-ms", type=float, help="timing model: compute per layer")
+    rp.add_argument(
+        "--bandwidth-gbps", type=float,
+        help="timing model: host-to-device copy bandwidth in GB/s (default: no timing model; "
+        "give it with --layer-compute-ms)",
+    )  # fmt: skip
+    rp.add_argument(
+        "--layer-compute-ms", type=float,
+        help="timing model: compute time of one layer in ms (default: no timing model; give it "
+        "with --bandwidth-gbps)",
+    )  # fmt: skip
     rp.add_argument(
         "--expert-bytes",
         help="timing model and bytes moved: every expert this many bytes instead of the trace's "

@@ -17,7 +17,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    sp = sub.add_parser("routing-stats", help="usage, specialisation, reuse and affinity")
-    sp.add_argument("--trace", required=True)
-    sp.add_argument("--json", action="store_true")
+    sp = sub.add_parser(
+        "routing-stats", help="expert usage, specialisation, reuse and affinity of a trace"
+    )
+    sp.add_argument(
+        "--trace", required=True, help="trace .npz to read (expertflow trace writes one)"
+    )
+    sp.add_argument(
+        "--json", action="store_true", help="print the statistics as JSON instead of a report"
+    )
     sp.set_defaults(run=run)

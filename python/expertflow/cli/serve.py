@@ -71,20 +71,33 @@ def add_parser(sub) -> None:
         "/v1/completions, /v1/models, /health, /metrics), requests batched continuously.",
     )  # fmt: skip
     add_model_options(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on")
-    p.add_argument("--batch-size", type=int, default=8, help="requests per decode batch")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    p.add_argument(
+        "--port", type=int, default=8000, help="port to listen on (default: %(default)s)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=8, help="requests per decode batch (default: %(default)s)"
+    )
     p.add_argument(
         "--active-batches", type=int, default=2,
-        help="batches decoding in turn (the expertflow schedule regroups among them)",
+        help="batches decoding in turn (the expertflow schedule regroups among them; default: "
+        "%(default)s)",
     )  # fmt: skip
     p.add_argument("--schedule", default="fifo", choices=SCHEDULES,
-                   help="expertflow: regroup requests by predicted routing each round")  # fmt: skip
+                   help="fifo: requests batched in arrival order; expertflow: regrouped by "
+                   "predicted routing each round (default: %(default)s)")  # fmt: skip
     p.add_argument(
         "--max-queue", type=int, default=64,
-        help="requests that may wait for a place in a batch; more get 503",
+        help="requests that may wait for a place in a batch; more get 503 (default: %(default)s)",
     )  # fmt: skip
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="seconds requests in flight get to finish at SIGTERM")  # fmt: skip
-    p.add_argument("--log-level", default="warning", help="uvicorn's log level")
+                   help="seconds requests in flight get to finish at SIGTERM (default: "
+                   "%(default)s)")  # fmt: skip
+    p.add_argument(
+        "--log-level", default="warning",
+        help="uvicorn's log level: critical, error, warning, info, debug or trace (default: "
+        "%(default)s)",
+    )  # fmt: skip
     p.set_defaults(run=run)

@@ -85,26 +85,46 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:
     tp = sub.add_parser("trace", help="record a model's routing on text files into a trace")
-    tp.add_argument("--model", default="demo", help="'demo' (bundled) or a checkpoint folder")
-    tp.add_argument("--text", nargs="+", required=True, help="text files; one label each")
+    tp.add_argument(
+        "--model", default="demo",
+        help="'demo' (the bundled model, the default) or a local checkpoint folder",
+    )  # fmt: skip
+    tp.add_argument(
+        "--text", nargs="+", required=True,
+        help="text files to trace; each file's name (without suffix) labels its sequences",
+    )  # fmt: skip
     tp.add_argument("--out", required=True, help="trace .npz to write (atomically)")
-    tp.add_argument("--generate", type=int, default=0, help="greedy tokens after each prompt")
-    tp.add_argument("--batch-size", type=int, default=8)
-    tp.add_argument("--prompt-tokens", type=int, default=128, help="tokens per prompt")
-    tp.add_argument("--max-sequences", type=int, default=32, help="prompts per text file")
+    tp.add_argument(
+        "--generate", type=int, default=0,
+        help="greedy tokens to generate (and trace) after each prompt (default: %(default)s)",
+    )  # fmt: skip
+    tp.add_argument(
+        "--batch-size", type=int, default=8, help="prompts per forward pass (default: %(default)s)"
+    )
+    tp.add_argument(
+        "--prompt-tokens", type=int, default=128, help="tokens per prompt (default: %(default)s)"
+    )
+    tp.add_argument(
+        "--max-sequences", type=int, default=32,
+        help="most prompts per text file (default: %(default)s)",
+    )  # fmt: skip
     tp.add_argument(
         "--skip-fraction",
         type=float,
         default=0.0,
-        help="start reading each file at this fraction (0.9: a corpus file's held-out 10%%)",
+        help="start reading each file at this fraction (0.9: a corpus file's held-out 10%%; "
+        "default: %(default)s)",
     )
     tp.add_argument(
         "--end-fraction",
         type=float,
         default=1.0,
-        help="stop reading each file at this fraction (0.9: the training part, no held-out text)",
+        help="stop reading each file at this fraction (0.9: the training part, no held-out text; "
+        "default: %(default)s)",
     )
-    tp.add_argument("--device", default="cpu")
+    tp.add_argument(
+        "--device", default="cpu", help="cpu, cuda or cuda:N to run the model on (default: cpu)"
+    )
     tp.add_argument(
         "--lookahead", action="store_true", help="also record what gate lookahead would pick"
     )

@@ -132,29 +132,66 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:
     tr = sub.add_parser("train-predictor", help="train a routing predictor on traces")
-    tr.add_argument("--traces", nargs="+", required=True)
+    tr.add_argument(
+        "--traces", nargs="+", required=True, help="trace .npz files to train on, of one model"
+    )
     tr.add_argument("--out", required=True, help="predictor folder to write")
     tr.add_argument(
         "--kind",
         default="path",
         choices=["path", "history", "combined"],
-        help="combined: path predictor + history predictor (weighted by --history-weight)",
+        help="path: a small transformer over token ids (and the previous routing); history: "
+        "what each token id and layer chose before; "
+        "combined: path + history, weighted by --history-weight (default: %(default)s)",
     )
-    tr.add_argument("--history-weight", type=float, default=0.5)
-    tr.add_argument("--exclude-source", help="leave this source (domain) out of training")
-    tr.add_argument("--epochs", type=int, default=10)
-    tr.add_argument("--batch-size", type=int, default=32)
-    tr.add_argument("--lr", type=float, default=2e-3)
-    tr.add_argument("--context", type=int, default=64, help="token ids the path predictor sees")
-    tr.add_argument("--d-model", type=int, default=96)
-    tr.add_argument("--depth", type=int, default=2)
+    tr.add_argument(
+        "--history-weight", type=float, default=0.5,
+        help="with --kind combined: the history predictor's weight, the path's being 1 "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    tr.add_argument(
+        "--exclude-source",
+        help="leave this source (a trace's text file label) out of training (default: none)",
+    )
+    tr.add_argument(
+        "--epochs", type=int, default=10,
+        help="training epochs of the path predictor; 0: none (default: %(default)s)",
+    )  # fmt: skip
+    tr.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="training windows per step (default: %(default)s)",
+    )
+    tr.add_argument(
+        "--lr",
+        type=float,
+        default=2e-3,
+        help="AdamW's peak learning rate, one-cycle (default: %(default)s)",
+    )
+    tr.add_argument(
+        "--context", type=int, default=64,
+        help="token ids the path predictor sees (default: %(default)s)",
+    )  # fmt: skip
+    tr.add_argument(
+        "--d-model", type=int, default=96,
+        help="the path predictor's width, a multiple of 4 (default: %(default)s)",
+    )  # fmt: skip
+    tr.add_argument(
+        "--depth", type=int, default=2,
+        help="the path predictor's transformer layers (default: %(default)s)",
+    )  # fmt: skip
     tr.add_argument(
         "--use-previous",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="the path predictor also reads the previous token's routing (default: yes)",
     )
-    tr.add_argument("--vocab-size", type=int, help="default: the traces' meta.vocab_size")
+    tr.add_argument(
+        "--vocab-size", type=int,
+        help="token ids the path predictor embeds (default: the traces' meta.vocab_size, else "
+        "their largest id + 1)",
+    )  # fmt: skip
     tr.add_argument(
         "--reuse-hidden",
         type=int,
@@ -162,7 +199,10 @@ def add_parser(sub) -> None:
         help="width of the path predictor's reuse head (predicts uses 1-16 tokens ahead, "
         "for evictions); 0: none (default: 128)",
     )
-    tr.add_argument("--reuse-epochs", type=int, default=3, help="epochs of the reuse head")
+    tr.add_argument(
+        "--reuse-epochs", type=int, default=3,
+        help="training epochs of the reuse head (default: %(default)s)",
+    )  # fmt: skip
     tr.add_argument(
         "--from",
         dest="start_from",

@@ -19,7 +19,13 @@ import time
 
 import torch
 
-__all__ = ["DEFAULT_PROMPT", "check_expert_format", "format_demo", "run_demo"]
+__all__ = [
+    "DEFAULT_PROMPT",
+    "check_demo_options",
+    "check_expert_format",
+    "format_demo",
+    "run_demo",
+]
 
 DEFAULT_PROMPT = "The history of the city begins"
 
@@ -108,6 +114,134 @@ def check_expert_format(expert_format: str, group_size: int | None, spell=str) -
             f"{', '.join(map(str, fits))}"
         )
     assert all(d % MXFP4_BLOCK == 0 for d in dims)  # mxfp4 always fits the demo
+
+
+def _demo_config() -> dict:
+    from expertflow.demo.model import DEMO_MODEL_DIR
+
+    return json.loads((DEMO_MODEL_DIR / "config.json").read_text())
+
+
+def default_slots(config: dict) -> int:
+    """The demo's default budget: a quarter of the experts, and never fewer than a layer's
+    top_k in every layer."""
+    total = config["num_hidden_layers"] * config["num_local_experts"]
+    return max(total // 4, config["num_hidden_layers"] * config["num_experts_per_tok"])
+
+
+def _renamed(exc: Exception, spell) -> ValueError:
+    """An ``OffloadOptions`` error (``slots must be ...``, ``offload: gpu_memory=...``) with the
+    keyword it opens with spelled as ``spell`` names it (the command line: its option)."""
+    text = str(exc).removeprefix("offload: ")
+    for name in ("slots", "gpu_memory", "policy", "budget", "prefetch_threshold", "device",
+                 "expert_format", "group_size"):  # fmt: skip
+        if text.startswith((name + " ", name + "=")):
+            return ValueError(f"{spell(name)} {text[len(name) + 1 :]}")
+    return ValueError(text)
+
+
+def _device(spec, spell) -> torch.device:
+    """``device`` as a torch.device (None: cuda if available, else cpu)."""
+    try:
+        return torch.device(spec or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"{spell('device')} must be 'cpu', 'cuda' or 'cuda:N', got {spec!r}"
+        ) from None
+
+
+def check_demo_options(
+    prompt: str,
+    *,
+    max_new_tokens: int,
+    slots: int | None,
+    gpu_memory: int | str | None,
+    policies: tuple[str, ...],
+    budget: str,
+    device: str | torch.device,
+    prefetch_threshold: float,
+    expert_format: str,
+    group_size: int | None,
+    spell=str,
+) -> None:
+    """Refuses, before the model is loaded, any option :func:`run_demo` could not run with:
+    each policy's offload options go through :class:`~expertflow.runtime.options.OffloadOptions`
+    (what ``offload`` checks), ``slots`` against the demo model's config (its top_k per layer);
+    ``spell`` names the arguments (the command line: its options)."""
+    from expertflow._extension import check_cuda_device
+    from expertflow.runtime.options import OffloadOptions
+    from expertflow.runtime.policies import BUDGETS, POLICIES
+
+    check_expert_format(expert_format, group_size, spell=spell)
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError(f"{spell('prompt')} must be a non-empty text, got {prompt!r}")
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or max_new_tokens < 2
+    ):
+        raise ValueError(
+            f"{spell('max_new_tokens')} must be an integer >= 2, got {max_new_tokens!r}"
+        )
+    if slots is not None and gpu_memory is not None:
+        raise ValueError(f"give at most one of {spell('slots')} and {spell('gpu_memory')}")
+    if isinstance(policies, str):
+        policies = (policies,)
+    names = tuple(policies)
+    bad = [p for p in names if p not in POLICIES]
+    if not names or bad:
+        got = f"got {', '.join(map(repr, bad))}" if bad else "got none"
+        raise ValueError(
+            f"{spell('policies')} must name policies of {', '.join(POLICIES)} "
+            f"(comma-separated), {got}"
+        )
+    if budget not in BUDGETS:  # named before OffloadOptions, which says only 'budget'
+        raise ValueError(f"{spell('budget')} must be one of {', '.join(BUDGETS)}, got {budget!r}")
+    config = _demo_config()
+    if slots is not None:
+        top_k, layers = config["num_experts_per_tok"], config["num_hidden_layers"]
+        least = top_k * layers if budget == "per_layer" else top_k
+        if isinstance(slots, int) and not isinstance(slots, bool) and slots < least:
+            raise ValueError(
+                f"{spell('slots')} must be at least {least} for the demo model with "
+                f"{spell('budget')} {budget} (top_k {top_k}"
+                + (f" in each of {layers} layers" if budget == "per_layer" else "")
+                + f"), got {slots}"
+            )
+    try:
+        check_cuda_device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"{spell('device')}: {exc}") from None
+    for policy in dict.fromkeys(names):
+        try:
+            OffloadOptions(
+                "cpu",  # the device was checked above; this checks the rest without CUDA
+                slots=default_slots(config) if slots is None and gpu_memory is None else slots,
+                gpu_memory=gpu_memory,
+                policy=policy,
+                budget=budget,
+                prefetch_threshold=prefetch_threshold,
+                expert_format=expert_format,
+                group_size=group_size,
+            )
+        except ValueError as exc:
+            raise _renamed(exc, spell) from None
+
+
+def _check_budget_fits(base, options: dict, spell) -> None:
+    """Refuses a ``gpu_memory`` too small for the demo model's resident weights and its least
+    slots: offloads a copy on the CPU (a few milliseconds) to ask ``offload``'s own arithmetic,
+    before the whole model's run."""
+    import expertflow
+
+    if options["gpu_memory"] is None:
+        return
+    model = copy.deepcopy(base)
+    try:
+        expertflow.offload(model, policy="lru", **(options | {"device": "cpu"}))
+    except ValueError as exc:
+        raise _renamed(exc, spell) from None
+    expertflow.restore(model)
 
 
 def _quantized_copy(base, expert_format: str, group_size: int | None):
@@ -218,32 +352,47 @@ def run_demo(
     prefetch_threshold: float = 0.5,
     expert_format: str = "auto",
     group_size: int | None = None,
+    spell=str,
 ) -> dict:
     """Runs the demo and returns the text and one row of figures per configuration.
     ``prefetch_threshold`` applies to the expertflow policy's predictor: at 0.5 the bundled
     path predictor gave both more hits and fewer expert loads per token than the history
     predictor bundled before it (README, "Routing predictor"). ``expert_format`` and
-    ``group_size`` go to ``offload`` (checked before anything runs: :func:`check_expert_format`);
-    with a quantized format the whole model's row runs the same quantized experts."""
+    ``group_size`` go to ``offload``; with a quantized format the whole model's row runs the
+    same quantized experts.
+
+    Every argument is checked before the model is loaded (:func:`check_demo_options`), and a
+    ``gpu_memory`` against the loaded model before the whole model's run; ``spell`` names the
+    arguments in those errors (the command line: its options)."""
     from expertflow.demo.model import load_demo_model
 
-    check_expert_format(expert_format, group_size)
-    if max_new_tokens < 2:
-        raise ValueError(f"max_new_tokens must be >= 2, got {max_new_tokens}")
-    if slots is not None and gpu_memory is not None:
-        raise ValueError("give at most one of slots and gpu_memory")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(device, spell)
+    check_demo_options(
+        prompt, max_new_tokens=max_new_tokens, slots=slots, gpu_memory=gpu_memory,
+        policies=policies, budget=budget, device=device, prefetch_threshold=prefetch_threshold,
+        expert_format=expert_format, group_size=group_size, spell=spell,
+    )  # fmt: skip
+    policies = (policies,) if isinstance(policies, str) else tuple(policies)
     # float32 everywhere: the model is small, and "same tokens as the whole model" then holds
     # exactly rather than up to bf16 rounding of different kernels.
     dtype = torch.float32
     base, tokenizer = load_demo_model(dtype=dtype)
     input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if input_ids.shape[1] == 0:
-        raise ValueError("prompt must not be empty")
+        raise ValueError(f"{spell('prompt')} has no tokens")
     config = base.config
     total_experts = config.num_hidden_layers * config.num_local_experts
     if slots is None and gpu_memory is None:
-        slots = max(total_experts // 4, config.num_hidden_layers * config.num_experts_per_tok)
+        slots = default_slots(config.to_dict())
+    options = {
+        "device": device,
+        "slots": slots,
+        "gpu_memory": gpu_memory,
+        "budget": budget,
+        "expert_format": expert_format,
+        "group_size": group_size,
+    }
+    _check_budget_fits(base, options, spell)
     float_tokens = None
     if expert_format == "auto":
         reference, whole = _whole_model_row(base, input_ids, max_new_tokens, device)
@@ -256,14 +405,6 @@ def run_demo(
             quantized, input_ids, max_new_tokens, device, f"whole model ({expert_format} experts)"
         )
         del quantized
-    options = {
-        "device": device,
-        "slots": slots,
-        "gpu_memory": gpu_memory,
-        "budget": budget,
-        "expert_format": expert_format,
-        "group_size": group_size,
-    }
     rows = [whole] + [
         _offloaded_row(
             base, input_ids, max_new_tokens, policy, options, prefetch_threshold, reference
