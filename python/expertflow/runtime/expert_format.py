@@ -18,8 +18,7 @@ import math
 import torch
 from torch import nn
 
-from expertflow import formats
-from expertflow import formats as _kernels  # the references until the native ops land
+from expertflow import formats, ops
 from expertflow.runtime.experts import expert_param_names
 
 __all__ = [
@@ -76,7 +75,7 @@ class Int8Codec(WeightCodec):
         return list(formats.quantize_int8(w))
 
     def unpack(self, parts, dtype):
-        return _kernels.dequantize_int8(parts[0], parts[1], dtype)
+        return ops.dequantize_int8(parts[0], parts[1], dtype)
 
 
 class Int4Codec(WeightCodec):
@@ -106,7 +105,7 @@ class Int4Codec(WeightCodec):
 
     def unpack(self, parts, dtype):
         g = self.group_for(parts[0].shape[1] * 2)
-        return _kernels.dequantize_int4(parts[0], parts[1], g, dtype)
+        return ops.dequantize_int4(parts[0], parts[1], g, dtype)
 
 
 class Fp8Codec(WeightCodec):
@@ -126,7 +125,7 @@ class Fp8Codec(WeightCodec):
         return list(formats.quantize_fp8_block(w, self.block))
 
     def unpack(self, parts, dtype):
-        return _kernels.dequantize_fp8_block(parts[0], parts[1], self.block, dtype)
+        return ops.dequantize_fp8_block(parts[0], parts[1], self.block, dtype)
 
 
 class Mxfp4Codec(WeightCodec):
@@ -147,7 +146,7 @@ class Mxfp4Codec(WeightCodec):
         return list(formats.quantize_mxfp4(w))
 
     def unpack(self, parts, dtype):
-        return _kernels.dequantize_mxfp4(parts[0], parts[1], dtype)
+        return ops.dequantize_mxfp4(parts[0], parts[1], dtype)
 
 
 def codec_for(expert_format: str, group_size: int | None = None) -> WeightCodec | None:
