@@ -115,8 +115,9 @@ PEAK_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
-def test_peak_host_memory_stays_near_the_expert_bytes(tmp_path):
+def write_big_mixtral(path) -> int:
+    """A float32 Mixtral checkpoint with 96 MiB of experts in 20 MB shards, for the peak host
+    memory tests; returns the largest shard's size in bytes."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     config = MixtralConfig(
@@ -129,8 +130,13 @@ def test_peak_host_memory_stays_near_the_expert_bytes(tmp_path):
         num_experts_per_tok=2,
         vocab_size=128,
     )
-    MixtralForCausalLM(config).save_pretrained(tmp_path / "big", max_shard_size="20MB")
-    shard = max(f.stat().st_size for f in (tmp_path / "big").glob("*.safetensors"))
+    MixtralForCausalLM(config).save_pretrained(path, max_shard_size="20MB")
+    return max(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+@pytest.mark.slow
+def test_peak_host_memory_stays_near_the_expert_bytes(tmp_path):
+    shard = write_big_mixtral(tmp_path / "big")
     build("mixtral").save_pretrained(tmp_path / "tiny")
     results = {}
     for mode in ("streamed", "naive"):

@@ -13,6 +13,7 @@ import torch
 
 import expertflow
 from expertflow import formats
+from tests.modules.test_from_pretrained import write_big_mixtral
 from tests.modules.test_from_pretrained_quantized import assert_close, build_float, logits
 from tests.modules.test_offload import COMMON, FAMILIES
 
@@ -135,20 +136,7 @@ def test_peak_host_memory_stays_near_the_packed_expert_bytes(tmp_path):
     """int4 quantized while streaming: the float experts (~100 MiB) never on the host, the
     peak within 1.2 x the packed experts plus one shard (and, on the CPU, the resident
     weights)."""
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    config = MixtralConfig(
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        vocab_size=128,
-    )
-    MixtralForCausalLM(config).save_pretrained(tmp_path / "big", max_shard_size="20MB")
-    shard = max(f.stat().st_size for f in (tmp_path / "big").glob("*.safetensors"))
+    shard = write_big_mixtral(tmp_path / "big")
     float_model("mixtral").save_pretrained(tmp_path / "tiny")
     args = [str(tmp_path / "big"), "int4", str(tmp_path / "tiny")]
     out = subprocess.run(
