@@ -69,3 +69,6 @@ def test_chat_on_the_checkpoint_uses_its_template(checkpoint, alone):
     ids = chat_ids(tokenizer, [{"role": "user", "content": "The city"}])
     assert tokenizer.decode(alone(ids, 6), skip_special_tokens=True) + "\n" in done.stdout
     assert "tiny-moe: 24 of 96 expert slots" in done.stderr and "; chat template;" in done.stderr
+    # from_pretrained's progress (logger "expertflow") reaches the terminal
+    assert "expertflow: from_pretrained: reading model.safetensors (1 of 1)" in done.stderr
+    assert "loaded: 24 slots of " in done.stderr

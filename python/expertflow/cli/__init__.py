@@ -8,6 +8,7 @@ The ``expertflow`` command line: ``chat``, ``generate``, ``serve``, ``demo``, ``
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from expertflow.cli import (
@@ -122,8 +123,20 @@ def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
 
 
+def _show_progress() -> None:
+    """The library's progress messages (logger ``expertflow`` at INFO: the shards a checkpoint
+    load reads, the slots it chose) on stderr, where they do not mix with streamed text."""
+    logger = logging.getLogger("expertflow")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("expertflow: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _show_progress()
     try:
         return args.run(args)
     except (TraceError, ValueError) as exc:
