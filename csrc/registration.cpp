@@ -9,4 +9,8 @@ TORCH_LIBRARY(expertflow, m) {
       "float routed_scaling_factor=1.0, bool softmax_after_topk=False) -> (Tensor, Tensor)");
   m.def("group_by_expert(Tensor topk_ids, int num_experts) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("combine(Tensor expert_outputs, Tensor topk_weights, Tensor inverse) -> Tensor");
+  m.def(
+      "cpu_expert(Tensor x, Tensor[] up, Tensor? up_bias, Tensor[] down, Tensor? down_bias, "
+      "str format, str activation, bool transposed=False, float alpha=1.702, float limit=7.0, "
+      "int[] fp8_block=[128, 128]) -> Tensor");
 }
