@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "core/expert_kernels.h"
@@ -15,15 +16,23 @@
 namespace expertflow::ops {
 namespace {
 
-// y [tokens, w.out] = x [tokens, w.in] W^T, threads over blocks of output rows.
+// y [tokens, w.out] = x [tokens, w.in] W^T, threads over blocks of output rows. The threads
+// take runs of blocks from a shared counter rather than fixed halves: on a loaded machine a
+// thread that is scheduled late then finds less left to do instead of holding up the others.
 void parallel_linear(const core::PackedWeight& w, const float* x, int64_t tokens, float* y) {
   const int64_t block = core::linear_row_block(w);
   const int64_t blocks = (w.out + block - 1) / block;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), blocks);
+  const int64_t run = std::max<int64_t>(1, blocks / (16 * std::max<int64_t>(threads, 1)));
   const int64_t workspace = core::linear_workspace_floats(w);
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     std::vector<float> scratch(workspace);
-    core::linear_rows(w, x, w.in, tokens, b0 * block, std::min(b1 * block, w.out), y, w.out,
-                      scratch.data());
+    for (int64_t b0 = next.fetch_add(run); b0 < blocks; b0 = next.fetch_add(run)) {
+      const int64_t b1 = std::min(b0 + run, blocks);
+      core::linear_rows(w, x, w.in, tokens, b0 * block, std::min(b1 * block, w.out), y, w.out,
+                        scratch.data());
+    }
   });
 }
 
