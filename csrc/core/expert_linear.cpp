@@ -15,7 +15,7 @@
 namespace expertflow::core {
 namespace {
 
-constexpr int64_t kChunk = 256;     // columns per tile
+constexpr int64_t kChunk = 512;     // columns per tile
 constexpr int64_t kRowBlock = 4;    // rows per tile (row-major weights)
 constexpr int64_t kRowBlockT = 16;  // rows per tile (transposed float weights)
 constexpr int64_t kTokenBlock = 3;  // tokens per microkernel call
@@ -73,11 +73,14 @@ constexpr const DotFn* kDot[kRowBlock] = {kDotRow<1>, kDotRow<2>, kDotRow<3>, kD
 
 EXPERTFLOW_AVX2 void dot_avx2(const float* tile, int64_t ldt, int64_t nr, const float* x,
                               int64_t ldx, int64_t nt, int64_t kc, float* y, int64_t ldy) {
+  // Tokens in near-equal blocks of at most kTokenBlock (16 = 3+3+3+3+2+2, not 3*5+1).
+  const int64_t blocks = (nt + kTokenBlock - 1) / kTokenBlock;
   for (int64_t r = 0; r < nr; r += kRowBlock) {
     const int64_t rows = std::min(kRowBlock, nr - r);
-    for (int64_t t = 0; t < nt; t += kTokenBlock) {
-      const int64_t toks = std::min(kTokenBlock, nt - t);
+    for (int64_t b = 0, t = 0; b < blocks; ++b) {
+      const int64_t toks = nt / blocks + (b < nt % blocks ? 1 : 0);
       kDot[rows - 1][toks - 1](tile + r * ldt, ldt, x + t * ldx, ldx, kc, y + t * ldy + r, ldy);
+      t += toks;
     }
   }
 }
