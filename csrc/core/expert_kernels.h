@@ -49,8 +49,12 @@ enum class Activation : int8_t {
 
 bool activation_is_gated(Activation act);
 
-// Whether the vector path runs on this CPU (AVX2, FMA and F16C).
+// Whether the vector path runs on this CPU (AVX2, FMA and F16C) and is not switched off.
 bool expert_kernels_use_avx2();
+
+// Tests: run the portable path even where the CPU has AVX2 (not thread-safe against calls in
+// flight; set it before them).
+void expert_kernels_force_portable(bool portable);
 
 // Output rows that linear_rows should be given at a time (a split at a multiple of this keeps
 // each thread's reads whole blocks).

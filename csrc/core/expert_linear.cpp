@@ -3,6 +3,7 @@
 // expanded to an fp32 tile (packed formats) or read in place (fp32), then multiplied by every
 // token from L1 with register-blocked dot products.
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 
 #include "core/expert_decode.h"
@@ -96,10 +97,16 @@ int64_t row_block(const PackedWeight& w) { return w.transposed ? kRowBlockT : kR
 
 }  // namespace
 
+namespace {
+std::atomic<bool> force_portable{false};
+}  // namespace
+
+void expert_kernels_force_portable(bool portable) { force_portable.store(portable); }
+
 bool expert_kernels_use_avx2() {
 #if EXPERTFLOW_X86_KERNELS
   static const bool avx2 = detect_avx2();
-  return avx2;
+  return avx2 && !force_portable.load(std::memory_order_relaxed);
 #else
   return false;
 #endif

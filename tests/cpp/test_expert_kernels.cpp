@@ -80,9 +80,23 @@ class ExpertKernels : public ::testing::TestWithParam<WeightFormat> {};
 
 TEST_P(ExpertKernels, LinearRowsMatchesTheElementDefinition) {
   std::mt19937 rng(3);
-  for (const auto& [out, in] : {std::pair<int64_t, int64_t>{37, 64}, {21, 288}, {70, 544}}) {
-    Weight weight = random_weight(GetParam(), out, in, rng);
-    for (int64_t tokens : {1, 2, 3, 5, 16}) expect_linear_matches(weight.w, tokens, rng);
+  for (bool portable : {false, true}) {  // the vector path (where the CPU has it), the portable
+    expert_kernels_force_portable(portable);
+    for (const auto& [out, in] : {std::pair<int64_t, int64_t>{37, 64}, {21, 288}, {70, 544}}) {
+      Weight weight = random_weight(GetParam(), out, in, rng);
+      for (int64_t tokens : {1, 2, 3, 4, 5, 16}) expect_linear_matches(weight.w, tokens, rng);
+    }
+  }
+  expert_kernels_force_portable(false);
+}
+
+TEST_P(ExpertKernels, Int4GroupsOfThirtyTwoAndMore) {
+  if (GetParam() != WeightFormat::kInt4) GTEST_SKIP() << "int4 only";
+  std::mt19937 rng(9);
+  for (int64_t group : {32, 64, 96}) {
+    Weight weight = random_weight(WeightFormat::kInt4, 19, 576, rng);
+    weight.w.group = group;
+    for (int64_t tokens : {1, 4, 7}) expect_linear_matches(weight.w, tokens, rng);
   }
 }
 
@@ -94,7 +108,11 @@ TEST_P(ExpertKernels, TransposedFloatWeights) {
   std::mt19937 rng(5);
   Weight weight = random_weight(f, 45, 70, rng);
   weight.w.transposed = true;
-  for (int64_t tokens : {1, 4}) expect_linear_matches(weight.w, tokens, rng);
+  for (bool portable : {false, true}) {
+    expert_kernels_force_portable(portable);
+    for (int64_t tokens : {1, 4}) expect_linear_matches(weight.w, tokens, rng);
+  }
+  expert_kernels_force_portable(false);
 }
 
 INSTANTIATE_TEST_SUITE_P(Formats, ExpertKernels,
