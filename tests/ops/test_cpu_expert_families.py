@@ -67,3 +67,41 @@ def test_family_activations():
     }
     assert kinds["gpt_oss"] == "gpt_oss"
     assert all(kinds[f] == "silu_gated" for f in FAMILIES if f != "gpt_oss")
+
+
+def test_ungated_nemotron_h_experts():
+    """Nemotron-H's experts have no gate (``has_gate=False``): ``down(relu(up(x))^2)``."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
+
+    config = transformers.NemotronHConfig(
+        hidden_size=64, moe_intermediate_size=40, n_routed_experts=4, num_hidden_layers=2
+    )
+    torch.manual_seed(0)
+    module = NemotronHExperts(config)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.2)
+    spec = cpu_expert_spec("experts", module)
+    assert spec.activation == "relu2"
+    math = _offloaded_math(module)
+    for fmt in ("auto", "int8", "int4", "fp8"):
+        packing = ExpertPacking("experts", module, codec_for(fmt))
+        packed = [t.contiguous() for t in packing.pack(expert_tensors(module, 1))]
+        x = torch.randn(3, 64)
+        with torch.no_grad():
+            want = math(x, packing.unpack(packed))
+        torch.testing.assert_close(spec.run(x, packed, packing), want, rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_gating_is_refused_naming_the_module():
+    model = build("mixtral")
+    name, module = find_experts_modules(model)[0]
+
+    class OwnGate(type(module)):
+        def _apply_gate(self, gate_up):
+            return gate_up[..., ::2]
+
+    module.__class__ = OwnGate
+    with pytest.raises(ValueError, match=f"{name}.*OwnGate._apply_gate"):
+        cpu_expert_spec(name, module)

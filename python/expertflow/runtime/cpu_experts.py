@@ -101,8 +101,9 @@ def cpu_expert_spec(name: str, module: nn.Module) -> CpuExpertSpec:
     Raises:
         ValueError: an activation or gating without a native kernel, naming the module.
     """
-    gate = type(module)._apply_gate if hasattr(type(module), "_apply_gate") else None
-    owner = getattr(gate, "__qualname__", "").split(".")[0]
+    gate = getattr(type(module), "_apply_gate", None)
+    # The class that defines the gating in use (the default one is set on the family's class).
+    owner = next((c.__name__ for c in type(module).__mro__ if "_apply_gate" in vars(c)), "")
     alpha, limit = 1.702, 7.0
     if not module.has_gate:
         activation = _act_name(name, module)
