@@ -49,10 +49,20 @@ inline float half_e8m0(uint8_t e) {
 // up to scales: block-scaled formats (kBlockScaled) have scale(i) for columns
 // [i * cols_per_scale(), (i + 1) * cols_per_scale()), and every row's sums are multiplied by
 // row_scale().
+// Software prefetch this far ahead of the weights being read (past the row's end it reaches
+// into the next rows, which are read next): keeps more lines in flight than the hardware
+// prefetcher alone at one token.
+constexpr int64_t kPrefetchBytes = 1536;
+
+EXPERTFLOW_AVX2 inline void prefetch_ahead(const void* p) {
+  _mm_prefetch(static_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
+}
+
 struct Bf16 {
   static constexpr bool kBlockScaled = false;
   const PackedWeight& w;
   const uint16_t* row = nullptr;
+  void prefetch(int64_t k) const { prefetch_ahead(row + k); }
   void set_row(int64_t r) { row = static_cast<const uint16_t*>(w.data) + r * w.in; }
   float row_scale() const { return 1.0f; }
   EXPERTFLOW_AVX2 void load(int64_t k, __m256 v[4]) const {
@@ -67,6 +77,7 @@ struct F16 {
   static constexpr bool kBlockScaled = false;
   const PackedWeight& w;
   const uint16_t* row = nullptr;
+  void prefetch(int64_t k) const { prefetch_ahead(row + k); }
   void set_row(int64_t r) { row = static_cast<const uint16_t*>(w.data) + r * w.in; }
   float row_scale() const { return 1.0f; }
   EXPERTFLOW_AVX2 void load(int64_t k, __m256 v[4]) const {
@@ -81,6 +92,9 @@ struct Int8 {
   const PackedWeight& w;
   const int8_t* row = nullptr;
   float row_scale_ = 1.0f;
+  void prefetch(int64_t k) const {
+    if (k % 64 == 0) prefetch_ahead(row + k);
+  }
   void set_row(int64_t r) {
     row = static_cast<const int8_t*>(w.data) + r * w.in;
     row_scale_ = static_cast<const float*>(w.scale)[r];
@@ -100,6 +114,9 @@ struct Int4 {
   const PackedWeight& w;
   const uint8_t* row = nullptr;
   const float* scales = nullptr;
+  void prefetch(int64_t k) const {
+    if (k % 128 == 0) prefetch_ahead(row + k / 2);
+  }
   void set_row(int64_t r) {
     row = static_cast<const uint8_t*>(w.data) + r * (w.in / 2);
     scales = static_cast<const float*>(w.scale) + r * (w.in / w.group);
@@ -118,6 +135,9 @@ struct Mxfp4 {
   const PackedWeight& w;
   const uint8_t* row = nullptr;
   const uint8_t* scales = nullptr;
+  void prefetch(int64_t k) const {
+    if (k % 128 == 0) prefetch_ahead(row + k / 2);
+  }
   void set_row(int64_t r) {
     row = static_cast<const uint8_t*>(w.data) + r * (w.in / 2);
     scales = static_cast<const uint8_t*>(w.scale) + r * (w.in / 32);
@@ -136,6 +156,9 @@ struct Fp8 {
   const PackedWeight& w;
   const uint8_t* row = nullptr;
   const float* scales = nullptr;
+  void prefetch(int64_t k) const {
+    if (k % 64 == 0) prefetch_ahead(row + k);
+  }
   void set_row(int64_t r) {
     row = static_cast<const uint8_t*>(w.data) + r * w.in;
     const int64_t tiles = (w.in + w.block_cols - 1) / w.block_cols;
@@ -194,6 +217,7 @@ EXPERTFLOW_AVX2 void rows_direct(Decoder dec, const float* x, int64_t ldx, int64
       const int64_t k1 = std::min(k0 + per, in);
       for (int64_t k = k0; k < k1; k += 32) {
         __m256 wv[4];
+        dec.prefetch(k);
         dec.load(k, wv);
         if constexpr (Decoder::kBlockScaled) {
           for (int i = 0; i < 4; ++i) wv[i] = _mm256_mul_ps(wv[i], scale);
