@@ -8,6 +8,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -195,52 +196,80 @@ struct Fp8 {
   float scale(int64_t i) const { return scales[i] * 256.0f; }
 };
 
-template <int T, typename Decoder>
-EXPERTFLOW_AVX2 void rows_direct(Decoder dec, const float* x, int64_t ldx, int64_t r0, int64_t r1,
+template <int R, typename Decoder>
+std::array<Decoder, R> replicate(const Decoder& d) {
+  if constexpr (R == 1) {
+    return {d};
+  } else {
+    return {d, d};
+  }
+}
+
+// R rows at once (R > 1 keeps several streams of weights in flight at one or two tokens).
+template <int R, int T, typename Decoder>
+EXPERTFLOW_AVX2 void rows_direct(const Decoder& proto, const float* x, int64_t ldx, int64_t r,
                                  float* y, int64_t ldy) {
-  constexpr int kAcc = T <= 3 ? 4 : 2;  // independent sums per token
-  const int64_t in = dec.w.in;
-  for (int64_t r = r0; r < r1; ++r) {
-    dec.set_row(r);
-    __m256 acc[T][kAcc];
+  constexpr int kAcc = R * T == 1 ? 4 : 2;  // independent sums per row and token
+  const int64_t in = proto.w.in;
+  static_assert(R == 1 || R == 2);
+  std::array<Decoder, R> dec = replicate<R>(proto);
+  for (int i = 0; i < R; ++i) dec[i].set_row(r + i);
+  __m256 acc[R][T][kAcc];
+  for (int i = 0; i < R; ++i) {
     for (int t = 0; t < T; ++t) {
-      for (int a = 0; a < kAcc; ++a) acc[t][a] = _mm256_setzero_ps();
+      for (int a = 0; a < kAcc; ++a) acc[i][t][a] = _mm256_setzero_ps();
     }
-    // Block-scaled formats: one scale per `per` columns (a multiple of 32), applied to the
-    // expanded weights once whatever the number of tokens.
-    int64_t per = in;
-    if constexpr (Decoder::kBlockScaled) per = dec.cols_per_scale();
-    for (int64_t k0 = 0, si = 0; k0 < in; k0 += per, ++si) {
+  }
+  // Block-scaled formats: one scale per `per` columns (a multiple of 32), applied to the
+  // expanded weights once whatever the number of tokens.
+  int64_t per = in;
+  if constexpr (Decoder::kBlockScaled) per = dec[0].cols_per_scale();
+  for (int64_t k0 = 0, si = 0; k0 < in; k0 += per, ++si) {
+    __m256 scale[R];
+    for (int i = 0; i < R; ++i) {
       float block_scale = 1.0f;
-      if constexpr (Decoder::kBlockScaled) block_scale = dec.scale(si);
-      const __m256 scale = _mm256_set1_ps(block_scale);
-      const int64_t k1 = std::min(k0 + per, in);
-      for (int64_t k = k0; k < k1; k += 32) {
+      if constexpr (Decoder::kBlockScaled) block_scale = dec[i].scale(si);
+      scale[i] = _mm256_set1_ps(block_scale);
+    }
+    const int64_t k1 = std::min(k0 + per, in);
+    for (int64_t k = k0; k < k1; k += 32) {
+      for (int i = 0; i < R; ++i) {
         __m256 wv[4];
-        dec.prefetch(k);
-        dec.load(k, wv);
+        dec[i].prefetch(k);
+        dec[i].load(k, wv);
         if constexpr (Decoder::kBlockScaled) {
-          for (int i = 0; i < 4; ++i) wv[i] = _mm256_mul_ps(wv[i], scale);
+          for (int j = 0; j < 4; ++j) wv[j] = _mm256_mul_ps(wv[j], scale[i]);
         }
         for (int t = 0; t < T; ++t) {
           const float* xt = x + t * ldx + k;
-          for (int i = 0; i < 4; ++i) {
-            acc[t][i % kAcc] =
-                _mm256_fmadd_ps(wv[i], _mm256_loadu_ps(xt + 8 * i), acc[t][i % kAcc]);
+          for (int j = 0; j < 4; ++j) {
+            acc[i][t][j % kAcc] =
+                _mm256_fmadd_ps(wv[j], _mm256_loadu_ps(xt + 8 * j), acc[i][t][j % kAcc]);
           }
         }
       }
     }
-    const float s = dec.row_scale();
+  }
+  for (int i = 0; i < R; ++i) {
+    const float s = dec[i].row_scale();
     for (int t = 0; t < T; ++t) {
-      __m256 sum = acc[t][0];
-      for (int a = 1; a < kAcc; ++a) sum = _mm256_add_ps(sum, acc[t][a]);
+      __m256 sum = acc[i][t][0];
+      for (int a = 1; a < kAcc; ++a) sum = _mm256_add_ps(sum, acc[i][t][a]);
       __m128 h = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
       h = _mm_add_ps(h, _mm_movehl_ps(h, h));
       h = _mm_add_ss(h, _mm_movehdup_ps(h));
-      y[t * ldy + r] = _mm_cvtss_f32(h) * s;
+      y[t * ldy + r + i] = _mm_cvtss_f32(h) * s;
     }
   }
+}
+
+template <int T, typename Decoder>
+EXPERTFLOW_AVX2 void rows_range(const Decoder& dec, const float* x, int64_t ldx, int64_t r0,
+                                int64_t r1, float* y, int64_t ldy) {
+  constexpr int kRows = T <= 2 ? 2 : 1;
+  int64_t r = r0;
+  for (; r + kRows <= r1; r += kRows) rows_direct<kRows, T>(dec, x, ldx, r, y, ldy);
+  for (; r < r1; ++r) rows_direct<1, T>(dec, x, ldx, r, y, ldy);
 }
 
 template <typename Decoder>
@@ -248,13 +277,13 @@ EXPERTFLOW_AVX2 void dispatch_tokens(Decoder dec, const float* x, int64_t ldx, i
                                      int64_t r0, int64_t r1, float* y, int64_t ldy) {
   switch (tokens) {
     case 1:
-      return rows_direct<1>(dec, x, ldx, r0, r1, y, ldy);
+      return rows_range<1>(dec, x, ldx, r0, r1, y, ldy);
     case 2:
-      return rows_direct<2>(dec, x, ldx, r0, r1, y, ldy);
+      return rows_range<2>(dec, x, ldx, r0, r1, y, ldy);
     case 3:
-      return rows_direct<3>(dec, x, ldx, r0, r1, y, ldy);
+      return rows_range<3>(dec, x, ldx, r0, r1, y, ldy);
     default:
-      return rows_direct<4>(dec, x, ldx, r0, r1, y, ldy);
+      return rows_range<4>(dec, x, ldx, r0, r1, y, ldy);
   }
 }
 
