@@ -68,4 +68,11 @@ def test_mismatched_torch_is_refused_with_a_clear_error():
 
 def test_public_api():
     assert set(expertflow.__all__) >= {"build_info", "ops", "__version__"}
-    assert set(expertflow.ops.__all__) == {"topk_gating", "group_by_expert", "combine"}
+    assert set(expertflow.ops.__all__) == {
+        "topk_gating",
+        "group_by_expert",
+        "combine",
+        "cpu_expert",
+        "CPU_EXPERT_FORMATS",
+        "CPU_EXPERT_ACTIVATIONS",
+    }
