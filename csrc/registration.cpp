@@ -16,4 +16,8 @@ TORCH_LIBRARY(expertflow, m) {
       "dequantize_fp8_block(Tensor weight, Tensor scale_inv, int block_rows, int block_cols, "
       "ScalarType dtype) -> Tensor");
   m.def("dequantize_mxfp4(Tensor blocks, Tensor scales, ScalarType dtype) -> Tensor");
+  m.def(
+      "cpu_expert(Tensor x, Tensor[] up, Tensor? up_bias, Tensor[] down, Tensor? down_bias, "
+      "str format, str activation, bool transposed=False, float alpha=1.702, float limit=7.0, "
+      "int[] fp8_block=[128, 128]) -> Tensor");
 }

@@ -76,4 +76,7 @@ def test_public_api():
         "dequantize_int4",
         "dequantize_fp8_block",
         "dequantize_mxfp4",
+        "cpu_expert",
+        "CPU_EXPERT_FORMATS",
+        "CPU_EXPERT_ACTIVATIONS",
     }

@@ -1,5 +1,6 @@
-"""Native MoE ops: fused gating, grouping of tokens by expert, weighted combine, and the
-dequantization of expert weight formats.
+"""Native MoE ops: fused gating, grouping of tokens by expert, weighted combine, the
+dequantization of expert weight formats, and one expert computed on the CPU from its packed
+tensors.
 
 Each function wraps a ``torch.ops.expertflow`` operator (CPU and CUDA kernels, chosen by the
 dispatcher from the input's device) and has a fake kernel so that ``torch.compile`` and
@@ -19,16 +20,31 @@ from expertflow.ops.dequantize import (
 )
 
 __all__ = [
-    "topk_gating",
-    "group_by_expert",
+    "CPU_EXPERT_ACTIVATIONS",
+    "CPU_EXPERT_FORMATS",
     "combine",
-    "dequantize_int8",
-    "dequantize_int4",
+    "cpu_expert",
     "dequantize_fp8_block",
+    "dequantize_int4",
+    "dequantize_int8",
     "dequantize_mxfp4",
+    "group_by_expert",
+    "topk_gating",
 ]
 
 _SCORINGS = ("softmax", "sigmoid")
+CPU_EXPERT_FORMATS = ("float", "int8", "int4", "fp8", "mxfp4")
+CPU_EXPERT_ACTIVATIONS = (
+    "silu_gated",
+    "gelu_gated",
+    "gelu_tanh_gated",
+    "gpt_oss",
+    "silu",
+    "gelu",
+    "gelu_tanh",
+    "relu",
+    "relu2",
+)
 
 
 def topk_gating(
@@ -145,6 +161,69 @@ def combine(
         ``[num_tokens, hidden]`` in ``expert_outputs``' dtype.
     """
     return torch.ops.expertflow.combine(expert_outputs, topk_weights, inverse)
+
+
+def cpu_expert(
+    x: torch.Tensor,
+    up: list[torch.Tensor],
+    down: list[torch.Tensor],
+    *,
+    up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    format: str = "float",
+    activation: str = "silu_gated",
+    transposed: bool = False,
+    alpha: float = 1.702,
+    limit: float = 7.0,
+    fp8_block: tuple[int, int] = (128, 128),
+) -> torch.Tensor:
+    """One expert, ``down(act(up(x)))``, on the CPU, reading its packed tensors where they lie.
+
+    A fused pass: the up (or gate-up) projection over all tokens, the activation, the down
+    projection; each weight is read from memory once for all the tokens and expanded to fp32
+    in small tiles (no dequantized copy of the expert), sums in fp32, the result cast to
+    ``x``'s dtype. Threads split each projection's output rows.
+
+    Args:
+        x: ``[tokens, hidden]`` float32, bfloat16 or float16 on the CPU.
+        up: the up (gated: gate-up) weight's packed tensors, logical shape ``[up_out, hidden]``
+            with ``up_out = 2 * inter`` for gated activations, ``inter`` otherwise.
+        down: the down weight's packed tensors, logical shape ``[hidden, inter]``.
+        up_bias: optional ``[up_out]`` float bias.
+        down_bias: optional ``[hidden]`` float bias.
+        format: how each weight is held (``expertflow.runtime.expert_format``'s layouts):
+            ``"float"``: ``[W]``, W float32/bfloat16/float16 ``[out, in]`` (``[in, out]`` with
+            ``transposed``); ``"int8"``: ``[q int8 [out, in], scale f32 [out]]``;
+            ``"int4"``: ``[packed uint8 [out, in/2], scale f32 [out, in/group]]`` (the group
+            is ``in / scale.shape[1]``); ``"fp8"``: ``[w float8_e4m3fn [out, in], scale_inv
+            f32 [ceil(out/b0), ceil(in/b1)]]`` with ``fp8_block = (b0, b1)``; ``"mxfp4"``:
+            ``[blocks uint8 [out, in/32, 16], scales uint8 e8m0 [out, in/32]]``.
+        activation: ``"silu_gated"``, ``"gelu_gated"``, ``"gelu_tanh_gated"``: the first half
+            of the up outputs is the gate, ``act(gate) * up`` (transformers' default
+            ``_apply_gate``); ``"gpt_oss"``: gate and up interleaved (even outputs the gate),
+            ``(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)`` with
+            ``g = min(gate, limit)``; ungated ``"silu"``, ``"gelu"``, ``"gelu_tanh"``,
+            ``"relu"``, ``"relu2"`` (``relu(x)^2``).
+        transposed: float weights stored ``[in, out]`` (a module's ``is_transposed``).
+        alpha, limit: GPT-OSS's ``swiglu_alpha`` and ``swiglu_limit``.
+        fp8_block: the fp8 scale tile ``(rows, cols)``.
+
+    Returns:
+        ``[tokens, hidden]`` in ``x``'s dtype.
+    """
+    return torch.ops.expertflow.cpu_expert(
+        x,
+        list(up),
+        up_bias,
+        list(down),
+        down_bias,
+        format,
+        activation,
+        transposed,
+        float(alpha),
+        float(limit),
+        [int(b) for b in fp8_block],
+    )
 
 
 from expertflow.ops import _fake  # noqa: E402, F401  (registers the fake kernels)

@@ -196,3 +196,30 @@ def _dequantize_mxfp4_fake(blocks, scales, dtype):
     )
     _check_shape(op, "scales", scales, "[rows, nblocks]", list(blocks.shape[:2]))
     return blocks.new_empty((blocks.shape[0], blocks.shape[1] * 32), dtype=dtype)
+
+
+@torch.library.register_fake("expertflow::cpu_expert")
+def _cpu_expert_fake(
+    x,
+    up,
+    up_bias,
+    down,
+    down_bias,
+    format,
+    activation,
+    transposed=False,
+    alpha=1.702,
+    limit=7.0,
+    fp8_block=(128, 128),
+):
+    torch._check_value(x.dim() == 2, lambda: "cpu_expert: x must be 2-D [tokens, hidden]")
+    torch._check_value(
+        x.dtype in (torch.float32, torch.bfloat16, torch.float16),
+        lambda: f"cpu_expert: x must be float32, bfloat16 or float16, got {x.dtype}",
+    )
+    torch._check_value(len(up) >= 1 and len(down) >= 1, lambda: "cpu_expert: empty weight list")
+    for name, parts in (("up", up), ("down", down)):
+        for i, t in enumerate(parts):
+            _check_same_device("cpu_expert", x, "x", t, f"{name}[{i}]")
+    # The down weight's output rows are x's hidden size (the kernel checks it).
+    return x.new_empty(x.shape)

@@ -7,8 +7,18 @@ documented semantics exactly, tie-breaking and NaN handling included.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["topk_gating", "group_by_expert", "combine", "rank_descending"]
+from expertflow import formats
+
+__all__ = [
+    "combine",
+    "cpu_expert",
+    "dequantize_weight",
+    "group_by_expert",
+    "rank_descending",
+    "topk_gating",
+]
 
 
 def rank_descending(keys: torch.Tensor) -> torch.Tensor:
@@ -125,3 +135,75 @@ def combine(
         contribution = expert_outputs.float()[rows.clamp(min=0)] * topk_weights[:, j : j + 1]
         acc += torch.where(valid[:, None], contribution, torch.zeros_like(contribution))
     return acc.to(expert_outputs.dtype)
+
+
+def dequantize_weight(
+    parts: list[torch.Tensor],
+    format: str,
+    *,
+    transposed: bool = False,
+    fp8_block: tuple[int, int] = (128, 128),
+) -> torch.Tensor:
+    """A weight's packed tensors (``expertflow.ops.cpu_expert``'s layouts) to its logical
+    ``[out, in]`` float32 matrix, through the formats' references."""
+    if format == "float":
+        (w,) = parts
+        return (w.t() if transposed else w).to(torch.float32)
+    codes, scale = parts
+    if format == "int8":
+        return formats.dequantize_int8(codes, scale, torch.float32)
+    if format == "int4":
+        group = codes.shape[1] * 2 // scale.shape[1]
+        return formats.dequantize_int4(codes, scale, group, torch.float32)
+    if format == "fp8":
+        return formats.dequantize_fp8_block(codes, scale, tuple(fp8_block), torch.float32)
+    if format == "mxfp4":
+        return formats.dequantize_mxfp4(codes, scale, torch.float32, nan_scales="propagate")
+    raise ValueError(f"cpu_expert: unknown format {format!r}")
+
+
+def _activate(h: torch.Tensor, activation: str, alpha: float, limit: float) -> torch.Tensor:
+    if activation == "gpt_oss":
+        gate, up = h[..., ::2], h[..., 1::2]
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+    fns = {
+        "silu": F.silu,
+        "gelu": F.gelu,
+        "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"),
+        "relu": F.relu,
+        "relu2": lambda v: F.relu(v).square(),
+    }
+    if activation.endswith("_gated"):
+        gate, up = h.chunk(2, dim=-1)
+        return fns[activation.removesuffix("_gated")](gate) * up
+    return fns[activation](h)
+
+
+def cpu_expert(
+    x: torch.Tensor,
+    up: list[torch.Tensor],
+    down: list[torch.Tensor],
+    *,
+    up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    format: str = "float",
+    activation: str = "silu_gated",
+    transposed: bool = False,
+    alpha: float = 1.702,
+    limit: float = 7.0,
+    fp8_block: tuple[int, int] = (128, 128),
+) -> torch.Tensor:
+    """``down(act(up(x) + up_bias)) + down_bias`` in float32 from the dequantized weights, cast
+    to ``x``'s dtype (``expertflow.ops.cpu_expert``'s semantics)."""
+    w_up = dequantize_weight(up, format, transposed=transposed, fp8_block=fp8_block)
+    w_down = dequantize_weight(down, format, transposed=transposed, fp8_block=fp8_block)
+    h = x.to(torch.float32) @ w_up.t()
+    if up_bias is not None:
+        h = h + up_bias.to(torch.float32)
+    h = _activate(h, activation, alpha, limit)
+    out = h @ w_down.t()
+    if down_bias is not None:
+        out = out + down_bias.to(torch.float32)
+    return out.to(x.dtype)
