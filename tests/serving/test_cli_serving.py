@@ -14,12 +14,15 @@ from pathlib import Path
 
 import pytest
 
+import expertflow as package_under_test
 from expertflow.cli import main
 from expertflow.serving.chat_format import chat_ids
 from tests.serving.conftest import free_port
 
-ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT / "python"), "OMP_NUM_THREADS": "1"}
+# The subprocesses import the expertflow under test: the installed one in CI, the source tree
+# (with its built extension copied in) in development.
+PACKAGE_ROOT = Path(package_under_test.__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT), "OMP_NUM_THREADS": "1"}
 
 
 def expertflow(*args: str, stdin: str = "", timeout: float = 180) -> subprocess.CompletedProcess:
