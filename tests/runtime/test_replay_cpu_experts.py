@@ -44,11 +44,13 @@ def test_never_copies_every_miss():
     assert r.time_per_token_ms == pytest.approx(2.0)
 
 
-def test_always_computes_every_miss_on_the_cpu_and_caches_nothing():
-    r = replay(trace(ALTERNATING), "lru", slots_per_layer=2, **TIMING, **CPU, cpu_experts="always")
-    # Two experts one after the other on the CPU: 1.2 ms a step; nothing copied, nothing cached.
-    assert (r.hits, r.misses, r.cpu_experts, r.bytes_moved) == (0, 8, 8, 0)
-    assert r.time_per_token_ms == pytest.approx(1.2)
+@pytest.mark.parametrize("budget", [{"slots_per_layer": 2}, {"slots": 2}])
+def test_always_fills_free_slots_then_computes_every_miss_on_the_cpu(budget):
+    r = replay(trace(ALTERNATING), "lru", **budget, **TIMING, **CPU, cpu_experts="always")
+    # Step 0: the pool is empty, 0 and 1 are copied into it (2 ms) and stay. Steps 1 and 3:
+    # {2, 3} on the CPU one after the other (1.2 ms), never cached. Step 2: two hits (0 ms).
+    assert (r.hits, r.misses, r.cpu_experts, r.bytes_moved) == (2, 6, 4, 2 * EXPERT_BYTES)
+    assert r.time_per_token_ms == pytest.approx((2.0 + 1.2 + 0.0 + 1.2) / 4)
 
 
 def test_auto_splits_a_layers_misses_between_the_cpu_and_the_link():
@@ -82,15 +84,16 @@ def test_never_with_a_cpu_is_todays_copy_only_replay():
 
 
 def test_a_slower_cpu_waits_layer_after_layer_and_auto_copies():
-    # Two layers, one expert each, one-token step, slow CPU (2 GB/s: 1.5 ms) but only the CPU.
-    ids = np.array([[[0], [1]]], dtype=np.int32)
+    # Two layers of one slot, two tokens swapping experts 0 and 1; a slow CPU (2 GB/s: 1.5 ms).
+    ids = np.array([[[0], [1]], [[1], [0]]], dtype=np.int32)
     t = Trace(expert_ids=ids, meta={"model": "m", "num_experts": 2, "top_k": 1,
                                     "expert_bytes": EXPERT_BYTES})  # fmt: skip
     r = replay(t, "lru", slots_per_layer=1, **TIMING, cpu_gbps=2.0, cpu_experts="always")
-    # Layer 0 waits 1.5 ms for its expert, layer 1 1.5 ms more: 3.0 ms.
-    assert r.time_per_token_ms == pytest.approx(3.0)
+    # Token 0 fills both slots (1.0 + 1.0 ms); token 1: layer 0 waits 1.5 ms for its expert on
+    # the CPU, layer 1 1.5 ms more.
+    assert r.cpu_experts == 2 and r.time_per_token_ms == pytest.approx((2.0 + 3.0) / 2)
     r = replay(t, "lru", slots_per_layer=1, **TIMING, cpu_gbps=2.0)
-    # auto: 1.0 ms copies beat 1.5 ms on the CPU, layer after layer: 2.0 ms, no CPU expert.
+    # auto: 1.0 ms copies beat 1.5 ms on the CPU, layer after layer, no CPU expert.
     assert (r.cpu_experts, r.time_per_token_ms) == (0, pytest.approx(2.0))
 
 
@@ -172,7 +175,7 @@ def test_the_cli_reports_cpu_experts_in_json(trace_file, capsys):
     keys = list(out)
     assert keys.index("cpu_experts") == keys.index("time_per_token_ms") + 1
     out = json.loads(_cli(capsys, *base, "--cpu-gbps", "5", "--cpu-experts", "always"))
-    assert out["cpu_experts"] == 8 and out["time_per_token_ms"] == pytest.approx(1.2)
+    assert out["cpu_experts"] == 4 and out["time_per_token_ms"] == pytest.approx(1.1)
     assert json.loads(_cli(capsys, *base))["cpu_experts"] is None
 
 

@@ -22,7 +22,9 @@ weights at ``cpu_gbps`` GB/s (and, with ``cpu_gflops``, at least 2 x params x to
 that rate; params = expert bytes / 2, 16-bit weights). Such a miss is neither copied nor cached;
 its layer waits for its result. The CPU works one expert at a time on its own queue, concurrently
 with the link. ``cpu_experts`` says which misses go there: ``"never"`` (copy-only),
-``"always"`` (every miss, Fiddler-like) or ``"auto"`` (the default with ``cpu_gbps``): the native
+``"always"`` (Fiddler-like: a miss is copied only into a free slot, which evicts nothing,
+so the slots end up holding the first experts seen; every later miss runs on the CPU) or
+``"auto"`` (the default with ``cpu_gbps``): the native
 ``HybridPolicy`` decides each miss of a layer in order (experts ascending) from its copy time,
 its CPU time at the step's tokens routed to it, the work queued on the link and on the CPU, and
 its predicted reuse (the ``reuse`` scores when given, else 0). A miss is an expert absent from
@@ -349,6 +351,7 @@ class _Run:
         self.hybrid = None
         self.reuse: np.ndarray | None = None
         self.cpu_experts = 0
+        self.full_pools: set[int] = set()  # "always": pools found full (they stay full)
 
     def use_cpu(self, link_gbps, cpu_gbps, cpu_gflops, mode: str, reuse) -> None:
         """Models the host CPU computing misses (see the module docstring)."""
@@ -369,9 +372,14 @@ class _Run:
         ids = self.trace.expert_ids[tokens, layer, :]
         keep, cpu_ready = [], -math.inf
         link_queue = self.link.backlog(self.now)  # the copies decided here go after it
+        copies = 0
         for e in experts:
             if self.cache.slot_of(layer, e) >= 0:
                 keep.append(e)  # a hit: resident or on its way
+                continue
+            if self.cpu_mode == "always" and self._pool_has_room(layer, copies):
+                keep.append(e)  # filling a free slot evicts nothing: Fiddler's placement
+                copies += 1
                 continue
             routed = ids == e
             reuse = 0.0
@@ -388,6 +396,22 @@ class _Run:
                 keep.append(e)
                 link_queue += copy_ms / 1e3
         return keep, cpu_ready
+
+    def _pool_has_room(self, layer: int, pending: int) -> bool:
+        """Whether ``layer``'s pool still has a free slot after ``pending`` copies. Only
+        "always" asks: it copies only into free slots, so a pool once full stays full."""
+        pool = layer if self.budget == "per_layer" else -1
+        if pool in self.full_pools:
+            return False
+        trace = self.trace
+        layers = [layer] if pool >= 0 else range(trace.num_layers)
+        used = sum(
+            self.cache.slot_of(lay, e) >= 0 for lay in layers for e in range(trace.num_experts)
+        )
+        if used + pending < self.cache.pool_size(layer):
+            return True
+        self.full_pools.add(pool)
+        return False
 
     def run_layer(self, steps: list[np.ndarray], s: int, layer: int) -> bool:
         """Acquires step ``s``'s experts of ``layer``, loads the misses and (timing model)
