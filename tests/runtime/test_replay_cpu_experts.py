@@ -119,6 +119,23 @@ def test_a_copy_queued_on_the_link_counts_in_the_next_decision():
     assert r.time_per_token_ms == pytest.approx(1.2)
 
 
+def test_auto_computes_a_hit_whose_prefetch_is_still_on_its_way_when_that_is_sooner():
+    # One token on expert 0, predicted: its prefetch starts at 0 and lands at 1.0 ms.
+    t = trace([[0]], experts=2)
+    scores = np.array([[[1.0, 0.0]]], dtype=np.float32)
+    kw = dict(slots_per_layer=1, predictions=scores, **TIMING, **CPU)
+    never = replay(t, "expertflow", **kw, cpu_experts="never")
+    assert (never.hits, never.misses, never.time_per_token_ms) == (1, 0, pytest.approx(1.0))
+    # auto: the CPU has it at 0.6 ms; the copy goes on (the expert is cached, a hit).
+    auto = replay(t, "expertflow", **kw)
+    assert (auto.hits, auto.misses, auto.cpu_experts) == (1, 0, 1)
+    assert auto.bytes_moved == EXPERT_BYTES
+    assert auto.time_per_token_ms == pytest.approx(0.6)
+    # A CPU slower than the copy's remaining time: it waits for the copy.
+    slow = replay(t, "expertflow", **{**kw, "cpu_gbps": 2.0})
+    assert (slow.cpu_experts, slow.time_per_token_ms) == (0, pytest.approx(1.0))
+
+
 @pytest.mark.parametrize("policy", ["lru", "lfu", "lrfu", "belady"])
 def test_every_policy_replays_with_cpu_experts(policy):
     rng = np.random.default_rng(0)
@@ -184,7 +201,7 @@ def test_the_cli_text_report(trace_file, capsys):
         capsys, "--trace", trace_file, "--policy", "lru", "--slots-per-layer", "2",
         "--bandwidth-gbps", "3", "--layer-compute-ms", "0", "--cpu-gbps", "5",
     )  # fmt: skip
-    assert "CPU experts        4 of 6 misses" in out
+    assert "CPU experts        4 computed on the CPU (6 misses in all;" in out
 
 
 @pytest.mark.parametrize(

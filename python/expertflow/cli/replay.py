@@ -128,8 +128,8 @@ def _print_result(args: argparse.Namespace, trace, result) -> None:
         print(f"  stalled on {waits}  {100 * result.stall_share:.1f}% of the time")
     if result.cpu_experts is not None:
         print(
-            f"  CPU experts        {result.cpu_experts} of {result.misses} misses computed on "
-            "the CPU (neither copied nor cached)"
+            f"  CPU experts        {result.cpu_experts} computed on the CPU ({result.misses} "
+            "misses in all; a miss on the CPU is neither copied nor cached)"
         )
 
 

@@ -28,8 +28,10 @@ so the slots end up holding the first experts seen; every later miss runs on the
 ``HybridPolicy`` decides each miss of a layer in order (experts ascending) from its copy time,
 its CPU time at the step's tokens routed to it, the work queued on the link and on the CPU, and
 its predicted reuse (the ``reuse`` scores when given, else 0). A miss is an expert absent from
-the cache when its layer starts; a CPU expert still counts as a miss (``cpu_experts`` counts
-them) but moves no bytes.
+the cache when its layer starts; a CPU expert still counts as a miss but moves no bytes.
+``"auto"`` also computes a hit whose copy (a prefetch) is still on its way on the CPU when the
+CPU would finish it sooner than the copy arrives (the copy goes on: the expert is cached, a
+hit). ``cpu_experts`` counts every expert computed on the CPU, misses and such hits.
 
 Options a policy would not read are refused rather than ignored (:func:`check_options`): only
 ``expertflow`` reads predictions, lookahead and reuse scores, the prefetch threshold and the
@@ -351,6 +353,7 @@ class _Run:
         self.hybrid = None
         self.reuse: np.ndarray | None = None
         self.cpu_experts = 0
+        self.cpu_late_hits = 0  # hits on a copy still on its way, computed on the CPU
         self.full_pools: set[int] = set()  # "always": pools found full (they stay full)
 
     def use_cpu(self, link_gbps, cpu_gbps, cpu_gflops, mode: str, reuse) -> None:
@@ -365,17 +368,20 @@ class _Run:
         self.reuse = reuse
 
     def _place_misses(self, tokens: np.ndarray, layer: int, experts: list[int]):
-        """``(to_acquire, cpu_ready)``: the experts to take from the cache (hits and the misses
-        to copy) and when the CPU's share of the layer's misses is done (-inf: none)."""
+        """``(to_acquire, cpu_ready, late)``: the experts to take from the cache (hits and the
+        misses to copy), when the CPU's share of the layer is done (-inf: none), and the hits
+        whose copy is still on its way that the CPU computes instead (their copy goes on)."""
         if self.cpu_mode == "never":
-            return experts, -math.inf
+            return experts, -math.inf, set()
         ids = self.trace.expert_ids[tokens, layer, :]
-        keep, cpu_ready = [], -math.inf
+        keep, cpu_ready, hits = [], -math.inf, []
         link_queue = self.link.backlog(self.now)  # the copies decided here go after it
+        urgent_s = 0.0
         copies = 0
         for e in experts:
             if self.cache.slot_of(layer, e) >= 0:
                 keep.append(e)  # a hit: resident or on its way
+                hits.append(e)
                 continue
             if self.cpu_mode == "always" and self._pool_has_room(layer, copies):
                 keep.append(e)  # filling a free slot evicts nothing: Fiddler's placement
@@ -395,7 +401,24 @@ class _Run:
             else:
                 keep.append(e)
                 link_queue += copy_ms / 1e3
-        return keep, cpu_ready
+                urgent_s += copy_ms / 1e3
+        late = set()
+        if self.cpu_mode == "auto":
+            for e in hits:
+                arrival = self.link.expected_arrival(
+                    self.cache.slot_of(layer, e), self.now, urgent_s
+                )
+                if arrival <= self.now:
+                    continue
+                _, _, cpu_ms = self.hybrid.decide(
+                    int((ids == e).any(axis=-1).sum()), self.expert_bytes,
+                    self.expert_bytes // 2, 0.0, 0.0, self.cpu.backlog(self.now) * 1e3,
+                )  # fmt: skip
+                if self.now + self.cpu.backlog(self.now) + cpu_ms / 1e3 < arrival:
+                    cpu_ready = max(cpu_ready, self.cpu.compute(cpu_ms / 1e3, self.now))
+                    self.cpu_late_hits += 1
+                    late.add(e)
+        return keep, cpu_ready, late
 
     def _pool_has_room(self, layer: int, pending: int) -> bool:
         """Whether ``layer``'s pool still has a free slot after ``pending`` copies. Only
@@ -420,7 +443,7 @@ class _Run:
         if not experts:
             return False
         wanted = len(experts)
-        experts, cpu_ready = self._place_misses(steps[s], layer, experts)
+        experts, cpu_ready, late = self._place_misses(steps[s], layer, experts)
         try:
             got, loads = self.cache.acquire(layer, experts)
         except ValueError as exc:
@@ -430,7 +453,8 @@ class _Run:
                 self.link.urgent(slot, self.now)
             self.cache.loaded(slot)
         if self.link is not None:
-            ready = max([self.now, cpu_ready] + [self.link.arrival(slot) for slot in got])
+            waits = [slot for e, slot in zip(experts, got, strict=True) if e not in late]
+            ready = max([self.now, cpu_ready] + [self.link.arrival(slot) for slot in waits])
             self.stalled += ready - self.now
             self.now = ready + self.compute_s
         return True
@@ -478,7 +502,7 @@ class _Run:
         if self.link is not None and tokens:
             result.time_per_token_ms = self.now / tokens * 1e3
             if self.cpu is not None:
-                result.cpu_experts = self.cpu_experts
+                result.cpu_experts = self.cpu_experts + self.cpu_late_hits
             result.time_per_step_ms = self.now / steps * 1e3
             result.stall_share = self.stalled / self.now if self.now > 0 else 0.0
         return result

@@ -41,6 +41,20 @@ class Link:
         self.busy_until = max(self.busy_until, now) + self.seconds_per_copy
         self.done[slot] = self.busy_until
 
+    def expected_arrival(self, slot: int, now: float, urgent_s: float) -> float:
+        """When ``slot``'s copy would arrive if ``urgent_s`` seconds of urgent copies were
+        issued at ``now`` (they go ahead of every prefetch not yet started), without changing
+        anything."""
+        self._start_under_way(now)
+        if slot in self.done:
+            return self.done[slot]
+        t = max(self.busy_until, now) + urgent_s
+        for queued, issued in self.queue:
+            t = max(t, issued) + self.seconds_per_copy
+            if queued == slot:
+                return t
+        return 0.0
+
     def arrival(self, slot: int) -> float:
         while slot not in self.done and self.queue:
             self._start_next()
