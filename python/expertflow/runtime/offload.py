@@ -47,6 +47,7 @@ def offload(
     prefetch_threshold: float = 0.0,
     expert_format: str = "auto",
     group_size: int | None = None,
+    cpu_experts: str = "never",
 ) -> nn.Module:
     """Moves ``model``'s routed experts into host memory behind one expert cache.
 
@@ -89,6 +90,11 @@ def offload(
             accuracy of each.
         group_size: int4's group of input columns sharing a scale (default 64, or the
             largest divisor of a weight's input size below it); only with ``"int4"``.
+        cpu_experts: ``"never"`` (default: every expert runs from a device slot) or
+            ``"always"``: every expert is computed on the CPU from the host store
+            (``ops.cpu_expert``, in the store's format; only activations move, the slots stay
+            unused: the all-CPU baseline). ``"auto"`` is refused for now (the per-miss choice
+            needs a cache lookup that pins hits without copying misses).
 
     Raises:
         ValueError: an argument of the wrong type or value (named in the message); the model
@@ -102,7 +108,7 @@ def offload(
     """
     options = OffloadOptions(
         device, slots, gpu_memory, policy, budget, predictor, lookahead, background,
-        prefetch_threshold, expert_format, group_size,
+        prefetch_threshold, expert_format, group_size, cpu_experts,
     )  # fmt: skip
     if not isinstance(model, nn.Module):
         raise ValueError(
@@ -237,7 +243,11 @@ def _install(model: nn.Module, found, cache: ExpertCache, options: OffloadOption
     model._expertflow = state
     for layer, (parent_name, child, module) in enumerate(originals):
         parent = model.get_submodule(parent_name) if parent_name else model
-        replacement = OffloadedExperts(module, cache, layer, pool_size, lock, packings[layer])
+        name = f"{parent_name}.{child}" if parent_name else child
+        cpu = name if options.cpu_experts == "always" else None
+        replacement = OffloadedExperts(
+            module, cache, layer, pool_size, lock, packings[layer], cpu_experts=cpu
+        )
         if packings[layer].codec is None:
             # The original keeps host views of the store (no second copy) for restore().
             _point_at_store(module, cache, layer)

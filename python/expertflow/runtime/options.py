@@ -86,6 +86,10 @@ def _check_predictor(predictor) -> None:
     )
 
 
+# Where an offloaded model computes its experts (OffloadOptions.cpu_experts).
+CPU_EXPERTS: tuple[str, ...] = ("never", "always", "auto")
+
+
 @dataclasses.dataclass
 class OffloadOptions:
     """How a model is offloaded (the keyword arguments of :func:`expertflow.offload`).
@@ -105,6 +109,9 @@ class OffloadOptions:
             :data:`~expertflow.runtime.expert_format.EXPERT_FORMATS`.
         group_size: int4's group size (None: the default, or the largest that divides a
             weight's input size).
+        cpu_experts: ``"never"`` (every expert runs from a slot) or ``"always"`` (every
+            expert computed on the CPU from the host store by ``ops.cpu_expert``; the slots
+            are not used). ``"auto"`` (per miss, the native HybridPolicy) is not built yet.
     """
 
     device: str | torch.device = "cuda"
@@ -118,6 +125,7 @@ class OffloadOptions:
     prefetch_threshold: float = 0.0
     expert_format: str = "auto"
     group_size: int | None = None
+    cpu_experts: str = "never"
 
     def __post_init__(self):
         if (self.slots is None) == (self.gpu_memory is None):
@@ -141,6 +149,15 @@ class OffloadOptions:
         if self.expert_format not in EXPERT_FORMATS:
             raise ValueError(
                 f"expert_format must be one of {EXPERT_FORMATS}, got {_short(self.expert_format)}"
+            )
+        if self.cpu_experts not in CPU_EXPERTS:
+            raise ValueError(
+                f"cpu_experts must be one of {CPU_EXPERTS}, got {_short(self.cpu_experts)}"
+            )
+        if self.cpu_experts == "auto":
+            raise ValueError(
+                "cpu_experts='auto' needs the expert cache to pin its hits without copying its "
+                "misses, which is not built yet: give 'never' or 'always'"
             )
         if self.group_size is not None:
             self.group_size = _positive_int(self.group_size, "group_size")
