@@ -136,6 +136,21 @@ def test_auto_computes_a_hit_whose_prefetch_is_still_on_its_way_when_that_is_soo
     assert (slow.cpu_experts, slow.time_per_token_ms) == (0, pytest.approx(1.0))
 
 
+def test_a_layer_needing_more_experts_than_its_pool_runs_the_rest_on_the_cpu():
+    # A 3-token prompt on experts 0, 1, 2 with one slot: copy-only cannot run it.
+    t = trace([[0], [1], [2]], experts=3, prefill=[True] * 3)
+    with pytest.raises(ValueError, match="needs 3 experts of layer 0 at once"):
+        replay(t, "lru", slots_per_layer=1, **TIMING, **CPU, cpu_experts="never")
+    # auto: 0 -> CPU (0.6); 1 -> copy (1.2 vs 1.0), which fills the pool; 2 -> CPU (1.2).
+    r = replay(t, "lru", slots_per_layer=1, **TIMING, **CPU)
+    assert (r.cpu_experts, r.bytes_moved) == (2, EXPERT_BYTES)
+    assert r.time_per_token_ms == pytest.approx(1.2 / 3)
+    # always: 0 fills the free slot, 1 and 2 on the CPU: ready at max(1.0, 1.2).
+    r = replay(t, "lru", slots_per_layer=1, **TIMING, **CPU, cpu_experts="always")
+    assert (r.cpu_experts, r.bytes_moved) == (2, EXPERT_BYTES)
+    assert r.time_per_token_ms == pytest.approx(1.2 / 3)
+
+
 @pytest.mark.parametrize("policy", ["lru", "lfu", "lrfu", "belady"])
 def test_every_policy_replays_with_cpu_experts(policy):
     rng = np.random.default_rng(0)

@@ -31,7 +31,9 @@ its predicted reuse (the ``reuse`` scores when given, else 0). A miss is an expe
 the cache when its layer starts; a CPU expert still counts as a miss but moves no bytes.
 ``"auto"`` also computes a hit whose copy (a prefetch) is still on its way on the CPU when the
 CPU would finish it sooner than the copy arrives (the copy goes on: the expert is cached, a
-hit). ``cpu_experts`` counts every expert computed on the CPU, misses and such hits.
+hit), and runs a miss there when the layer's pool has no room left for its copy (a prompt can
+need more experts than the pool holds; copy-only replay refuses such a budget).
+``cpu_experts`` counts every expert computed on the CPU, misses and such hits.
 
 Options a policy would not read are refused rather than ignored (:func:`check_options`): only
 ``expertflow`` reads predictions, lookahead and reuse scores, the prefetch threshold and the
@@ -378,8 +380,12 @@ class _Run:
         link_queue = self.link.backlog(self.now)  # the copies decided here go after it
         urgent_s = 0.0
         copies = 0
+        resident = {e for e in experts if self.cache.slot_of(layer, e) >= 0}
+        # Copies the pool can take next to the pinned hits: past that a miss must run on the CPU
+        # (a prompt can need more experts than the pool holds).
+        room = self.cache.pool_size(layer) - len(resident)
         for e in experts:
-            if self.cache.slot_of(layer, e) >= 0:
+            if e in resident:
                 keep.append(e)  # a hit: resident or on its way
                 hits.append(e)
                 continue
@@ -395,11 +401,12 @@ class _Run:
                 int(routed.any(axis=-1).sum()), self.expert_bytes, self.expert_bytes // 2,
                 reuse, link_queue * 1e3, self.cpu.backlog(self.now) * 1e3,
             )  # fmt: skip
-            if self.cpu_mode == "always" or where == "cpu":
+            if self.cpu_mode == "always" or where == "cpu" or copies >= room:
                 cpu_ready = max(cpu_ready, self.cpu.compute(cpu_ms / 1e3, self.now))
                 self.cpu_experts += 1
             else:
                 keep.append(e)
+                copies += 1
                 link_queue += copy_ms / 1e3
                 urgent_s += copy_ms / 1e3
         late = set()
