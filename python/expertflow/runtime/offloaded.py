@@ -13,6 +13,7 @@ from expertflow import ops
 from expertflow.runtime.cache import ExpertCache
 from expertflow.runtime.cpu_experts import cpu_expert_spec
 from expertflow.runtime.experts import EXPERT_FLAGS
+from expertflow.runtime.hybrid import expert_params
 
 __all__ = ["OffloadedExperts"]
 
@@ -55,6 +56,19 @@ class OffloadedExperts(nn.Module):
         self._gate_owner = (original,)
         # Raises ValueError, naming the module, for a gating without a native CPU kernel.
         self._cpu = None if cpu_experts is None else cpu_expert_spec(cpu_experts, original)
+        self._hybrid = None  # cpu_experts="auto": the native HybridPolicy (use_hybrid)
+        self.cpu_expert_runs = 0  # experts computed on the CPU so far
+
+    def use_hybrid(self, policy) -> None:
+        """``cpu_experts="auto"``: each miss copied or computed on the CPU as ``policy`` (a
+        native HybridPolicy) decides; None copies every miss (a failed calibration)."""
+        self._hybrid = policy
+        if policy is None:
+            self._cpu = None  # every expert from a slot, as with "never"
+        else:
+            store = self.cache.host_expert(self.layer, 0)
+            self._expert_bytes = sum(t.numel() * t.element_size() for t in store)
+            self._expert_params = expert_params(store)
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
         out = x @ weight if self.is_transposed else x @ weight.t()
@@ -81,7 +95,21 @@ class OffloadedExperts(nn.Module):
         bounds = offsets.tolist()
         experts = [e for e in range(self.num_experts) if bounds[e + 1] > bounds[e]]
         rows = hidden_states.new_empty((order.numel(), hidden_states.shape[-1]))
-        if self._cpu is not None:
+        if self._hybrid is not None:
+            # Misses: the experts the cache does not hold, each copied or run on the CPU.
+            held = self.cache.cached(self.layer, experts)
+            misses = [e for e, h in zip(experts, held, strict=True) if not h]
+            plan = self._hybrid.plan(
+                [
+                    (bounds[e + 1] - bounds[e], self._expert_bytes, self._expert_params, 0.0)
+                    for e in misses
+                ]
+            )
+            on_cpu = [e for e, where in zip(misses, plan, strict=True) if where == "cpu"]
+            self._cpu_forward(hidden_states, tokens, bounds, on_cpu, rows)
+            copied = set(experts) - set(on_cpu)
+            experts = [e for e in experts if e in copied]
+        elif self._cpu is not None:
             self._cpu_forward(hidden_states, tokens, bounds, experts, rows)
             experts = []
         # A prompt can need more experts than the layer's slots: run them in pool-sized groups.
@@ -110,6 +138,7 @@ class OffloadedExperts(nn.Module):
             h = self._cpu.run(x, self.cache.host_expert(self.layer, e), self.packing)
             h = h.to(rows.device)
             rows[lo:hi] = self.post_expert_norm(h) if self.has_post_expert_norm else h
+            self.cpu_expert_runs += 1
 
     def extra_repr(self) -> str:
         fmt = "float" if self.packing is None else self.packing.format_name
