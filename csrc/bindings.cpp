@@ -165,6 +165,9 @@ void bind_expert_cache(py::module_& m) {
           py::arg("layer"), py::arg("experts"),
           "Returns (slots, ready_order): each expert's slot, and request positions in the order "
           "they become ready (arrived hits, hits in flight, misses).")
+      .def("cached", &ExpertCache::cached, py::arg("layer"), py::arg("experts"),
+           py::call_guard<py::gil_scoped_release>(),
+           "Whether each expert is held (resident or on its way); pins and copies nothing.")
       .def("wait", &ExpertCache::wait, py::arg("slot"), py::call_guard<py::gil_scoped_release>())
       // views, release and stats take the cache's lock, which a blocking acquire on another
       // thread holds while a copy lands: wait for it without the GIL.

@@ -298,6 +298,16 @@ void ExpertCache::synchronize() {
   reap_arrivals();
 }
 
+std::vector<bool> ExpertCache::cached(int32_t layer, const std::vector<int32_t>& experts) const {
+  check_layer(layer, "cached");
+  check_experts(experts, "cached");
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<bool> out;
+  out.reserve(experts.size());
+  for (const int32_t e : experts) out.push_back(policy_.slot_of(layer, e) >= 0);
+  return out;
+}
+
 ExpertCacheStats ExpertCache::stats() const {
   std::lock_guard<std::mutex> lock(mutex_);
   return {policy_.stats(), counters_};

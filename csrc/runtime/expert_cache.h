@@ -84,6 +84,12 @@ class ExpertCache {
   // requests than it made; callers merge the ids first (sorted(set(ids))) and pair the slots
   // with their own token lists.
   AcquireResult acquire(int32_t layer, const std::vector<int32_t>& experts);
+  // Which of `experts` of `layer` the cache holds (resident or on their way), pinning and
+  // copying nothing: where a miss should run is decided from it (hybrid execution), then the
+  // hits and the misses to copy are acquired. A hint, not a promise: another thread's prefetch
+  // may evict an expert before acquire pins it, which acquire then copies again. `experts` is
+  // checked as acquire's.
+  std::vector<bool> cached(int32_t layer, const std::vector<int32_t>& experts) const;
   // Makes compute wait until `slot`'s bytes have arrived (see TransferEngine::wait). The slot
   // must be held by an acquire not yet released (IndexError naming it otherwise): any other
   // slot may be evicted and refilled at any time, so waiting for it promises nothing.

@@ -90,6 +90,26 @@ def test_hits_come_first_in_ready_order(device):
     cache.release(0)
 
 
+def test_cached_says_what_is_held_and_pins_and_copies_nothing(device):
+    cache = ExpertCache(make_experts(), device=device, slots=6, top_k=2, policy="expertflow")
+    assert cache.cached(1, [0, 3]) == [False, False]
+    slots, _ = cache.acquire(1, [3])
+    assert cache.cached(1, [0, 3]) == [False, True]  # loading or resident: held
+    cache.release(1)
+    scores = torch.zeros(3, 6)
+    scores[2, 5] = 1.0
+    cache.plan(scores, per_layer=1)  # a prefetch in flight counts as held
+    assert cache.cached(2, [5, 4]) == [True, False]
+    before = cache.stats()
+    assert cache.cached(0, [1, 2]) == [False, False]
+    assert cache.stats() == before  # no request counted, no copy issued
+    with pytest.raises(ValueError, match="cached: experts must be distinct"):
+        cache.cached(0, [1, 1])
+    with pytest.raises(IndexError):
+        cache.cached(7, [1])
+    cache.synchronize()
+
+
 def test_prefetched_experts_are_hits(device):
     experts = make_experts()
     cache = ExpertCache(experts, device=device, slots=6, top_k=2, policy="expertflow")

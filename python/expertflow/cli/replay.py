@@ -7,6 +7,7 @@ import json
 
 from expertflow.runtime.policies import POLICIES
 from expertflow.traces import TraceError, load_trace
+from expertflow.traces.replay_options import CPU_EXPERTS
 
 _BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
@@ -57,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
         layer_compute_ms=args.layer_compute_ms,
         prefetch_threshold=args.prefetch_threshold,
         expert_bytes=_expert_bytes(args.expert_bytes),
+        cpu_gbps=args.cpu_gbps,
+        cpu_gflops=args.cpu_gflops,
+        cpu_experts=args.cpu_experts,
     )
     # Refuse before reading predictions (they can be large): only their presence matters here.
     check_options(
@@ -120,7 +124,13 @@ def _print_result(args: argparse.Namespace, trace, result) -> None:
             f"  time per step      {result.time_per_step_ms:.3f} ms, per token "
             f"{result.time_per_token_ms:.3f} ms (modelled)"
         )
-        print(f"  stalled on copies  {100 * result.stall_share:.1f}% of the time")
+        waits = "copies" if result.cpu_experts is None else "copies and CPU experts"
+        print(f"  stalled on {waits}  {100 * result.stall_share:.1f}% of the time")
+    if result.cpu_experts is not None:
+        print(
+            f"  CPU experts        {result.cpu_experts} computed on the CPU ({result.misses} "
+            "misses in all; a miss on the CPU is neither copied nor cached)"
+        )
 
 
 def add_parser(sub) -> None:
@@ -171,5 +181,20 @@ def add_parser(sub) -> None:
         help="timing model and bytes moved: every expert this many bytes instead of the trace's "
         "meta.expert_bytes (e.g. its packed size in a quantized format)",
     )
+    rp.add_argument(
+        "--cpu-gbps", type=float,
+        help="timing model: a host CPU computes missed experts at this many GB/s of weight bytes, "
+        "concurrently with the link (needs --bandwidth-gbps); see --cpu-experts",
+    )  # fmt: skip
+    rp.add_argument(
+        "--cpu-gflops", type=float,
+        help="(with --cpu-gbps) the CPU's GFLOP/s: an expert takes at least 2 x params x tokens "
+        "flops (params = expert bytes / 2); default: no token term",
+    )  # fmt: skip
+    rp.add_argument(
+        "--cpu-experts", choices=CPU_EXPERTS,
+        help="(with --cpu-gbps) which misses the CPU computes: never (copy-only), always "
+        "(Fiddler-like), auto (default: per miss, the native HybridPolicy)",
+    )  # fmt: skip
     rp.add_argument("--json", action="store_true", help="print the result as JSON")
     rp.set_defaults(run=run)

@@ -206,6 +206,12 @@ class ExpertCache:
         """
         return self._native.acquire(*self._layer_experts("acquire", layer, experts))
 
+    def cached(self, layer: int, experts: Sequence[int]) -> list[bool]:
+        """Whether each expert is held (resident or on its way), pinning and copying nothing:
+        a hint for where a miss runs (``cpu_experts="auto"``); a concurrent prefetch may evict
+        an expert before ``acquire`` pins it, which then copies it again."""
+        return self._native.cached(*self._layer_experts("cached", layer, experts))
+
     def wait(self, slot: int) -> None:
         """Makes compute wait for the slot's bytes (CUDA: the current stream waits on its
         event; CPU: blocks, without the GIL)."""

@@ -21,6 +21,7 @@ from expertflow.runtime.experts import (
     expert_tensors,
     offloadable_modules,
 )
+from expertflow.runtime.hybrid import hybrid_policy
 from expertflow.runtime.offloaded import OffloadedExperts
 from expertflow.runtime.options import OffloadOptions, parse_bytes
 from expertflow.runtime.routing import router_of
@@ -47,6 +48,8 @@ def offload(
     prefetch_threshold: float = 0.0,
     expert_format: str = "auto",
     group_size: int | None = None,
+    cpu_experts: str = "never",
+    hybrid_rates: dict | None = None,
 ) -> nn.Module:
     """Moves ``model``'s routed experts into host memory behind one expert cache.
 
@@ -89,6 +92,17 @@ def offload(
             accuracy of each.
         group_size: int4's group of input columns sharing a scale (default 64, or the
             largest divisor of a weight's input size below it); only with ``"int4"``.
+        cpu_experts: ``"never"`` (default: every expert runs from a device slot),
+            ``"always"``: every expert is computed on the CPU from the host store
+            (``ops.cpu_expert``, in the store's format; only activations move, the slots stay
+            unused: the all-CPU baseline), or ``"auto"``: each layer's misses (experts the
+            cache does not hold) are copied or computed on the CPU as the native HybridPolicy
+            decides from the copy time, the CPU time at their token counts and both queues;
+            a miss computed on the CPU is not cached. Outputs are the same either way.
+        hybrid_rates: ``"auto"``'s rates, ``{"link_gbps": ..., "cpu_gbps": ...,
+            "cpu_gflops": ...}``; None (default) measures them once at offload (a copy of one
+            expert, and the CPU kernel on it at 1 and 16 tokens). A calibration that fails
+            warns and falls back to ``"never"``.
 
     Raises:
         ValueError: an argument of the wrong type or value (named in the message); the model
@@ -102,7 +116,7 @@ def offload(
     """
     options = OffloadOptions(
         device, slots, gpu_memory, policy, budget, predictor, lookahead, background,
-        prefetch_threshold, expert_format, group_size,
+        prefetch_threshold, expert_format, group_size, cpu_experts, hybrid_rates,
     )  # fmt: skip
     if not isinstance(model, nn.Module):
         raise ValueError(
@@ -237,7 +251,20 @@ def _install(model: nn.Module, found, cache: ExpertCache, options: OffloadOption
     model._expertflow = state
     for layer, (parent_name, child, module) in enumerate(originals):
         parent = model.get_submodule(parent_name) if parent_name else model
-        replacement = OffloadedExperts(module, cache, layer, pool_size, lock, packings[layer])
+        name = f"{parent_name}.{child}" if parent_name else child
+        cpu = name if options.cpu_experts != "never" else None
+        replacement = OffloadedExperts(
+            module, cache, layer, pool_size, lock, packings[layer], cpu_experts=cpu
+        )
+        if options.cpu_experts == "auto":
+            if layer == 0:
+                hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+                dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+                hybrid = hybrid_policy(
+                    cache, replacement._cpu, replacement.packing, hidden, dtype,
+                    options.hybrid_rates,
+                )  # fmt: skip
+            replacement.use_hybrid(hybrid)
         if packings[layer].codec is None:
             # The original keeps host views of the store (no second copy) for restore().
             _point_at_store(module, cache, layer)

@@ -11,7 +11,9 @@ from torch import nn
 
 from expertflow import ops
 from expertflow.runtime.cache import ExpertCache
+from expertflow.runtime.cpu_experts import cpu_expert_spec
 from expertflow.runtime.experts import EXPERT_FLAGS
+from expertflow.runtime.hybrid import expert_params
 
 __all__ = ["OffloadedExperts"]
 
@@ -28,7 +30,10 @@ class OffloadedExperts(nn.Module):
         pool_size: int,
         lock: threading.RLock | None = None,
         packing=None,
+        cpu_experts: str | None = None,
     ):
+        """``cpu_experts``: the module's name to compute every expert on the CPU from the host
+        store (``offload(cpu_experts="always")``), None to run them from slots."""
         super().__init__()
         self.cache = cache
         # The model's forward lock (re-entrant: already held inside a whole-model call). Held
@@ -49,6 +54,21 @@ class OffloadedExperts(nn.Module):
         # Its attributes (alpha, limit, ...) are read by _apply_gate. Held in a tuple so that it
         # is not registered as a submodule: model.to(device) must not move its host experts.
         self._gate_owner = (original,)
+        # Raises ValueError, naming the module, for a gating without a native CPU kernel.
+        self._cpu = None if cpu_experts is None else cpu_expert_spec(cpu_experts, original)
+        self._hybrid = None  # cpu_experts="auto": the native HybridPolicy (use_hybrid)
+        self.cpu_expert_runs = 0  # experts computed on the CPU so far
+
+    def use_hybrid(self, policy) -> None:
+        """``cpu_experts="auto"``: each miss copied or computed on the CPU as ``policy`` (a
+        native HybridPolicy) decides; None copies every miss (a failed calibration)."""
+        self._hybrid = policy
+        if policy is None:
+            self._cpu = None  # every expert from a slot, as with "never"
+        else:
+            store = self.cache.host_expert(self.layer, 0)
+            self._expert_bytes = sum(t.numel() * t.element_size() for t in store)
+            self._expert_params = expert_params(store)
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
         out = x @ weight if self.is_transposed else x @ weight.t()
@@ -75,6 +95,23 @@ class OffloadedExperts(nn.Module):
         bounds = offsets.tolist()
         experts = [e for e in range(self.num_experts) if bounds[e + 1] > bounds[e]]
         rows = hidden_states.new_empty((order.numel(), hidden_states.shape[-1]))
+        if self._hybrid is not None:
+            # Misses: the experts the cache does not hold, each copied or run on the CPU.
+            held = self.cache.cached(self.layer, experts)
+            misses = [e for e, h in zip(experts, held, strict=True) if not h]
+            plan = self._hybrid.plan(
+                [
+                    (bounds[e + 1] - bounds[e], self._expert_bytes, self._expert_params, 0.0)
+                    for e in misses
+                ]
+            )
+            on_cpu = [e for e, where in zip(misses, plan, strict=True) if where == "cpu"]
+            self._cpu_forward(hidden_states, tokens, bounds, on_cpu, rows)
+            copied = set(experts) - set(on_cpu)
+            experts = [e for e in experts if e in copied]
+        elif self._cpu is not None:
+            self._cpu_forward(hidden_states, tokens, bounds, experts, rows)
+            experts = []
         # A prompt can need more experts than the layer's slots: run them in pool-sized groups.
         for start in range(0, len(experts), self.pool_size):
             group = experts[start : start + self.pool_size]
@@ -92,6 +129,16 @@ class OffloadedExperts(nn.Module):
                 self.cache.release(self.layer)
         out = ops.combine(rows, top_k_weights.float(), inverse)
         return out.to(hidden_states.dtype)
+
+    def _cpu_forward(self, hidden_states, tokens, bounds, experts, rows) -> None:
+        """Every expert computed on the CPU from the host store: only activations move."""
+        for e in experts:
+            lo, hi = bounds[e], bounds[e + 1]
+            x = hidden_states[tokens[lo:hi]].to("cpu")
+            h = self._cpu.run(x, self.cache.host_expert(self.layer, e), self.packing)
+            h = h.to(rows.device)
+            rows[lo:hi] = self.post_expert_norm(h) if self.has_post_expert_norm else h
+            self.cpu_expert_runs += 1
 
     def extra_repr(self) -> str:
         fmt = "float" if self.packing is None else self.packing.format_name

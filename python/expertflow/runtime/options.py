@@ -12,6 +12,7 @@ import torch
 
 from expertflow._extension import check_cuda_device
 from expertflow.runtime.expert_format import EXPERT_FORMATS
+from expertflow.runtime.hybrid import check_rates
 from expertflow.runtime.policies import BUDGETS, POLICIES
 
 __all__ = ["OffloadOptions", "parse_bytes"]
@@ -86,6 +87,10 @@ def _check_predictor(predictor) -> None:
     )
 
 
+# Where an offloaded model computes its experts (OffloadOptions.cpu_experts).
+CPU_EXPERTS: tuple[str, ...] = ("never", "always", "auto")
+
+
 @dataclasses.dataclass
 class OffloadOptions:
     """How a model is offloaded (the keyword arguments of :func:`expertflow.offload`).
@@ -105,6 +110,12 @@ class OffloadOptions:
             :data:`~expertflow.runtime.expert_format.EXPERT_FORMATS`.
         group_size: int4's group size (None: the default, or the largest that divides a
             weight's input size).
+        cpu_experts: ``"never"`` (every expert runs from a slot), ``"always"`` (every
+            expert computed on the CPU from the host store by ``ops.cpu_expert``; the slots
+            are not used) or ``"auto"`` (each miss copied or computed on the CPU, as the
+            native HybridPolicy decides).
+        hybrid_rates: ``"auto"``'s rates, a dict of ``link_gbps``, ``cpu_gbps`` and
+            ``cpu_gflops`` (None: measured at offload).
     """
 
     device: str | torch.device = "cuda"
@@ -118,6 +129,8 @@ class OffloadOptions:
     prefetch_threshold: float = 0.0
     expert_format: str = "auto"
     group_size: int | None = None
+    cpu_experts: str = "never"
+    hybrid_rates: dict | None = None
 
     def __post_init__(self):
         if (self.slots is None) == (self.gpu_memory is None):
@@ -141,6 +154,16 @@ class OffloadOptions:
         if self.expert_format not in EXPERT_FORMATS:
             raise ValueError(
                 f"expert_format must be one of {EXPERT_FORMATS}, got {_short(self.expert_format)}"
+            )
+        if self.cpu_experts not in CPU_EXPERTS:
+            raise ValueError(
+                f"cpu_experts must be one of {CPU_EXPERTS}, got {_short(self.cpu_experts)}"
+            )
+        self.hybrid_rates = check_rates(self.hybrid_rates)
+        if self.hybrid_rates is not None and self.cpu_experts != "auto":
+            raise ValueError(
+                f"hybrid_rates are read by cpu_experts='auto' only, got cpu_experts="
+                f"{self.cpu_experts!r}"
             )
         if self.group_size is not None:
             self.group_size = _positive_int(self.group_size, "group_size")

@@ -15,7 +15,25 @@ that bandwidth moves one expert at a time (``meta["expert_bytes"]``, or ``expert
 a quantized format's packed size); prefetches queue on it in issue order, and an urgent
 load (a miss) goes ahead of every prefetch that has not started yet. A layer starts when the
 previous one has finished and all of its experts have arrived, and then computes for
-``layer_compute_ms``. Stalled time is the time layers spend waiting for copies.
+``layer_compute_ms``. Stalled time is the time layers spend waiting for copies (and CPU experts).
+
+CPU experts (with ``cpu_gbps``): a host CPU computes a missed expert where it lies, reading its
+weights at ``cpu_gbps`` GB/s (and, with ``cpu_gflops``, at least 2 x params x tokens flops at
+that rate; params = expert bytes / 2, 16-bit weights). Such a miss is neither copied nor cached;
+its layer waits for its result. The CPU works one expert at a time on its own queue, concurrently
+with the link. ``cpu_experts`` says which misses go there: ``"never"`` (copy-only),
+``"always"`` (Fiddler-like: a miss is copied only into a free slot, which evicts nothing,
+so the slots end up holding the first experts seen; every later miss runs on the CPU) or
+``"auto"`` (the default with ``cpu_gbps``): the native
+``HybridPolicy`` decides each miss of a layer in order (experts ascending) from its copy time,
+its CPU time at the step's tokens routed to it, the work queued on the link and on the CPU, and
+its predicted reuse (the ``reuse`` scores when given, else 0). A miss is an expert absent from
+the cache when its layer starts; a CPU expert still counts as a miss but moves no bytes.
+``"auto"`` also computes a hit whose copy (a prefetch) is still on its way on the CPU when the
+CPU would finish it sooner than the copy arrives (the copy goes on: the expert is cached, a
+hit), and runs a miss there when the layer's pool has no room left for its copy (a prompt can
+need more experts than the pool holds; copy-only replay refuses such a budget).
+``cpu_experts`` counts every expert computed on the CPU, misses and such hits.
 
 Options a policy would not read are refused rather than ignored (:func:`check_options`): only
 ``expertflow`` reads predictions, lookahead and reuse scores, the prefetch threshold and the
@@ -24,6 +42,8 @@ score weight."""
 from __future__ import annotations
 
 import dataclasses
+import math
+import sys
 import zipfile
 import zlib
 
@@ -36,7 +56,7 @@ from expertflow.traces.replay_options import (
     check_options,
     clamp_budget,
 )
-from expertflow.traces.timing import Link
+from expertflow.traces.timing import Cpu, Link
 
 __all__ = ["PREDICTION_POLICIES", "ReplayResult", "check_options", "load_predictions", "replay"]
 
@@ -55,6 +75,7 @@ class ReplayResult:
     wasted_prefetches: int
     bytes_moved: int
     time_per_token_ms: float | None = None
+    cpu_experts: int | None = None  # misses computed on the CPU (CPU model only)
     time_per_step_ms: float | None = None  # a step runs a prompt or one token per sequence
     stall_share: float | None = None
     slots_requested: int | None = None  # the budget asked for, as ``slots`` counts it
@@ -203,6 +224,9 @@ def replay(
     score_weight: float | None = None,
     reuse: np.ndarray | None = None,
     expert_bytes: int | None = None,
+    cpu_gbps: float | None = None,
+    cpu_gflops: float | None = None,
+    cpu_experts: str | None = None,
     spell: Spell = str,
 ) -> ReplayResult:
     """Replays ``trace`` through the native policy; see the module docstring.
@@ -239,6 +263,11 @@ def replay(
             ``meta["expert_bytes"]`` (the size it was recorded at): e.g. an expert's packed size
             in a quantized format. Bytes moved and the timing model's copy time follow it; the
             routing, and so hits and misses, do not change. None: the trace's size.
+        cpu_gbps: the host CPU's rate computing an expert, GB/s of its weight bytes (timing
+            model; see the module docstring). None: no CPU experts.
+        cpu_gflops: the CPU's GFLOP/s for the token term (needs ``cpu_gbps``). None: no token
+            term (an expert costs its bytes at ``cpu_gbps`` whatever its tokens).
+        cpu_experts: ``"never"``, ``"always"`` or ``"auto"`` (the default with ``cpu_gbps``).
         spell: how error messages name an argument (the command line: its option,
             :func:`~expertflow.traces.replay_options.option_spelling`).
     """
@@ -247,7 +276,8 @@ def replay(
         lookahead=lookahead, reuse=reuse, prefetch=prefetch,
         prefetch_threshold=prefetch_threshold, score_weight=score_weight,
         bandwidth_gbps=bandwidth_gbps, layer_compute_ms=layer_compute_ms,
-        expert_bytes=expert_bytes, spell=spell,
+        expert_bytes=expert_bytes, cpu_gbps=cpu_gbps, cpu_gflops=cpu_gflops,
+        cpu_experts=cpu_experts, spell=spell,
     )  # fmt: skip
     _check_shapes(trace, predictions=predictions, lookahead=lookahead, reuse=reuse)
     requested = slots_per_layer * trace.num_layers if slots_per_layer is not None else slots
@@ -258,6 +288,8 @@ def replay(
     if bandwidth_gbps is not None:
         run.link = Link(run.expert_bytes / (bandwidth_gbps * 1e9))
         run.compute_s = layer_compute_ms / 1e3
+    if cpu_gbps is not None:
+        run.use_cpu(bandwidth_gbps, cpu_gbps, cpu_gflops, cpu_experts or "auto", reuse)
     steps = trace.steps()
     next_uses = _next_uses(trace, steps) if policy == "belady" else None
     threshold = prefetch_threshold or 0.0
@@ -318,6 +350,98 @@ class _Run:
         self.link: Link | None = None
         self.compute_s = 0.0
         self.now = self.stalled = 0.0
+        self.cpu: Cpu | None = None
+        self.cpu_mode = "never"
+        self.hybrid = None
+        self.reuse: np.ndarray | None = None
+        self.cpu_experts = 0
+        self.cpu_late_hits = 0  # hits on a copy still on its way, computed on the CPU
+        self.full_pools: set[int] = set()  # "always": pools found full (they stay full)
+
+    def use_cpu(self, link_gbps, cpu_gbps, cpu_gflops, mode: str, reuse) -> None:
+        """Models the host CPU computing misses (see the module docstring)."""
+        from expertflow import _C
+
+        # No token term without cpu_gflops: the largest finite rate makes it 0.
+        gflops = sys.float_info.max if cpu_gflops is None else float(cpu_gflops)
+        self.hybrid = _C.HybridPolicy(float(link_gbps), float(cpu_gbps), gflops)
+        self.cpu = Cpu()
+        self.cpu_mode = mode
+        self.reuse = reuse
+
+    def _place_misses(self, tokens: np.ndarray, layer: int, experts: list[int]):
+        """``(to_acquire, cpu_ready, late)``: the experts to take from the cache (hits and the
+        misses to copy), when the CPU's share of the layer is done (-inf: none), and the hits
+        whose copy is still on its way that the CPU computes instead (their copy goes on)."""
+        if self.cpu_mode == "never":
+            return experts, -math.inf, set()
+        ids = self.trace.expert_ids[tokens, layer, :]
+        keep, cpu_ready, hits = [], -math.inf, []
+        link_queue = self.link.backlog(self.now)  # the copies decided here go after it
+        urgent_s = 0.0
+        copies = 0
+        resident = {e for e in experts if self.cache.slot_of(layer, e) >= 0}
+        # Copies the pool can take next to the pinned hits: past that a miss must run on the CPU
+        # (a prompt can need more experts than the pool holds).
+        room = self.cache.pool_size(layer) - len(resident)
+        for e in experts:
+            if e in resident:
+                keep.append(e)  # a hit: resident or on its way
+                hits.append(e)
+                continue
+            if self.cpu_mode == "always" and self._pool_has_room(layer, copies):
+                keep.append(e)  # filling a free slot evicts nothing: Fiddler's placement
+                copies += 1
+                continue
+            routed = ids == e
+            reuse = 0.0
+            if self.reuse is not None:
+                reuse = float(np.clip(self.reuse[tokens, layer, e].max(), 0.0, 1.0))
+            where, copy_ms, cpu_ms = self.hybrid.decide(
+                int(routed.any(axis=-1).sum()), self.expert_bytes, self.expert_bytes // 2,
+                reuse, link_queue * 1e3, self.cpu.backlog(self.now) * 1e3,
+            )  # fmt: skip
+            if self.cpu_mode == "always" or where == "cpu" or copies >= room:
+                cpu_ready = max(cpu_ready, self.cpu.compute(cpu_ms / 1e3, self.now))
+                self.cpu_experts += 1
+            else:
+                keep.append(e)
+                copies += 1
+                link_queue += copy_ms / 1e3
+                urgent_s += copy_ms / 1e3
+        late = set()
+        if self.cpu_mode == "auto":
+            for e in hits:
+                arrival = self.link.expected_arrival(
+                    self.cache.slot_of(layer, e), self.now, urgent_s
+                )
+                if arrival <= self.now:
+                    continue
+                _, _, cpu_ms = self.hybrid.decide(
+                    int((ids == e).any(axis=-1).sum()), self.expert_bytes,
+                    self.expert_bytes // 2, 0.0, 0.0, self.cpu.backlog(self.now) * 1e3,
+                )  # fmt: skip
+                if self.now + self.cpu.backlog(self.now) + cpu_ms / 1e3 < arrival:
+                    cpu_ready = max(cpu_ready, self.cpu.compute(cpu_ms / 1e3, self.now))
+                    self.cpu_late_hits += 1
+                    late.add(e)
+        return keep, cpu_ready, late
+
+    def _pool_has_room(self, layer: int, pending: int) -> bool:
+        """Whether ``layer``'s pool still has a free slot after ``pending`` copies. Only
+        "always" asks: it copies only into free slots, so a pool once full stays full."""
+        pool = layer if self.budget == "per_layer" else -1
+        if pool in self.full_pools:
+            return False
+        trace = self.trace
+        layers = [layer] if pool >= 0 else range(trace.num_layers)
+        used = sum(
+            self.cache.slot_of(lay, e) >= 0 for lay in layers for e in range(trace.num_experts)
+        )
+        if used + pending < self.cache.pool_size(layer):
+            return True
+        self.full_pools.add(pool)
+        return False
 
     def run_layer(self, steps: list[np.ndarray], s: int, layer: int) -> bool:
         """Acquires step ``s``'s experts of ``layer``, loads the misses and (timing model)
@@ -325,16 +449,19 @@ class _Run:
         experts = _layer_experts(self.trace, steps[s], layer)
         if not experts:
             return False
+        wanted = len(experts)
+        experts, cpu_ready, late = self._place_misses(steps[s], layer, experts)
         try:
             got, loads = self.cache.acquire(layer, experts)
         except ValueError as exc:
-            raise ValueError(self._pool_too_small(steps, s, layer, len(experts), exc)) from exc
+            raise ValueError(self._pool_too_small(steps, s, layer, wanted, exc)) from exc
         for slot, *_ in loads:
             if self.link is not None:
                 self.link.urgent(slot, self.now)
             self.cache.loaded(slot)
         if self.link is not None:
-            ready = max([self.now] + [self.link.arrival(slot) for slot in got])
+            waits = [slot for e, slot in zip(experts, got, strict=True) if e not in late]
+            ready = max([self.now, cpu_ready] + [self.link.arrival(slot) for slot in waits])
             self.stalled += ready - self.now
             self.now = ready + self.compute_s
         return True
@@ -371,7 +498,7 @@ class _Run:
             steps=steps,
             tokens=tokens,
             hits=stats["hits"],
-            misses=stats["misses"],
+            misses=stats["misses"] + self.cpu_experts,
             prefetches=stats["prefetches"],
             prefetch_hits=stats["prefetch_hits"],
             wasted_prefetches=stats["wasted_prefetches"],
@@ -381,6 +508,8 @@ class _Run:
         )
         if self.link is not None and tokens:
             result.time_per_token_ms = self.now / tokens * 1e3
+            if self.cpu is not None:
+                result.cpu_experts = self.cpu_experts + self.cpu_late_hits
             result.time_per_step_ms = self.now / steps * 1e3
             result.stall_share = self.stalled / self.now if self.now > 0 else 0.0
         return result

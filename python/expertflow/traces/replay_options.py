@@ -16,6 +16,7 @@ from expertflow.runtime.policies import POLICIES
 from expertflow.traces.format import Trace
 
 __all__ = [
+    "CPU_EXPERTS",
     "PREDICTION_POLICIES",
     "check_expert_bytes",
     "check_options",
@@ -26,6 +27,11 @@ __all__ = [
 # The policies that read predicted scores (predictions, lookahead, reuse, the prefetch
 # threshold, the score weight); every other policy would silently ignore them.
 PREDICTION_POLICIES: tuple[str, ...] = ("expertflow",)
+
+# Where the timing model runs a missed expert (with cpu_gbps): always copied to a slot
+# (today's runtime), always computed on the host CPU (Fiddler-like), or per miss by the
+# native HybridPolicy (csrc/core/hybrid_policy.h).
+CPU_EXPERTS: tuple[str, ...] = ("never", "always", "auto")
 
 Spell = Callable[[str], str]
 
@@ -50,6 +56,9 @@ def check_options(
     bandwidth_gbps: float | None = None,
     layer_compute_ms: float | None = None,
     expert_bytes: int | None = None,
+    cpu_gbps: float | None = None,
+    cpu_gflops: float | None = None,
+    cpu_experts: str | None = None,
     spell: Spell = str,
 ) -> None:
     """Raises ValueError, naming the argument (as ``spell`` writes it), for every option
@@ -72,6 +81,41 @@ def check_options(
     )
     _check_timing(bandwidth_gbps, layer_compute_ms, spell)
     check_expert_bytes(expert_bytes, spell)
+    check_cpu_options(bandwidth_gbps, cpu_gbps, cpu_gflops, cpu_experts, spell)
+
+
+def check_cpu_options(bandwidth_gbps, cpu_gbps, cpu_gflops, cpu_experts, spell: Spell = str):
+    """Refuses a CPU-expert model that is half given, or rates that are not positive finite
+    numbers (None: not given)."""
+    for name, value in (("cpu_gbps", cpu_gbps), ("cpu_gflops", cpu_gflops)):
+        if value is None:
+            continue
+        if not _is_number(value) or not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{spell(name)} must be a finite number > 0, got {value!r}")
+    if cpu_experts is not None and cpu_experts not in CPU_EXPERTS:
+        raise ValueError(
+            f"{spell('cpu_experts')} must be one of {CPU_EXPERTS}, got {cpu_experts!r}"
+        )
+    if cpu_gbps is None:
+        if cpu_gflops is not None:
+            raise ValueError(
+                f"{spell('cpu_gflops')} is the CPU model's token term: give {spell('cpu_gbps')} too"
+            )
+        if cpu_experts is not None and cpu_experts != "never":
+            raise ValueError(
+                f"{spell('cpu_experts')} {cpu_experts} needs a CPU to model: give "
+                f"{spell('cpu_gbps')}"
+            )
+        return
+    if bandwidth_gbps is None:
+        raise ValueError(
+            f"{spell('cpu_gbps')} is part of the timing model: give {spell('bandwidth_gbps')} and "
+            f"{spell('layer_compute_ms')} too"
+        )
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
 
 
 def check_expert_bytes(expert_bytes, spell: Spell = str) -> None:
