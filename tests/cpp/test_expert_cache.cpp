@@ -200,6 +200,37 @@ TEST(ExpertCache, AMissWhoseCopyFailedIsNotHeld) {
   cache.release(0);
 }
 
+TEST(ExpertCache, CachedAnswersWithoutPinningCopyingOrCounting) {
+  // cpu_experts="auto" asks which experts are held before deciding where each miss runs: the
+  // question must change nothing the policy or the engine keeps.
+  ExpertCache cache(patterned_store(2, 6, 512), 4, 2, core::BudgetMode::kPerLayer,
+                    core::EvictionPolicy::kLru, at::Device(at::kCPU));
+  EXPECT_EQ(cache.cached(0, {0, 1, 2}), std::vector<bool>({false, false, false}));
+  cache.acquire(0, {1, 4});
+  cache.release(0);
+  EXPECT_EQ(cache.cached(0, {0, 1, 4}), std::vector<bool>({false, true, true}));
+  EXPECT_EQ(cache.cached(1, {1, 4}), std::vector<bool>({false, false}));  // per layer
+  at::Tensor scores = at::full({2, 6}, 0.0f);
+  scores[1][5] = 1.0f;
+  cache.plan(scores, 1);  // a prefetch counts as held while in flight too
+  EXPECT_EQ(cache.cached(1, {5}), std::vector<bool>({true}));
+  cache.synchronize();
+  const ExpertCacheStats before = cache.stats();
+  for (int round = 0; round < 3; ++round) cache.cached(0, {0, 1, 2, 3, 4, 5});
+  const ExpertCacheStats after = cache.stats();
+  EXPECT_EQ(after.policy.hits, before.policy.hits);
+  EXPECT_EQ(after.policy.misses, before.policy.misses);
+  EXPECT_EQ(after.transfers.bytes_copied, before.transfers.bytes_copied);
+  // Nothing pinned: layer 0's two slots take two other experts, evicting 1 and 4 (LRU).
+  cache.acquire(0, {2, 3});
+  cache.release(0);
+  EXPECT_EQ(cache.cached(0, {1, 2, 3, 4}), std::vector<bool>({false, true, true, false}));
+  EXPECT_EQ(message_of<c10::IndexError>([&] { cache.cached(2, {0}); }),
+            "ExpertCache.cached: layer must be in [0, 2), got 2");
+  EXPECT_EQ(message_of<c10::IndexError>([&] { cache.cached(0, {6}); }),
+            "ExpertCache.cached: expert must be in [0, 6), got 6");
+}
+
 TEST(ExpertCache, DestroyedWithCopiesInFlight) {
   // The engine is destroyed before the slots and the store (member order): its worker finishes
   // the queued copies first. Run under ASan/TSan this would show a copy into freed memory.

@@ -103,6 +103,7 @@ class ExpertCache:
                             f"got {type(t).__name__}"
                         )
         self.device = device
+        self._planned_reuse: torch.Tensor | None = None  # the last plan's reuse scores
         self._num_layers = len(nested)
         self._num_experts = max((len(layer) for layer in nested), default=0)
         top_k = _int_arg(top_k, "ExpertCache: top_k", f"in [1, {self._num_experts}]")
@@ -128,6 +129,13 @@ class ExpertCache:
 
     def _slot(self, method: str, slot) -> int:
         return _int_arg(slot, f"ExpertCache.{method}: slot", f"in [0, {self.num_slots})")
+
+    @staticmethod
+    def _in_range(index: int, size: int, what: str) -> int:
+        # For methods answered here, not by the native cache (which checks ranges itself).
+        if not 0 <= index < size:
+            raise IndexError(f"ExpertCache.{what} must be in [0, {size}), got {index}")
+        return index
 
     def _layer_experts(self, method: str, layer, experts) -> tuple[int, list[int]]:
         # Plain ints in range pass without building a message (acquire runs once per layer).
@@ -187,6 +195,24 @@ class ExpertCache:
             first_layer, "ExpertCache.plan: first_layer", f"in [0, {self._num_layers}]"
         )
         self._native.plan(layer_scores, per_layer, first_layer, float(min_score), reuse_scores)
+        # Kept for cpu_experts="auto": a miss likely needed again is worth a copy (its slot).
+        self._planned_reuse = None if reuse_scores is None else reuse_scores.detach().float().cpu()
+
+    def planned_reuse(self, layer: int, experts: Sequence[int]) -> list[float]:
+        """The last :meth:`plan`'s reuse scores of these experts of one layer, clipped to
+        [0, 1]; zeros when the last plan had none (or there was no plan)."""
+        layer = self._in_range(
+            self._layer("planned_reuse", layer), self._num_layers, "planned_reuse: layer"
+        )
+        experts = [
+            self._in_range(
+                self._expert("planned_reuse", e), self._num_experts, "planned_reuse: expert"
+            )
+            for e in experts
+        ]
+        if self._planned_reuse is None:
+            return [0.0] * len(experts)
+        return self._planned_reuse[layer, experts].clamp(0.0, 1.0).tolist()
 
     def prefetch(
         self, layer: int, experts: Sequence[int], scores: torch.Tensor | None = None

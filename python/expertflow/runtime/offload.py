@@ -97,8 +97,10 @@ def offload(
             (``ops.cpu_expert``, in the store's format; only activations move, the slots stay
             unused: the all-CPU baseline), or ``"auto"``: each layer's misses (experts the
             cache does not hold) are copied or computed on the CPU as the native HybridPolicy
-            decides from the copy time, the CPU time at their token counts and both queues;
-            a miss computed on the CPU is not cached. Outputs are the same either way.
+            decides from the copy time, the CPU time at their token counts, both queues and
+            the miss's reuse score from the predictor's last plan (0 without a reuse head);
+            a miss computed on the CPU is not cached. A layer's CPU experts run on a worker
+            thread beside its device experts. Outputs are the same either way.
         hybrid_rates: ``"auto"``'s rates, ``{"link_gbps": ..., "cpu_gbps": ...,
             "cpu_gflops": ...}``; None (default) measures them once at offload (a copy of one
             expert, and the CPU kernel on it at 1 and 16 tokens). A calibration that fails

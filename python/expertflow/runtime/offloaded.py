@@ -12,6 +12,7 @@ from torch import nn
 from expertflow import ops
 from expertflow.runtime.cache import ExpertCache
 from expertflow.runtime.cpu_experts import cpu_expert_spec
+from expertflow.runtime.cpu_worker import CpuExpertJob
 from expertflow.runtime.experts import EXPERT_FLAGS
 from expertflow.runtime.hybrid import expert_params
 
@@ -95,24 +96,47 @@ class OffloadedExperts(nn.Module):
         bounds = offsets.tolist()
         experts = [e for e in range(self.num_experts) if bounds[e + 1] > bounds[e]]
         rows = hidden_states.new_empty((order.numel(), hidden_states.shape[-1]))
-        if self._hybrid is not None:
-            # Misses: the experts the cache does not hold, each copied or run on the CPU.
-            held = self.cache.cached(self.layer, experts)
-            misses = [e for e, h in zip(experts, held, strict=True) if not h]
-            plan = self._hybrid.plan(
-                [
-                    (bounds[e + 1] - bounds[e], self._expert_bytes, self._expert_params, 0.0)
-                    for e in misses
-                ]
+        on_cpu = self._cpu_share(experts, bounds) if self._cpu is not None else []
+        if on_cpu:
+            on_device = set(experts) - set(on_cpu)
+            experts = [e for e in experts if e in on_device]
+        # The CPU experts start first and run on the worker thread while the device computes
+        # the others and their copies arrive; their rows are written once both are done.
+        cpu_job = CpuExpertJob(self, hidden_states, tokens, bounds, on_cpu, inline=not experts)
+        try:
+            self._device_forward(hidden_states, tokens, bounds, experts, rows)
+        except BaseException:
+            cpu_job.wait_quietly()  # the host store stays untouched until the job is done
+            raise
+        cpu_rows = cpu_job.result()  # waits; raises the CPU side's error
+        for e, h in zip(on_cpu, cpu_rows, strict=True):
+            h = h.to(rows.device)
+            rows[bounds[e] : bounds[e + 1]] = (
+                self.post_expert_norm(h) if self.has_post_expert_norm else h
             )
-            on_cpu = [e for e, where in zip(misses, plan, strict=True) if where == "cpu"]
-            self._cpu_forward(hidden_states, tokens, bounds, on_cpu, rows)
-            copied = set(experts) - set(on_cpu)
-            experts = [e for e in experts if e in copied]
-        elif self._cpu is not None:
-            self._cpu_forward(hidden_states, tokens, bounds, experts, rows)
-            experts = []
-        # A prompt can need more experts than the layer's slots: run them in pool-sized groups.
+        self.cpu_expert_runs += len(on_cpu)
+        out = ops.combine(rows, top_k_weights.float(), inverse)
+        return out.to(hidden_states.dtype)
+
+    def _cpu_share(self, experts: list[int], bounds: list[int]) -> list[int]:
+        """The experts this call computes on the CPU: all of them (``"always"``), or the misses
+        the HybridPolicy places there (``"auto"``), each valued at its planned reuse."""
+        if self._hybrid is None:
+            return experts
+        held = self.cache.cached(self.layer, experts)
+        misses = [e for e, h in zip(experts, held, strict=True) if not h]
+        reuse = self.cache.planned_reuse(self.layer, misses)
+        plan = self._hybrid.plan(
+            [
+                (bounds[e + 1] - bounds[e], self._expert_bytes, self._expert_params, r)
+                for e, r in zip(misses, reuse, strict=True)
+            ]
+        )
+        return [e for e, where in zip(misses, plan, strict=True) if where == "cpu"]
+
+    def _device_forward(self, hidden_states, tokens, bounds, experts, rows) -> None:
+        """The experts run from device slots. A prompt can need more experts than the layer's
+        slots: they run in pool-sized groups."""
         for start in range(0, len(experts), self.pool_size):
             group = experts[start : start + self.pool_size]
             slots, ready = self.cache.acquire(self.layer, group)
@@ -127,18 +151,6 @@ class OffloadedExperts(nn.Module):
                     rows[lo:hi] = self._run_expert(hidden_states[tokens[lo:hi]], tensors)
             finally:
                 self.cache.release(self.layer)
-        out = ops.combine(rows, top_k_weights.float(), inverse)
-        return out.to(hidden_states.dtype)
-
-    def _cpu_forward(self, hidden_states, tokens, bounds, experts, rows) -> None:
-        """Every expert computed on the CPU from the host store: only activations move."""
-        for e in experts:
-            lo, hi = bounds[e], bounds[e + 1]
-            x = hidden_states[tokens[lo:hi]].to("cpu")
-            h = self._cpu.run(x, self.cache.host_expert(self.layer, e), self.packing)
-            h = h.to(rows.device)
-            rows[lo:hi] = self.post_expert_norm(h) if self.has_post_expert_norm else h
-            self.cpu_expert_runs += 1
 
     def extra_repr(self) -> str:
         fmt = "float" if self.packing is None else self.packing.format_name
