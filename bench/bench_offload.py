@@ -21,7 +21,8 @@ import torch
 import expertflow
 
 
-def build(args):
+def build(args, dtype: torch.dtype = torch.bfloat16):
+    """A randomly initialised Mixtral-style model of the flags' size, in ``dtype``."""
     import transformers
 
     config = transformers.MixtralConfig(
@@ -37,7 +38,7 @@ def build(args):
     )
     torch.manual_seed(0)
     with torch.device("cpu"):
-        model = transformers.MixtralForCausalLM(config).to(torch.bfloat16).eval()
+        model = transformers.MixtralForCausalLM(config).to(dtype).eval()
     return model
 
 

@@ -73,6 +73,63 @@ TEST(HybridPolicy, TiesGoToTheCopy) {
   EXPECT_EQ(p.decide(miss(1)).placement, MissPlacement::kCopy);
 }
 
+TEST(HybridPolicy, UsingASlotCountsAgainstTheCopy) {
+  // Copy 6.4 ms, CPU 7.0 ms (50 GB/s): without a device term the copy wins.
+  HybridRates r = rates(55.0, 50.0);
+  EXPECT_EQ(HybridPolicy(r).decide(miss(1)).placement, MissPlacement::kCopy);
+  EXPECT_EQ(HybridPolicy(r).device_ms(miss(1)), 0.0);  // 0 GB/s: not modelled
+  // A CPU "device" that expands and reads a slot at 100 GB/s adds 3.5 ms to every use.
+  r.device_gbps = 100.0;
+  const HybridPolicy p(r);
+  const MissDecision d = p.decide(miss(1));
+  EXPECT_NEAR(d.device_ms, kBytes / 100e6, 1e-9);
+  EXPECT_EQ(d.placement, MissPlacement::kCpu);
+  // A sure reuse saves only what the next use costs beyond the slot's own use:
+  // min(9.9, 7.0) - 3.5 = 3.5 ms, so the copy (9.9 - 3.5 = 6.4 ms net) beats 7.0 ms...
+  EXPECT_EQ(p.decide(miss(1, 1.0)).placement, MissPlacement::kCopy);
+  // ...unless using the slot costs as much as the CPU kernel: caching then saves nothing.
+  r.device_gbps = 50.0;
+  EXPECT_EQ(HybridPolicy(r).decide(miss(1, 1.0)).placement, MissPlacement::kCpu);
+  // A GPU's use of a slot is small: the copy decision is as without the term.
+  r.device_gbps = 3000.0;
+  EXPECT_EQ(HybridPolicy(r).decide(miss(1)).placement, MissPlacement::kCopy);
+}
+
+TEST(HybridPolicy, HitsStayOnTheDeviceUnlessItIsSlowerThanTheCpu) {
+  const ExpertMiss hit = miss(1);
+  // Not modelled (device_gbps 0): a hit always uses its slot.
+  const auto free_device = HybridPolicy(rates(55.0, 100.0)).plan_step({&hit, 1}, {});
+  EXPECT_EQ(free_device[0].placement, MissPlacement::kCopy);
+  // A CPU "device" expanding an int4 slot at 21 GB/s against the CPU kernel at 100 GB/s: the
+  // hits go to the CPU until its queue makes the device as soon, and both then share them.
+  HybridRates r = rates(55.0, 100.0);
+  r.device_gbps = 21.0;  // 16.8 ms a use, 3.5 ms on the CPU
+  const std::vector<ExpertMiss> hits(6, miss(1));
+  const auto plan = HybridPolicy(r).plan_step(hits, {});
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(plan[i].placement, MissPlacement::kCpu) << i;
+  EXPECT_EQ(plan[4].placement, MissPlacement::kCopy);  // CPU: 14.1 + 3.5 > 16.8 on the device
+  EXPECT_EQ(plan[5].placement, MissPlacement::kCpu);   // device: 16.8 + 16.8 > 17.6 + 3.5
+  // Prefill: a hit with many tokens stays on the device (the CPU's token term).
+  const ExpertMiss prompt = miss(512);
+  EXPECT_EQ(HybridPolicy(r).plan_step({&prompt, 1}, {})[0].placement, MissPlacement::kCopy);
+}
+
+TEST(HybridPolicy, ACopyWaitsForTheDeviceBeforeItsUse) {
+  // Link 6.4 ms, CPU 7.0 ms, device use 0.35 ms: alone, a miss is copied. Behind 20 ms of
+  // device work (hits) the copy's use ends at 20.35 ms, the CPU's at 7.0: the CPU wins.
+  HybridRates r = rates(55.0, 50.0);
+  r.device_gbps = 1000.0;
+  const HybridPolicy p(r);
+  EXPECT_EQ(p.decide(miss(1)).placement, MissPlacement::kCopy);
+  EXPECT_EQ(p.decide(miss(1), 0.0, 0.0, 20.0).placement, MissPlacement::kCpu);
+  EXPECT_THROW(p.decide(miss(1), 0.0, 0.0, -1.0), std::invalid_argument);
+  // plan_misses is plan_step without hits.
+  const std::vector<ExpertMiss> step(4, miss(1));
+  const auto a = p.plan_misses(step);
+  const auto b = p.plan_step({}, step);
+  for (size_t i = 0; i < step.size(); ++i) EXPECT_EQ(a[i].placement, b[i].placement) << i;
+}
+
 TEST(HybridPolicy, RejectsUnusableRatesNamingThem) {
   const double nan = std::numeric_limits<double>::quiet_NaN();
   const double inf = std::numeric_limits<double>::infinity();
@@ -82,6 +139,11 @@ TEST(HybridPolicy, RejectsUnusableRatesNamingThem) {
   HybridRates r = rates(10.0, 10.0);
   r.cpu_overhead_ms = -1.0;
   EXPECT_NE(validate(r).find("cpu_overhead_ms"), std::string::npos);
+  r.cpu_overhead_ms = 0.0;
+  r.device_gbps = nan;
+  EXPECT_NE(validate(r).find("device_gbps"), std::string::npos);
+  r.device_gbps = -1.0;
+  EXPECT_NE(validate(r).find("device_gbps"), std::string::npos);
   EXPECT_THROW(HybridPolicy(rates(-1.0, 10.0)), std::invalid_argument);
   EXPECT_TRUE(validate(rates(10.0, 10.0)).empty());
 }

@@ -144,10 +144,76 @@ def test_a_failed_calibration_warns_and_copies(monkeypatch):
         (dict(cpu_experts="auto", hybrid_rates={**CPU_WINS, "link_gbps": float("nan")}),
          r"^hybrid_rates\['link_gbps'\] must be a finite number > 0"),
         (dict(cpu_experts="auto", hybrid_rates={"link_gbps": 1.0}),
-         r"^hybrid_rates must be a dict with exactly the keys"),
+         r"^hybrid_rates must be a dict with the keys \('link_gbps', 'cpu_gbps', 'cpu_gflops'\) "
+         r"and optionally 'device_gbps'"),
+        (dict(cpu_experts="auto", hybrid_rates={**CPU_WINS, "device_gbps": -1.0}),
+         r"^hybrid_rates\['device_gbps'\] must be a finite number >= 0 \(0: not modelled\)"),
+        (dict(cpu_experts="auto", hybrid_rates={**CPU_WINS, "device": 1.0}),
+         r"^hybrid_rates must be a dict with the keys"),
         (dict(cpu_experts="never", hybrid_rates=CPU_WINS),
          r"^hybrid_rates are read by cpu_experts='auto' only"),
     ],
 )  # fmt: skip
 def test_bad_rates_are_refused_naming_them(kwargs, message):
     _refused(kwargs, message)
+
+
+def test_calibration_times_copies_into_slots_allocated_once(monkeypatch):
+    # A fresh destination per timed copy measured page faults, not the link: on the CPU 0.5-7
+    # GB/s depending on how much memory the process held.
+    from expertflow.runtime import hybrid
+
+    allocations = []
+    real_empty_like = torch.empty_like
+
+    def counting_empty_like(*args, **kwargs):
+        allocations.append(args[0].shape)
+        return real_empty_like(*args, **kwargs)
+
+    model = build("mixtral")
+    expertflow.offload(model, device="cpu", slots=8, cpu_experts="always")
+    cache = model._expertflow.cache
+    layer = next(m for m in model.modules() if hasattr(m, "cpu_expert_runs"))
+    monkeypatch.setattr(torch, "empty_like", counting_empty_like)
+    rates = hybrid.calibrate(layer, model.config.hidden_size, torch.float32)
+    assert len(allocations) == len(cache.host_expert(0, 0))  # once per tensor, not per repeat
+    assert set(rates) == {*hybrid.RATE_NAMES, "device_gbps"}
+    assert all(value > 0 for value in rates.values())
+
+
+def test_the_cost_of_using_a_slot_sends_misses_to_the_cpu():
+    # The copy alone is faster than the CPU kernel (2 vs 1 GB/s), but the device then reads the
+    # slot at 0.5 GB/s: copying and using costs 2.5x the CPU kernel, so both misses of the one
+    # token run on the CPU (without the term both are copied: the second ties).
+    copy_alone = {"link_gbps": 2.0, "cpu_gbps": 1.0, "cpu_gflops": 1e6}
+    runs = []
+    for rates in (copy_alone, {**copy_alone, "device_gbps": 0.5}):
+        model = build("mixtral")
+        ids, mask = batch()
+        expertflow.offload(model, device="cpu", slots=4, cpu_experts="auto", hybrid_rates=rates)
+        with torch.no_grad():
+            model(input_ids=ids[:1, :1])  # one token: the CPU's token term stays small
+        runs.append((_runs(model), model._expertflow.cache.stats()["misses"]))
+    assert runs[0] == (0, runs[0][1]) and runs[0][1] > 0  # copy-only without the device term
+    assert runs[1][0] > 0 and runs[1][1] == 0  # with it: every miss on the CPU
+
+
+def test_hits_run_on_the_cpu_where_using_a_slot_is_slower():
+    from expertflow import _C
+
+    model = build("mixtral")
+    ids = torch.randint(1, 96, (1, 1), generator=torch.Generator().manual_seed(2))
+    expertflow.offload(model, device="cpu", slots=8, cpu_experts="auto", hybrid_rates=COPY_WINS)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits  # every miss copied: the experts are now cached
+    hits = model._expertflow.cache.stats()["hits"]
+    assert _runs(model) == 0
+    slow_device = _C.HybridPolicy(100.0, 1.0, 1e6, device_gbps=0.01)
+    for m in model.modules():
+        if hasattr(m, "use_hybrid"):
+            m.use_hybrid(slow_device)
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert _runs(model) == 2 * 2  # both experts of both layers, from the host store
+    assert model._expertflow.cache.stats()["hits"] == hits  # no slot used

@@ -124,9 +124,9 @@ class RecordingPolicy:
     def __init__(self, policy, layer, seen):
         self.policy, self.layer, self.seen = policy, layer, seen
 
-    def plan(self, misses):
+    def plan_step(self, hits, misses):
         self.seen.extend((self.layer, reuse) for _, _, _, reuse in misses)
-        return self.policy.plan(misses)
+        return self.policy.plan_step(hits, misses)
 
 
 def test_each_miss_is_placed_with_its_planned_reuse_score():

@@ -45,6 +45,31 @@ def test_rates_must_be_positive_finite(bad):
         _C.HybridPolicy(10.0, 10.0, bad)
 
 
+def test_the_device_using_a_slot_counts_against_the_copy():
+    rates = dict(link_gbps=55.0, cpu_gbps=50.0, cpu_gflops=1000.0)
+    assert _C.HybridPolicy(**rates).device_gbps == 0.0  # not modelled by default
+    assert _C.HybridPolicy(**rates).decide(1, BYTES, PARAMS)[0] == "copy"
+    assert _C.HybridPolicy(**rates, device_gbps=100.0).decide(1, BYTES, PARAMS)[0] == "cpu"
+    assert _C.HybridPolicy(**rates, device_gbps=3000.0).decide(1, BYTES, PARAMS)[0] == "copy"
+    for bad in (-1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="device_gbps must be a finite number >= 0"):
+            _C.HybridPolicy(**rates, device_gbps=bad)
+
+
+def test_plan_step_places_hits_and_misses():
+    rates = dict(link_gbps=55.0, cpu_gbps=100.0, cpu_gflops=1000.0)
+    one = (1, BYTES, PARAMS, 0.0)
+    # Device use not modelled: hits use their slots; the misses are spread as by plan().
+    on_hits, on_misses = _C.HybridPolicy(**rates).plan_step([one] * 2, [one] * 8)
+    assert on_hits == ["copy", "copy"]
+    assert on_misses == _C.HybridPolicy(**rates).plan([one] * 8)
+    # A device slower than the CPU kernel: the first hit runs on the CPU.
+    on_hits, _ = _C.HybridPolicy(**rates, device_gbps=10.0).plan_step([one] * 2, [])
+    assert on_hits[0] == "cpu"
+    with pytest.raises(ValueError, match="reuse"):
+        _C.HybridPolicy(**rates).plan_step([(1, BYTES, PARAMS, 2.0)], [])
+
+
 def test_bad_misses_are_value_errors():
     policy = _C.HybridPolicy(55.0, 100.0, 1000.0)
     with pytest.raises(ValueError, match="reuse"):

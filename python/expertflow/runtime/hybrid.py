@@ -11,25 +11,37 @@ import torch
 
 __all__ = ["RATE_NAMES", "calibrate", "check_rates", "hybrid_policy"]
 
-# hybrid_rates' keys: link GB/s, CPU GB/s at one token, CPU GFLOP/s at many tokens.
+# hybrid_rates' keys: link GB/s, CPU GB/s at one token, CPU GFLOP/s at many tokens; and,
+# optional, the device's GB/s using a cached expert at one token (0: not modelled).
 RATE_NAMES = ("link_gbps", "cpu_gbps", "cpu_gflops")
+OPTIONAL_RATE = "device_gbps"
 _CALIBRATION_TOKENS = 16
 
 
 def check_rates(rates) -> dict | None:
-    """``hybrid_rates`` as a dict of the three positive finite rates (None: calibrate)."""
+    """``hybrid_rates`` as a dict of the three positive finite rates and ``device_gbps``
+    (finite, >= 0; 0 when not given), or None (calibrate)."""
     if rates is None:
         return None
-    if not isinstance(rates, dict) or set(rates) != set(RATE_NAMES):
+    keys = set(rates) if isinstance(rates, dict) else set()
+    if not isinstance(rates, dict) or not set(RATE_NAMES) <= keys <= {*RATE_NAMES, OPTIONAL_RATE}:
         raise ValueError(
-            f"hybrid_rates must be a dict with exactly the keys {RATE_NAMES}, got {rates!r}"
+            f"hybrid_rates must be a dict with the keys {RATE_NAMES} and optionally "
+            f"{OPTIONAL_RATE!r}, got {rates!r}"
         )
-    for name in RATE_NAMES:
-        value = rates[name]
+    checked = {}
+    for name in (*RATE_NAMES, OPTIONAL_RATE):
+        value = rates.get(name, 0.0)
         number = isinstance(value, int | float) and not isinstance(value, bool)
-        if not (number and math.isfinite(value) and value > 0):
+        if name == OPTIONAL_RATE and not (number and math.isfinite(value) and value >= 0):
+            raise ValueError(
+                f"hybrid_rates[{name!r}] must be a finite number >= 0 (0: not modelled), "
+                f"got {value!r}"
+            )
+        if name != OPTIONAL_RATE and not (number and math.isfinite(value) and value > 0):
             raise ValueError(f"hybrid_rates[{name!r}] must be a finite number > 0, got {value!r}")
-    return {name: float(rates[name]) for name in RATE_NAMES}
+        checked[name] = float(value)
+    return checked
 
 
 def expert_params(tensors) -> int:
@@ -46,26 +58,41 @@ def _best_ms(run, repeats: int = 3) -> float:
     return best
 
 
-def calibrate(cache, spec, packing, hidden: int, dtype: torch.dtype) -> dict:
-    """Measures the link (layer 0's first expert copied to the cache's device) and the CPU
-    (the same expert computed at 1 and 16 tokens by ``ops.cpu_expert``), best of 3 each."""
+def calibrate(module, hidden: int, dtype: torch.dtype) -> dict:
+    """Measures, best of 3 each, on layer 0's first expert of ``module`` (an OffloadedExperts):
+    the link (the expert copied into destinations allocated once, as a slot is), the device
+    (the expert used from there at one token: expanded if packed, then run), and the CPU (the
+    same expert computed by ``ops.cpu_expert`` at 1 and 16 tokens)."""
     if hidden is None or dtype is None:
         raise ValueError("the model has no config.hidden_size or no float parameter")
-    tensors = cache.host_expert(0, 0)
+    cache, spec, packing = module.cache, module._cpu, module.packing
+    tensors = cache.host_expert(module.layer, 0)
     nbytes = sum(t.numel() * t.element_size() for t in tensors)
     device = cache.device
+    # Timing a fresh allocation instead would count its page faults (on the CPU 0.5-7 GB/s
+    # depending on what the process holds), not the copy.
+    slots = [torch.empty_like(t, device=device) for t in tensors]
 
-    def copy():
-        out = [torch.empty_like(t, device=device).copy_(t, non_blocking=True) for t in tensors]
+    def synchronize():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return out
 
-    copy()  # first touch of the destination's allocator
-    link_ms = _best_ms(copy)
+    def copy():
+        for dst, src in zip(slots, tensors, strict=True):
+            dst.copy_(src, non_blocking=True)
+        synchronize()
+
+    token = torch.randn(1, hidden, dtype=dtype, device=device)
+
+    def use():
+        module._run_expert(token, slots if packing is None else packing.unpack(slots))
+        synchronize()
+
     one = torch.randn(1, hidden, dtype=dtype)
     many = torch.randn(_CALIBRATION_TOKENS, hidden, dtype=dtype)
-    spec.run(one, tensors, packing)
+    for warm in (copy, use, lambda: spec.run(one, tensors, packing)):
+        warm()  # first touches: destinations, kernels, scratch
+    link_ms, device_ms = _best_ms(copy), _best_ms(use)
     cpu_ms = _best_ms(lambda: spec.run(one, tensors, packing))
     many_ms = _best_ms(lambda: spec.run(many, tensors, packing))
     flops = 2.0 * expert_params(tensors) * _CALIBRATION_TOKENS
@@ -74,18 +101,20 @@ def calibrate(cache, spec, packing, hidden: int, dtype: torch.dtype) -> dict:
             "link_gbps": nbytes / (max(link_ms, 1e-6) * 1e6),
             "cpu_gbps": nbytes / (max(cpu_ms, 1e-6) * 1e6),
             "cpu_gflops": flops / (max(many_ms, 1e-6) * 1e6),
+            "device_gbps": nbytes / (max(device_ms, 1e-6) * 1e6),
         }
     )
 
 
-def hybrid_policy(cache, spec, packing, hidden, dtype, rates: dict | None):
-    """The native HybridPolicy from ``rates``, or measured; None (with a warning: no figure
-    is invented) when the calibration fails, and the model then copies every miss."""
+def hybrid_policy(module, hidden, dtype, rates: dict | None):
+    """The native HybridPolicy from ``rates``, or measured on ``module`` (an OffloadedExperts);
+    None (with a warning: no figure is invented) when the calibration fails, and the model
+    then copies every miss."""
     from expertflow import _C
 
     if rates is None:
         try:
-            rates = calibrate(cache, spec, packing, hidden, dtype)
+            rates = calibrate(module, hidden, dtype)
         except Exception as exc:  # noqa: BLE001  (any failure: fall back, saying why)
             warnings.warn(
                 f"offload: cpu_experts='auto' could not measure the link and CPU rates ({exc}); "
@@ -94,4 +123,7 @@ def hybrid_policy(cache, spec, packing, hidden, dtype, rates: dict | None):
                 stacklevel=4,
             )
             return None
-    return _C.HybridPolicy(rates["link_gbps"], rates["cpu_gbps"], rates["cpu_gflops"])
+    return _C.HybridPolicy(
+        rates["link_gbps"], rates["cpu_gbps"], rates["cpu_gflops"],
+        device_gbps=rates["device_gbps"],
+    )  # fmt: skip

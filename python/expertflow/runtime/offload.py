@@ -97,14 +97,18 @@ def offload(
             (``ops.cpu_expert``, in the store's format; only activations move, the slots stay
             unused: the all-CPU baseline), or ``"auto"``: each layer's misses (experts the
             cache does not hold) are copied or computed on the CPU as the native HybridPolicy
-            decides from the copy time, the CPU time at their token counts, both queues and
-            the miss's reuse score from the predictor's last plan (0 without a reuse head);
-            a miss computed on the CPU is not cached. A layer's CPU experts run on a worker
-            thread beside its device experts. Outputs are the same either way.
+            decides from the copy time, the CPU time at their token counts, the device's time
+            using a slot, the three queues and the miss's reuse score from the predictor's
+            last plan (0 without a reuse head); a miss computed on the CPU is not cached, and
+            a hit runs on the CPU only where using its slot is slower. A layer's CPU experts
+            run on a worker thread beside its device experts. Outputs are the same either
+            way.
         hybrid_rates: ``"auto"``'s rates, ``{"link_gbps": ..., "cpu_gbps": ...,
-            "cpu_gflops": ...}``; None (default) measures them once at offload (a copy of one
-            expert, and the CPU kernel on it at 1 and 16 tokens). A calibration that fails
-            warns and falls back to ``"never"``.
+            "cpu_gflops": ...}`` and optionally ``"device_gbps"`` (the device using a cached
+            expert at one token, expanding it if packed; 0 or absent: not counted); None
+            (default) measures all four once at offload (one expert copied, used from the
+            copy at one token, and run by the CPU kernel at 1 and 16 tokens). A calibration
+            that fails warns and falls back to ``"never"``.
 
     Raises:
         ValueError: an argument of the wrong type or value (named in the message); the model
@@ -262,10 +266,7 @@ def _install(model: nn.Module, found, cache: ExpertCache, options: OffloadOption
             if layer == 0:
                 hidden = getattr(getattr(model, "config", None), "hidden_size", None)
                 dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-                hybrid = hybrid_policy(
-                    cache, replacement._cpu, replacement.packing, hidden, dtype,
-                    options.hybrid_rates,
-                )  # fmt: skip
+                hybrid = hybrid_policy(replacement, hidden, dtype, options.hybrid_rates)
             replacement.use_hybrid(hybrid)
         if packings[layer].codec is None:
             # The original keeps host views of the store (no second copy) for restore().

@@ -119,20 +119,24 @@ class OffloadedExperts(nn.Module):
         return out.to(hidden_states.dtype)
 
     def _cpu_share(self, experts: list[int], bounds: list[int]) -> list[int]:
-        """The experts this call computes on the CPU: all of them (``"always"``), or the misses
-        the HybridPolicy places there (``"auto"``), each valued at its planned reuse."""
+        """The experts this call computes on the CPU: all of them (``"always"``), or those the
+        HybridPolicy places there (``"auto"``): misses valued at their planned reuse, and hits
+        too where the device's use of a slot is slower than the CPU kernel (a CPU device)."""
         if self._hybrid is None:
             return experts
         held = self.cache.cached(self.layer, experts)
+        hits = [e for e, h in zip(experts, held, strict=True) if h]
         misses = [e for e, h in zip(experts, held, strict=True) if not h]
         reuse = self.cache.planned_reuse(self.layer, misses)
-        plan = self._hybrid.plan(
-            [
-                (bounds[e + 1] - bounds[e], self._expert_bytes, self._expert_params, r)
-                for e, r in zip(misses, reuse, strict=True)
-            ]
+
+        def sized(e: int, r: float):
+            return (bounds[e + 1] - bounds[e], self._expert_bytes, self._expert_params, r)
+
+        on_hits, on_misses = self._hybrid.plan_step(
+            [sized(e, 0.0) for e in hits], [sized(e, r) for e, r in zip(misses, reuse, strict=True)]
         )
-        return [e for e, where in zip(misses, plan, strict=True) if where == "cpu"]
+        placed = zip([*hits, *misses], [*on_hits, *on_misses], strict=True)
+        return [e for e, where in placed if where == "cpu"]
 
     def _device_forward(self, hidden_states, tokens, bounds, experts, rows) -> None:
         """The experts run from device slots. A prompt can need more experts than the layer's
