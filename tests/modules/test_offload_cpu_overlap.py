@@ -4,6 +4,9 @@ is placed with its planned reuse score (a reuse head's, via the prefetcher's pla
 
 from __future__ import annotations
 
+import os
+import select
+import signal
 import threading
 import time
 
@@ -169,3 +172,31 @@ def test_planned_reuse_is_clipped_zero_without_a_plan_and_checks_indices():
         cache.planned_reuse(2, [0])
     cache.plan(torch.zeros(2, 8), 0)  # a plan without reuse scores clears them
     assert cache.planned_reuse(1, [1]) == [0.0]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
+def test_a_forked_child_gets_its_own_cpu_worker():
+    # The child inherits the parent's executor but not its thread. (An offloaded model itself
+    # is not usable after a fork: the cache's transfer engine thread is not inherited either.)
+    from expertflow.runtime import cpu_worker
+
+    assert cpu_worker._cpu_worker().submit(lambda: 1).result(timeout=60) == 1
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child answers through the pipe, then exits at once
+        os.close(read)
+        answer = b"0"
+        try:
+            future = cpu_worker._cpu_worker().submit(lambda: 1)
+            answer = b"1" if future.result(timeout=30) == 1 else b"0"
+        finally:
+            os.write(write, answer)
+            os._exit(0)
+    os.close(write)
+    ready, _, _ = select.select([read], [], [], 120)
+    if not ready:
+        os.kill(pid, signal.SIGKILL)
+    answer = os.read(read, 1) if ready else b"hung"
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert answer == b"1"

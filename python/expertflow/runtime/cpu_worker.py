@@ -8,6 +8,7 @@ caller writes them once both sides are done, so the outputs do not depend on the
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import threading
 
 import torch
@@ -16,6 +17,16 @@ __all__ = ["CpuExpertJob"]
 
 _worker: concurrent.futures.ThreadPoolExecutor | None = None
 _worker_lock = threading.Lock()
+
+
+def _forget_worker_after_fork() -> None:
+    # A forked child inherits the executor but not its thread: submitting to it would wait
+    # forever. The child starts its own worker when it first needs one.
+    global _worker, _worker_lock
+    _worker, _worker_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_worker_after_fork)
 
 
 def _cpu_worker() -> concurrent.futures.ThreadPoolExecutor:
