@@ -1,7 +1,7 @@
 """Decode tokens/s of an offloaded MoE model with cpu_experts="never", "always" and "auto".
 
 A randomly initialised Mixtral-style model (size set by the flags) is offloaded with
-``expertflow.offload(model, device="cpu", slots=N, cpu_experts=MODE)`` at 25% and 50% of all
+``expertflow.offload(model, device=DEVICE, slots=N, cpu_experts=MODE)`` at 25% and 50% of all
 experts as slots; one model per (slots, mode), all built up front and warmed up. Each repeat
 runs every configuration once (greedy ``generate`` from the same 32-token prompt), in an order
 rotated by one per repeat, so that the shared CPU's drift falls on all of them alike. Measured
@@ -14,7 +14,10 @@ host memory read bandwidth measured in the same run (bench_cpu_experts.read_band
 
     OMP_NUM_THREADS=1 PYTHONPATH=python python bench/bench_cpu_experts_decode.py [--layers 4]
         [--hidden 1024] [--intermediate 3584] [--experts 8] [--tokens 16] [--repeats 5]
-        [--dtype bf16|fp32] [--expert-format auto] [--json]
+        [--dtype bf16|fp32] [--expert-format auto] [--device cpu|cuda] [--json]
+
+On ``--device cuda`` (bench/gpu_check.sh) the GPU runs the non-expert layers, the hits and the
+copies, and "auto" overlaps the CPU's share with them.
 """
 
 from __future__ import annotations
@@ -57,14 +60,15 @@ class Config:
     """One offloaded model and its counters: expert runs (distinct experts per forward of each
     OffloadedExperts) and CPU expert runs, read at each generated token's logits."""
 
-    def __init__(self, base, slots: int, mode: str, expert_format: str):
+    def __init__(self, base, slots: int, mode: str, expert_format: str, device: str):
         import transformers
 
         self.slots, self.mode = slots, mode
         self.model = copy.deepcopy(base)
         expertflow.offload(
-            self.model, device="cpu", slots=slots, cpu_experts=mode, expert_format=expert_format
+            self.model, device=device, slots=slots, cpu_experts=mode, expert_format=expert_format
         )
+        self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         self.modules = [m for m in self.model.modules() if isinstance(m, OffloadedExperts)]
         self.expert_runs = 0
         for m in self.modules:
@@ -82,6 +86,7 @@ class Config:
 
         class Marks(transformers.LogitsProcessor):
             def __call__(self, input_ids, scores):
+                owner.sync()  # the token's work done, not only launched
                 owner.marks.append((time.perf_counter(), owner.cpu_runs(), owner.expert_runs))
                 return scores
 
@@ -124,6 +129,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--expert-format", default="auto", help="offload's expert_format")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="offload's device")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if args.tokens < 2:
@@ -139,9 +145,10 @@ def main(argv=None) -> int:
     for share in SHARES:
         slots = max(2 * args.layers, int(total * share))
         for mode in MODES:
-            configs.append(Config(base, slots, mode, args.expert_format))
+            configs.append(Config(base, slots, mode, args.expert_format, args.device))
     del base
     ids = torch.randint(0, 32000, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(args.device)
     for c in configs:
         c.generate(ids, 2)  # warm-up
     for r in range(args.repeats):
@@ -178,7 +185,7 @@ def main(argv=None) -> int:
             }
         )
     mismatch = [r for r in rows if not r["same_tokens"]]
-    names = "layers hidden intermediate experts tokens repeats dtype expert_format".split()
+    names = "layers hidden intermediate experts tokens repeats dtype expert_format device".split()
     result = {k: getattr(args, k) for k in names}
     result |= {
         "threads": torch.get_num_threads(),
@@ -201,7 +208,7 @@ def print_table(res) -> None:
         f"decode, batch 1, prompt {PROMPT_TOKENS}, {res['tokens']} new tokens x {res['repeats']} "
         f"interleaved repeats; {res['layers']} layers x {res['experts']} experts, hidden "
         f"{res['hidden']}, intermediate {res['intermediate']}, {res['dtype']}, expert_format "
-        f"{res['expert_format']}, {res['threads']} threads"
+        f"{res['expert_format']}, device {res['device']}, {res['threads']} threads"
     )
     before, after = res["read_gbps_before_after"]
     print(f"host read bandwidth: {before:.2f} GB/s before, {after:.2f} GB/s after (limit: max)")

@@ -32,6 +32,8 @@ done
   || echo "bench_transfer FAILED"
 "$py" bench/bench_dequant.py --device cuda --out "$out" >"$out/bench_dequant.txt" 2>&1 \
   || echo "bench_dequant FAILED"
+"$py" bench/bench_cpu_experts_decode.py --device cuda --layers 8 \
+  >"$out/bench_cpu_experts_decode.txt" 2>&1 || echo "bench_cpu_experts_decode FAILED"
 "$py" bench/bench_offload.py --device cuda --layers 8 --hidden 1024 --intermediate 2816 \
   --out "$out" >"$out/bench_offload.txt" 2>&1 || echo "bench_offload FAILED"
 
@@ -55,6 +57,8 @@ echo "-- transfer engine"
 tail -12 "$out/bench_transfer.txt"
 echo "-- offloaded decode"
 grep -vE "^\[transformers\]" "$out/bench_offload.txt" | tail -9
+echo "-- CPU experts: decode tokens/s, never / always / auto (hybrid)"
+grep -vE "^\[transformers\]" "$out/bench_cpu_experts_decode.txt" | tail -11
 echo "-- expertflow demo on cuda"
 tail -10 "$out/demo_cuda.txt"
 echo "-- batched generation on cuda (fifo vs scheduler)"
