@@ -142,8 +142,8 @@ def main(argv=None) -> int:
     read_before = read_bandwidth(READ_BYTES)
     base = build(args, DTYPES[args.dtype])
     configs = []
-    for share in SHARES:
-        slots = max(2 * args.layers, int(total * share))
+    budgets = sorted({max(2 * args.layers, int(total * share)) for share in SHARES})
+    for slots in budgets:  # a pool per layer needs top-k slots: small shapes may merge budgets
         for mode in MODES:
             configs.append(Config(base, slots, mode, args.expert_format, args.device))
     del base
