@@ -127,6 +127,7 @@ def test_a_failed_calibration_warns_and_copies(monkeypatch):
         raise RuntimeError("no timer")
 
     monkeypatch.setattr(hybrid, "calibrate", broken)
+    hybrid.forget_calibrations()  # an earlier test's rates for this model would be reused
     model = build("mixtral")
     ids, mask = batch()
     want, _ = _run(model, ids, mask)
@@ -217,3 +218,24 @@ def test_hits_run_on_the_cpu_where_using_a_slot_is_slower():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert _runs(model) == 2 * 2  # both experts of both layers, from the host store
     assert model._expertflow.cache.stats()["hits"] == hits  # no slot used
+
+
+def test_calibrations_are_reused_for_the_same_kind_of_expert(monkeypatch):
+    from expertflow.runtime import hybrid
+
+    calls = []
+    real = hybrid.calibrate
+
+    def counted(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(hybrid, "calibrate", counted)
+    hybrid.forget_calibrations()
+    for fmt in ("auto", "auto", "int8"):  # the second reuses the first's; int8 is another kind
+        model = build("mixtral")
+        expertflow.offload(model, device="cpu", slots=4, cpu_experts="auto", expert_format=fmt)
+    assert len(calls) == 2
+    hybrid.forget_calibrations()
+    expertflow.offload(build("mixtral"), device="cpu", slots=4, cpu_experts="auto")
+    assert len(calls) == 3

@@ -1,5 +1,6 @@
 """``offload(..., cpu_experts="auto")``: the rates the native HybridPolicy decides from, given or
-measured once at offload (a short calibration on layer 0's first expert)."""
+measured at offload (a short calibration on layer 0's first expert), once per kind of expert
+in a process."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import warnings
 
 import torch
 
-__all__ = ["RATE_NAMES", "calibrate", "check_rates", "hybrid_policy"]
+__all__ = ["RATE_NAMES", "calibrate", "check_rates", "forget_calibrations", "hybrid_policy"]
 
 # hybrid_rates' keys: link GB/s, CPU GB/s at one token, CPU GFLOP/s at many tokens; and,
 # optional, the device's GB/s using a cached expert at one token (0: not modelled).
@@ -106,6 +107,24 @@ def calibrate(module, hidden: int, dtype: torch.dtype) -> dict:
     )
 
 
+# Rates measured in this process, by what they depend on: offloading the same kind of model
+# again (after restore(), or another copy) reuses them instead of timing again.
+_measured: dict[tuple, dict] = {}
+
+
+def _calibration_key(module, hidden, dtype) -> tuple:
+    tensors = module.cache.host_expert(module.layer, 0)
+    layout = tuple((tuple(t.shape), t.dtype) for t in tensors)
+    fmt = None if module.packing is None else module.packing.format_name
+    return (str(module.cache.device), layout, fmt, module._cpu.activation, hidden, dtype)
+
+
+def forget_calibrations() -> None:
+    """Drops the rates measured so far: the next ``offload(cpu_experts="auto")`` without
+    ``hybrid_rates`` measures again (after the machine's load changed, say)."""
+    _measured.clear()
+
+
 def hybrid_policy(module, hidden, dtype, rates: dict | None):
     """The native HybridPolicy from ``rates``, or measured on ``module`` (an OffloadedExperts);
     None (with a warning: no figure is invented) when the calibration fails, and the model
@@ -113,8 +132,9 @@ def hybrid_policy(module, hidden, dtype, rates: dict | None):
     from expertflow import _C
 
     if rates is None:
+        key = _calibration_key(module, hidden, dtype)
         try:
-            rates = calibrate(module, hidden, dtype)
+            rates = _measured.get(key) or calibrate(module, hidden, dtype)
         except Exception as exc:  # noqa: BLE001  (any failure: fall back, saying why)
             warnings.warn(
                 f"offload: cpu_experts='auto' could not measure the link and CPU rates ({exc}); "
@@ -123,6 +143,7 @@ def hybrid_policy(module, hidden, dtype, rates: dict | None):
                 stacklevel=4,
             )
             return None
+        _measured[key] = rates
     return _C.HybridPolicy(
         rates["link_gbps"], rates["cpu_gbps"], rates["cpu_gflops"],
         device_gbps=rates["device_gbps"],

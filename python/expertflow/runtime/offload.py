@@ -106,9 +106,10 @@ def offload(
         hybrid_rates: ``"auto"``'s rates, ``{"link_gbps": ..., "cpu_gbps": ...,
             "cpu_gflops": ...}`` and optionally ``"device_gbps"`` (the device using a cached
             expert at one token, expanding it if packed; 0 or absent: not counted); None
-            (default) measures all four once at offload (one expert copied, used from the
-            copy at one token, and run by the CPU kernel at 1 and 16 tokens). A calibration
-            that fails warns and falls back to ``"never"``.
+            (default) measures all four at offload (one expert copied, used from the copy at
+            one token, and run by the CPU kernel at 1 and 16 tokens), once per kind of expert
+            in the process (``expertflow.runtime.hybrid.forget_calibrations()`` measures
+            again). A calibration that fails warns and falls back to ``"never"``.
 
     Raises:
         ValueError: an argument of the wrong type or value (named in the message); the model
