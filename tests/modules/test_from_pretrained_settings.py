@@ -52,3 +52,24 @@ def test_loading_reports_progress_and_the_slots_chosen(checkpoint, caplog):
     slots = model._expertflow.cache.num_slots
     loaded = [m for m in messages if f"loaded: {slots} slots of " in m]
     assert loaded and "(float experts) on cpu" in loaded[0]
+
+
+@pytest.mark.parametrize("mode", ["always", "auto"])
+def test_cpu_experts_give_the_same_logits(checkpoint, mode):
+    ids = torch.randint(1, 96, (1, 7), generator=torch.Generator().manual_seed(2))
+    logits = []
+    for cpu in ("never", mode):
+        model = expertflow.from_pretrained(checkpoint, device="cpu", slots=4, dtype="float32",
+                                           cpu_experts=cpu)  # fmt: skip
+        with torch.no_grad():
+            logits.append(model(input_ids=ids).logits)
+        runs = sum(getattr(m, "cpu_expert_runs", 0) for m in model.modules())
+        assert (runs > 0) == (cpu != "never")
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+
+
+def test_hybrid_rates_are_checked_before_any_weight_is_read(checkpoint):
+    with pytest.raises(ValueError, match=r"^hybrid_rates are read by cpu_experts='auto' only"):
+        expertflow.from_pretrained(checkpoint, device="cpu", slots=4,
+                                   hybrid_rates={"link_gbps": 1.0, "cpu_gbps": 1.0,
+                                                 "cpu_gflops": 1.0})  # fmt: skip

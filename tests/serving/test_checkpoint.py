@@ -72,3 +72,31 @@ def test_chat_on_the_checkpoint_uses_its_template(checkpoint, alone):
     # from_pretrained's progress (logger "expertflow") reaches the terminal
     assert "expertflow: from_pretrained: reading model.safetensors (1 of 1)" in done.stderr
     assert "loaded: 24 slots of " in done.stderr
+
+
+@pytest.mark.parametrize("mode", ["always", "auto"])
+def test_a_checkpoint_with_cpu_experts_gives_the_same_greedy_text(checkpoint, mode):
+    """--cpu-experts reaches from_pretrained: the experts computed on the CPU from the host
+    store give the tokens the slots give."""
+    import expertflow
+    from expertflow.runtime.offloaded import OffloadedExperts
+
+    ids = [5, 17, 42, 9, 3]
+    texts = []
+    for cpu in ("never", mode):
+        loaded = load_model(str(checkpoint), OffloadChoices(device="cpu", slots=24,
+                                                            cpu_experts=cpu))  # fmt: skip
+        out = expertflow.generate_batch(loaded.model, [ids], max_new_tokens=6, batch_size=1)
+        texts.append(out.sequences[0])
+        runs = sum(m.cpu_expert_runs for m in loaded.model.modules()
+                   if isinstance(m, OffloadedExperts))  # fmt: skip
+        assert (runs > 0) == (cpu != "never")
+    assert texts[0] == texts[1]
+
+
+def test_a_bad_cpu_experts_is_refused_before_loading(checkpoint):
+    with pytest.raises(ValueError, match=r"^cpu_experts must be one of"):
+        load_model(str(checkpoint), OffloadChoices(device="cpu", slots=24, cpu_experts="gpu"))
+    done = expertflow("generate", "--model", str(checkpoint), "--slots", "24",
+                      "--cpu-experts", "gpu", "--prompt", "x")  # fmt: skip
+    assert done.returncode == 2 and "--cpu-experts: invalid choice: 'gpu'" in done.stderr

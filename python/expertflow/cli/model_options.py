@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from expertflow.runtime.expert_format import EXPERT_FORMATS
+from expertflow.runtime.options import CPU_EXPERTS
 from expertflow.runtime.policies import BUDGETS, POLICIES
 
 
@@ -46,6 +47,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "default) or a quantized format",
     )  # fmt: skip
     parser.add_argument(
+        "--cpu-experts", default="never", choices=CPU_EXPERTS,
+        help="never: every expert runs from a device slot (the default); auto: a missed expert "
+        "is computed on the CPU from host memory where that beats copying it; always: every "
+        "expert on the CPU",
+    )  # fmt: skip
+    parser.add_argument(
         "--group-size", type=int, default=None,
         help="int4's group size, with --expert-format int4 only (default: 64, or the largest "
         "that divides a weight's input size)",
@@ -80,6 +87,6 @@ def load(args: argparse.Namespace):
     choices = OffloadChoices(
         device=args.device, slots=args.slots, gpu_memory=args.gpu_memory, policy=args.policy,
         budget=args.budget, predictor=args.predictor, expert_format=args.expert_format,
-        group_size=args.group_size,
+        group_size=args.group_size, cpu_experts=args.cpu_experts,
     )  # fmt: skip
     return load_model(args.model, choices)

@@ -113,6 +113,8 @@ def from_pretrained(
     prefetch_threshold: float = 0.0,
     expert_format: str = "auto",
     group_size: int | None = None,
+    cpu_experts: str = "never",
+    hybrid_rates: dict | None = None,
 ) -> nn.Module:
     """Loads a local transformers checkpoint (``config.json`` + safetensors, sharded or not)
     as an offloaded model: like ``offload(AutoModelForCausalLM.from_pretrained(path))`` but
@@ -121,7 +123,9 @@ def from_pretrained(
     Args:
         path: the checkpoint folder (as written by ``save_pretrained``).
         device, slots, gpu_memory, policy, budget, predictor, lookahead, background,
-            prefetch_threshold: as for :func:`expertflow.offload`.
+            prefetch_threshold, cpu_experts, hybrid_rates: as for :func:`expertflow.offload`
+            (``cpu_experts="auto"`` computes a miss on the CPU from the host store where
+            that beats copying it; ``"always"`` every expert).
         dtype: the weights' dtype on the device and in the host store, a floating
             ``torch.dtype`` or its name such as ``"bfloat16"`` (default, or ``"auto"``: the
             checkpoint's ``dtype`` in its config, else float32).
@@ -150,7 +154,7 @@ def from_pretrained(
     """
     options = OffloadOptions(
         device, slots, gpu_memory, policy, budget, predictor, lookahead, background,
-        prefetch_threshold, expert_format, group_size,
+        prefetch_threshold, expert_format, group_size, cpu_experts, hybrid_rates,
     )  # fmt: skip
     if not isinstance(path, str | os.PathLike):
         raise ValueError(f"from_pretrained: path must be a str or path, got {type(path).__name__}")

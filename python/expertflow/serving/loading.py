@@ -32,6 +32,7 @@ class OffloadChoices:
     predictor: str | None = None  # a folder, "demo" (the bundled one) or "none"
     expert_format: str = "auto"
     group_size: int | None = None
+    cpu_experts: str = "never"
 
 
 @dataclass
@@ -103,10 +104,11 @@ def load_model(spec: str, choices: OffloadChoices) -> Loaded:
     predictor = _predictor_arg(choices.predictor, demo, choices.policy)
     # Checked whole before any loading (OffloadOptions raises ValueError naming the option).
     OffloadOptions(device, slots, gpu_memory, choices.policy, choices.budget, predictor,
-                   expert_format=choices.expert_format, group_size=choices.group_size)  # fmt: skip
+                   expert_format=choices.expert_format, group_size=choices.group_size,
+                   cpu_experts=choices.cpu_experts)  # fmt: skip
     common = dict(device=device, slots=slots, gpu_memory=gpu_memory, policy=choices.policy,
                   budget=choices.budget, predictor=predictor, expert_format=choices.expert_format,
-                  group_size=choices.group_size)  # fmt: skip
+                  group_size=choices.group_size, cpu_experts=choices.cpu_experts)  # fmt: skip
     if demo:
         import expertflow
         from expertflow.demo.model import load_demo_model
