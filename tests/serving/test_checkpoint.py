@@ -100,3 +100,22 @@ def test_a_bad_cpu_experts_is_refused_before_loading(checkpoint):
     done = expertflow("generate", "--model", str(checkpoint), "--slots", "24",
                       "--cpu-experts", "gpu", "--prompt", "x")  # fmt: skip
     assert done.returncode == 2 and "--cpu-experts: invalid choice: 'gpu'" in done.stderr
+
+
+def test_a_reply_counts_its_cpu_experts(checkpoint):
+    from expertflow.cli.generate import reply_line
+    from expertflow.serving.engine import Engine
+    from expertflow.serving.streaming import Reply, stream_reply
+
+    counts = {}
+    for cpu in ("never", "always"):
+        loaded = load_model(str(checkpoint), OffloadChoices(device="cpu", slots=24,
+                                                            cpu_experts=cpu))  # fmt: skip
+        reply = Reply()
+        with Engine(loaded.model, batch_size=1, active_batches=1) as engine:
+            list(stream_reply(engine, [5, 17, 42], reply, max_new_tokens=4))
+        counts[cpu] = reply.cpu_experts
+        line = reply_line(reply)
+        assert ("experts on the CPU" in line) == (cpu == "always"), line
+    layers = 6  # the demo model: 6 MoE layers, top-2, 4 forwards (prompt + 3 steps)
+    assert counts["never"] == 0 and counts["always"] >= layers * 2 * 4

@@ -51,12 +51,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def reply_line(reply) -> str:
-    """``[12 tokens, 31.4 tokens/s, hit ratio 0.87, stop]``."""
+    """``[12 tokens, 31.4 tokens/s, hit ratio 0.87, stop]``; with CPU experts also
+    ``, 40 experts on the CPU`` (the hit ratio counts the slots' lookups only)."""
     speed = reply.tokens_per_second
     hits = reply.hit_ratio
+    cpu = f", {reply.cpu_experts} experts on the CPU" if reply.cpu_experts else ""
     return (
         f"[{len(reply.tokens)} tokens, {speed or 0:.1f} tokens/s, hit ratio "
-        f"{'-' if hits is None else f'{hits:.2f}'}, {reply.finish}]"
+        f"{'-' if hits is None else f'{hits:.2f}'}{cpu}, {reply.finish}]"
     )
 
 

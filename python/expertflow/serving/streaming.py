@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from expertflow.serving.engine import Engine
 from expertflow.serving.sampling import _Sampling
 
-__all__ = ["Reply", "TextStream", "stream_reply"]
+__all__ = ["Reply", "TextStream", "cpu_expert_runs", "stream_reply"]
 
 
 class TextStream:
@@ -75,13 +75,15 @@ class TextStream:
 @dataclass
 class Reply:
     """What :func:`stream_reply` made: ``tokens``, ``finish`` (``"stop"``, ``"length"``,
-    ``"context"``, ``"cancelled"``), ``seconds`` and ``cache`` (the cache's counters over the
-    reply, for an offloaded model)."""
+    ``"context"``, ``"cancelled"``), ``seconds``, ``cache`` (the cache's counters over the
+    reply, for an offloaded model) and ``cpu_experts`` (experts computed on the CPU meanwhile,
+    with ``cpu_experts="auto"`` or ``"always"``: the cache never sees those)."""
 
     tokens: list[int] = field(default_factory=list)
     finish: str | None = None
     seconds: float = 0.0
     cache: dict = field(default_factory=dict)
+    cpu_experts: int = 0
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -91,6 +93,11 @@ class Reply:
     def hit_ratio(self) -> float | None:
         lookups = self.cache.get("hits", 0) + self.cache.get("misses", 0)
         return self.cache["hits"] / lookups if lookups else None
+
+
+def cpu_expert_runs(model) -> int:
+    """Experts an offloaded model has computed on the CPU so far (0 for any other)."""
+    return sum(getattr(m, "cpu_expert_runs", 0) for m in model.modules())
 
 
 def stream_reply(engine: Engine, ids: list[int], reply: Reply, *, max_new_tokens: int,
@@ -104,6 +111,7 @@ def stream_reply(engine: Engine, ids: list[int], reply: Reply, *, max_new_tokens
     made: list[tuple[int | None, str | None, Exception | None]] = []
     cache = engine.cache
     before = cache.stats() if cache is not None else {}
+    cpu_before = cpu_expert_runs(engine.model)
     started = time.perf_counter()
     request = engine.add(ids, max_new_tokens=max_new_tokens, sampling=sampling,
                          on_token=lambda *event: made.append(event))  # fmt: skip
@@ -127,6 +135,7 @@ def stream_reply(engine: Engine, ids: list[int], reply: Reply, *, max_new_tokens
             engine.cancel(request)
             reply.finish = "cancelled"
         reply.seconds = time.perf_counter() - started
+        reply.cpu_experts = cpu_expert_runs(engine.model) - cpu_before
         if cache is not None:
             after = cache.stats()
             reply.cache = {k: after[k] - before.get(k, 0) for k in after}
