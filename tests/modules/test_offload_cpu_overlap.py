@@ -208,29 +208,21 @@ def test_a_forked_child_gets_its_own_cpu_worker():
 def test_on_cuda_cpu_experts_give_the_models_logits(mode, fmt):
     """The GPU runs the hits and copies while the CPU computes its share from the pinned
     host store: fp32 logits and greedy tokens as the model's own on the GPU."""
+    from tests.modules.test_offload_cpu_experts import _run
     from tests.modules.test_offload_formats import _quantize_in_place
 
     reference = build("mixtral")
     if fmt != "auto":
         _quantize_in_place(reference, fmt, None)
     ids, mask = (t.cuda() for t in batch())
-    with torch.no_grad():
-        reference = reference.to("cuda")
-        want = reference(input_ids=ids, attention_mask=mask).logits
-        want_tokens = reference.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0
-        )
+    want, want_tokens = _run(reference.to("cuda"), ids, mask)
     model = build("mixtral")
     rates = EVEN if mode == "auto" else None
     expertflow.offload(
         model, device="cuda", slots=4, expert_format=fmt,
         cpu_experts=mode.split("-")[0], hybrid_rates=rates,
     )  # fmt: skip
-    with torch.no_grad():
-        got = model(input_ids=ids, attention_mask=mask).logits
-        tokens = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0
-        )
+    got, tokens = _run(model, ids, mask)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert torch.equal(tokens, want_tokens)
     runs = sum(m.cpu_expert_runs for m in model.modules() if isinstance(m, OffloadedExperts))
