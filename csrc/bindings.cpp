@@ -168,6 +168,10 @@ void bind_expert_cache(py::module_& m) {
       .def("cached", &ExpertCache::cached, py::arg("layer"), py::arg("experts"),
            py::call_guard<py::gil_scoped_release>(),
            "Whether each expert is held (resident or on its way); pins and copies nothing.")
+      .def("copies_ahead", &ExpertCache::copies_ahead, py::arg("layer"), py::arg("experts"),
+           py::call_guard<py::gil_scoped_release>(),
+           "-1 not held, 0 arrived, n >= 1 the n-th of the copies in flight; pins and copies "
+           "nothing.")
       .def("wait", &ExpertCache::wait, py::arg("slot"), py::call_guard<py::gil_scoped_release>())
       // views, release and stats take the cache's lock, which a blocking acquire on another
       // thread holds while a copy lands: wait for it without the GIL.
@@ -352,7 +356,10 @@ void bind_hybrid_policy(py::module_& m) {
           "plan_step",
           [](const HybridPolicy& p, const std::vector<MissTuple>& hits,
              const std::vector<MissTuple>& misses) {
-            const auto plan = p.plan_step(as_misses(hits), as_misses(misses));
+            std::vector<ExpertMiss> held;
+            held.reserve(hits.size());
+            for (const auto& [t, b, n, wait] : hits) held.push_back(ExpertMiss{t, b, n, 0.0, wait});
+            const auto plan = p.plan_step(held, as_misses(misses));
             std::vector<std::string> on_hits, on_misses;
             for (size_t i = 0; i < plan.size(); ++i) {
               (i < hits.size() ? on_hits : on_misses)
@@ -361,9 +368,10 @@ void bind_hybrid_policy(py::module_& m) {
             return py::make_tuple(on_hits, on_misses);
           },
           py::arg("hits"), py::arg("misses"),
-          "A step's cached experts and misses, each (tokens, packed_bytes, params, reuse), decided "
-          "in order with the link, CPU and device queues the earlier ones left: (['copy' (use the "
-          "slot) | 'cpu', ...] for the hits, ['copy' | 'cpu', ...] for the misses).");
+          "A step's cached experts, each (tokens, packed_bytes, params, wait_ms: until its copy "
+          "lands), and misses, each (tokens, packed_bytes, params, reuse), decided in order with "
+          "the link, CPU and device queues the earlier ones left: (['copy' (use the slot) | "
+          "'cpu', ...] for the hits, ['copy' | 'cpu', ...] for the misses).");
 }
 
 }  // namespace

@@ -100,12 +100,21 @@ std::vector<MissDecision> HybridPolicy::plan_step(std::span<const ExpertMiss> hi
   double device = 0.0;
   for (const ExpertMiss& h : hits) {
     check_miss(h, 0.0, 0.0, 0.0);
+    if (!(std::isfinite(h.wait_ms) && h.wait_ms >= 0.0)) {
+      throw std::invalid_argument("hybrid policy: a hit's wait_ms must be finite and >= 0, got " +
+                                  std::to_string(h.wait_ms));
+    }
     MissDecision d;
     d.cpu_ms = cpu_ms(h);
     d.device_ms = device_ms(h);
-    const bool on_cpu = cpu + d.cpu_ms < device + d.device_ms;
+    const double device_done = std::max(device, h.wait_ms) + d.device_ms;
+    const bool on_cpu = cpu + d.cpu_ms < device_done;
     d.placement = on_cpu ? MissPlacement::kCpu : MissPlacement::kCopy;
-    (on_cpu ? cpu : device) += on_cpu ? d.cpu_ms : d.device_ms;
+    if (on_cpu) {
+      cpu += d.cpu_ms;
+    } else {
+      device = device_done;
+    }
     out.push_back(d);
   }
   for (const ExpertMiss& m : misses) {

@@ -41,6 +41,7 @@ struct ExpertMiss {
   int64_t packed_bytes = 0;  // the expert's bytes in the host store (all its tensors)
   int64_t params = 0;        // its weights (2 * params * tokens flops on the CPU)
   double reuse = 0.0;        // predicted chance it is needed again while it would stay cached
+  double wait_ms = 0.0;      // a cached expert (plan_step's hits): until its copy lands
 };
 
 enum class MissPlacement : int8_t { kCopy, kCpu };
@@ -75,7 +76,9 @@ class HybridPolicy {
 
   // A step's cached experts (`hits`: placement kCopy means "use the slot") and then its
   // misses, each decided with the queues the earlier ones left. A hit runs on the CPU only
-  // when that finishes before the device would (with device_gbps 0 never): its slot stays.
+  // when that finishes before the device would, after its copy lands (wait_ms) and the
+  // device's queue: a prefetch still on its way, or a device slower than the CPU kernel. Its
+  // slot stays either way. Throws std::invalid_argument for a hit whose wait_ms is negative.
   std::vector<MissDecision> plan_step(std::span<const ExpertMiss> hits,
                                       std::span<const ExpertMiss> misses) const;
 

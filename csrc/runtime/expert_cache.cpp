@@ -308,6 +308,25 @@ std::vector<bool> ExpertCache::cached(int32_t layer, const std::vector<int32_t>&
   return out;
 }
 
+std::vector<int32_t> ExpertCache::copies_ahead(int32_t layer, const std::vector<int32_t>& experts) {
+  check_layer(layer, "copies_ahead");
+  check_experts(experts, "copies_ahead");
+  std::lock_guard<std::mutex> lock(mutex_);
+  reap_arrivals();
+  std::vector<int32_t> out;
+  out.reserve(experts.size());
+  for (const int32_t e : experts) {
+    const int32_t slot = policy_.slot_of(layer, e);
+    const auto it = std::find(in_flight_.begin(), in_flight_.end(), slot);
+    if (slot < 0) {
+      out.push_back(-1);
+    } else {
+      out.push_back(it == in_flight_.end() ? 0 : static_cast<int32_t>(it - in_flight_.begin()) + 1);
+    }
+  }
+  return out;
+}
+
 ExpertCacheStats ExpertCache::stats() const {
   std::lock_guard<std::mutex> lock(mutex_);
   return {policy_.stats(), counters_};

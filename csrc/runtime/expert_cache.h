@@ -90,6 +90,10 @@ class ExpertCache {
   // may evict an expert before acquire pins it, which acquire then copies again. `experts` is
   // checked as acquire's.
   std::vector<bool> cached(int32_t layer, const std::vector<int32_t>& experts) const;
+  // The same with where each copy is: -1 not held, 0 held and arrived, n >= 1 still on its way
+  // as the n-th of the copies now in flight, in the order they were issued (they share the
+  // link, so the n-th lands after about n copies' time). Pins and copies nothing.
+  std::vector<int32_t> copies_ahead(int32_t layer, const std::vector<int32_t>& experts);
   // Makes compute wait until `slot`'s bytes have arrived (see TransferEngine::wait). The slot
   // must be held by an acquire not yet released (IndexError naming it otherwise): any other
   // slot may be evicted and refilled at any time, so waiting for it promises nothing.

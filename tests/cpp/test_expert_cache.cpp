@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <limits>
+#include <map>
 #include <memory>
 #include <optional>
 #include <stdexcept>
@@ -229,6 +230,52 @@ TEST(ExpertCache, CachedAnswersWithoutPinningCopyingOrCounting) {
             "ExpertCache.cached: layer must be in [0, 2), got 2");
   EXPECT_EQ(message_of<c10::IndexError>([&] { cache.cached(0, {6}); }),
             "ExpertCache.cached: expert must be in [0, 6), got 6");
+}
+
+// The CPU engine, except that a copy lands only when the test says so.
+class HeldEngine final : public TransferEngine {
+ public:
+  explicit HeldEngine(int32_t num_slots) : inner_(make_cpu_transfer_engine(num_slots)) {}
+  void copy(int32_t slot, const at::Tensor& src, const at::Tensor& dst, bool urgent) override {
+    inner_->copy(slot, src, dst, urgent);
+    inner_->block_until_arrived(slot);
+    landed_[slot] = false;
+  }
+  bool arrived(int32_t slot) override { return landed_[slot]; }
+  double wait(int32_t slot) override { return inner_->wait(slot); }
+  double block_until_arrived(int32_t slot) override {
+    landed_[slot] = true;
+    return inner_->block_until_arrived(slot);
+  }
+  void release(int32_t slot) override { inner_->release(slot); }
+  void synchronize() override { inner_->synchronize(); }
+  void land(int32_t slot) { landed_[slot] = true; }
+
+ private:
+  std::unique_ptr<TransferEngine> inner_;
+  std::map<int32_t, bool> landed_;
+};
+
+TEST(ExpertCache, CopiesAheadTellsWhereEachCopyIs) {
+  HeldEngine* engine = nullptr;
+  ExpertCache cache(patterned_store(2, 6, 512), 6, 2, core::BudgetMode::kGlobal,
+                    core::EvictionPolicy::kLru, at::Device(at::kCPU), [&engine](int32_t n) {
+                      auto e = std::make_unique<HeldEngine>(n);
+                      engine = e.get();
+                      return e;
+                    });
+  at::Tensor scores = at::full({2, 6}, 0.0f);
+  scores[0][1] = scores[0][4] = scores[1][2] = 1.0f;
+  cache.plan(scores, 2);  // three prefetches, in flight until landed
+  EXPECT_EQ(cache.copies_ahead(0, {0, 1, 4}), std::vector<int32_t>({-1, 1, 2}));
+  EXPECT_EQ(cache.copies_ahead(1, {2, 3}), std::vector<int32_t>({3, -1}));
+  const AcquireResult r = cache.acquire(0, {1});
+  engine->land(r.slots[0]);
+  cache.release(0);
+  EXPECT_EQ(cache.copies_ahead(0, {1, 4}), std::vector<int32_t>({0, 1}));  // 4 moved up
+  EXPECT_EQ(cache.copies_ahead(1, {2}), std::vector<int32_t>({2}));
+  EXPECT_EQ(message_of<c10::IndexError>([&] { cache.copies_ahead(0, {6}); }),
+            "ExpertCache.copies_ahead: expert must be in [0, 6), got 6");
 }
 
 TEST(ExpertCache, DestroyedWithCopiesInFlight) {

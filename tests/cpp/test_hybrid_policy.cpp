@@ -114,6 +114,27 @@ TEST(HybridPolicy, HitsStayOnTheDeviceUnlessItIsSlowerThanTheCpu) {
   EXPECT_EQ(HybridPolicy(r).plan_step({&prompt, 1}, {})[0].placement, MissPlacement::kCopy);
 }
 
+TEST(HybridPolicy, AHitWhosePrefetchIsStillOnItsWayMayRunOnTheCpu) {
+  // CPU 3.5 ms a miss. A prefetched expert whose copy lands in 10 ms is computed on the CPU
+  // (even with a free device); one landing in 1 ms waits for it. Not modelled device, as a GPU.
+  const HybridPolicy p(rates(55.0, 100.0));
+  ExpertMiss late = miss(1);
+  late.wait_ms = 10.0;
+  ExpertMiss soon = miss(1);
+  soon.wait_ms = 1.0;
+  const std::vector<ExpertMiss> hits = {late, soon};
+  const auto plan = p.plan_step(hits, {});
+  EXPECT_EQ(plan[0].placement, MissPlacement::kCpu);
+  EXPECT_EQ(plan[1].placement, MissPlacement::kCopy);
+  // A prompt's many tokens keep it on the device however late the copy.
+  ExpertMiss prompt = miss(512);
+  prompt.wait_ms = 10.0;
+  EXPECT_EQ(p.plan_step({&prompt, 1}, {})[0].placement, MissPlacement::kCopy);
+  ExpertMiss bad = miss(1);
+  bad.wait_ms = -1.0;
+  EXPECT_THROW(p.plan_step({&bad, 1}, {}), std::invalid_argument);
+}
+
 TEST(HybridPolicy, ACopyWaitsForTheDeviceBeforeItsUse) {
   // Link 6.4 ms, CPU 7.0 ms, device use 0.35 ms: alone, a miss is copied. Behind 20 ms of
   // device work (hits) the copy's use ends at 20.35 ms, the CPU's at 7.0: the CPU wins.

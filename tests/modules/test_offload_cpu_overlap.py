@@ -126,6 +126,7 @@ class RecordingPolicy:
 
     def __init__(self, policy, layer, seen):
         self.policy, self.layer, self.seen = policy, layer, seen
+        self.link_gbps = policy.link_gbps
 
     def plan_step(self, hits, misses):
         self.seen.extend((self.layer, reuse) for _, _, _, reuse in misses)
@@ -229,3 +230,27 @@ def test_on_cuda_cpu_experts_give_the_models_logits(mode, fmt):
     assert runs > 0
     if mode == "auto":  # equal rates: both the CPU and the link take misses
         assert model._expertflow.cache.stats()["misses"] > 0
+
+
+def test_a_hit_whose_copy_is_far_behind_runs_on_the_cpu(monkeypatch):
+    """copies_ahead feeds each hit's wait: a prefetch many copies back in the link's queue is
+    computed on the CPU (the replay's rule); one that has landed is used from its slot."""
+    rates = {"link_gbps": 1.0, "cpu_gbps": 4.0, "cpu_gflops": 1e6}  # CPU: a quarter of a copy
+    model, layers, _, _ = _offloaded(hybrid_rates=rates)
+    ids = torch.randint(1, 96, (1, 1), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    cache = model._expertflow.cache
+    placed = {}
+    for position in (0, 3):  # landed; the third copy still in flight
+        monkeypatch.setattr(
+            cache, "copies_ahead", lambda layer, experts, p=position: [p] * len(experts)
+        )
+        monkeypatch.setattr(cache, "planned_reuse", lambda layer, experts: [0.0] * len(experts))
+        before = sum(m.cpu_expert_runs for m in layers)
+        with torch.no_grad():
+            got = model(input_ids=ids).logits
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        placed[position] = sum(m.cpu_expert_runs for m in layers) - before
+    assert placed[0] == 0  # every expert "held and arrived": from its slot
+    assert placed[3] > 0  # three copies away against the CPU kernel's quarter of one

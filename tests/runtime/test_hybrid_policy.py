@@ -66,8 +66,16 @@ def test_plan_step_places_hits_and_misses():
     # A device slower than the CPU kernel: the first hit runs on the CPU.
     on_hits, _ = _C.HybridPolicy(**rates, device_gbps=10.0).plan_step([one] * 2, [])
     assert on_hits[0] == "cpu"
+    # A hit's last field is the wait for its copy: one landing after the CPU would be done
+    # runs on the CPU, one landing sooner stays on the device.
+    on_hits, _ = _C.HybridPolicy(**rates).plan_step([(1, BYTES, PARAMS, 10.0)], [])
+    assert on_hits == ["cpu"]
+    on_hits, _ = _C.HybridPolicy(**rates).plan_step([(1, BYTES, PARAMS, 1.0)], [])
+    assert on_hits == ["copy"]
+    with pytest.raises(ValueError, match="a hit's wait_ms must be finite and >= 0"):
+        _C.HybridPolicy(**rates).plan_step([(1, BYTES, PARAMS, -1.0)], [])
     with pytest.raises(ValueError, match="reuse"):
-        _C.HybridPolicy(**rates).plan_step([(1, BYTES, PARAMS, 2.0)], [])
+        _C.HybridPolicy(**rates).plan_step([], [(1, BYTES, PARAMS, 2.0)])
 
 
 def test_bad_misses_are_value_errors():

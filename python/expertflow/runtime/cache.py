@@ -238,6 +238,11 @@ class ExpertCache:
         an expert before ``acquire`` pins it, which then copies it again."""
         return self._native.cached(*self._layer_experts("cached", layer, experts))
 
+    def copies_ahead(self, layer: int, experts: Sequence[int]) -> list[int]:
+        """Where each expert's copy is, pinning and copying nothing: -1 not held, 0 held and
+        arrived, n >= 1 on its way as the n-th of the copies now in flight (issue order)."""
+        return self._native.copies_ahead(*self._layer_experts("copies_ahead", layer, experts))
+
     def wait(self, slot: int) -> None:
         """Makes compute wait for the slot's bytes (CUDA: the current stream waits on its
         event; CPU: blocks, without the GIL)."""

@@ -100,7 +100,8 @@ def offload(
             decides from the copy time, the CPU time at their token counts, the device's time
             using a slot, the three queues and the miss's reuse score from the predictor's
             last plan (0 without a reuse head); a miss computed on the CPU is not cached, and
-            a hit runs on the CPU only where using its slot is slower. A layer's CPU experts
+            a hit runs on the CPU only where that is done first (its prefetch still far back
+            in the link's queue, or a device slower at using a slot). A layer's CPU experts
             run on a worker thread beside its device experts. Outputs are the same either
             way.
         hybrid_rates: ``"auto"``'s rates, ``{"link_gbps": ..., "cpu_gbps": ...,

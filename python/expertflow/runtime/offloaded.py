@@ -121,19 +121,23 @@ class OffloadedExperts(nn.Module):
     def _cpu_share(self, experts: list[int], bounds: list[int]) -> list[int]:
         """The experts this call computes on the CPU: all of them (``"always"``), or those the
         HybridPolicy places there (``"auto"``): misses valued at their planned reuse, and hits
-        too where the device's use of a slot is slower than the CPU kernel (a CPU device)."""
+        too where the CPU is done before the device could be: a prefetch still on its way, or
+        a device slower at using a slot than the CPU kernel (a CPU device)."""
         if self._hybrid is None:
             return experts
-        held = self.cache.cached(self.layer, experts)
-        hits = [e for e, h in zip(experts, held, strict=True) if h]
-        misses = [e for e, h in zip(experts, held, strict=True) if not h]
+        ahead = dict(zip(experts, self.cache.copies_ahead(self.layer, experts), strict=True))
+        hits = [e for e in experts if ahead[e] >= 0]
+        misses = [e for e in experts if ahead[e] < 0]
         reuse = self.cache.planned_reuse(self.layer, misses)
+        # A prefetch still on its way lands after about the copies ahead of it and its own.
+        copy_ms = self._expert_bytes / (self._hybrid.link_gbps * 1e6)
 
-        def sized(e: int, r: float):
-            return (bounds[e + 1] - bounds[e], self._expert_bytes, self._expert_params, r)
+        def sized(e: int, last: float):  # last: a miss's reuse, a hit's wait in ms
+            return (bounds[e + 1] - bounds[e], self._expert_bytes, self._expert_params, last)
 
         on_hits, on_misses = self._hybrid.plan_step(
-            [sized(e, 0.0) for e in hits], [sized(e, r) for e, r in zip(misses, reuse, strict=True)]
+            [sized(e, ahead[e] * copy_ms) for e in hits],
+            [sized(e, r) for e, r in zip(misses, reuse, strict=True)],
         )
         placed = zip([*hits, *misses], [*on_hits, *on_misses], strict=True)
         return [e for e, where in placed if where == "cpu"]
