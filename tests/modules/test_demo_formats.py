@@ -97,3 +97,26 @@ def test_run_demo_checks_its_keywords_first(monkeypatch):
         run_demo(expert_format="int4", group_size=100)
     with pytest.raises(ValueError, match="^group_size must be a positive integer, got True"):
         run_demo(expert_format="int4", group_size=True)
+
+
+@pytest.mark.parametrize("mode", ["auto", "always"])
+def test_cpu_experts_run_and_give_the_whole_models_tokens(mode):
+    argv = f"demo --max-new-tokens 3 --prompt Once --policies lru --cpu-experts {mode} --json"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.main(argv.split())
+    assert code == 0, out.getvalue()
+    result = json.loads(out.getvalue())
+    _, lru = result["rows"]
+    assert lru["name"] == f"offloaded, lru + CPU ({mode})"
+    assert lru["same_tokens"] is True and lru["cpu_experts"] > 0
+    assert "experts run on the CPU" in format_demo(result)
+
+
+def test_a_bad_cpu_experts_is_refused_naming_the_option(capsys):
+    with pytest.raises(SystemExit):
+        cli.main("demo --cpu-experts gpu".split())
+    assert "--cpu-experts: invalid choice: 'gpu'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"^--cpu-experts must be one of"):
+        run_demo("Once", max_new_tokens=2, cpu_experts="gpu", spell=lambda n: "--cpu-experts"
+                 if n == "cpu_experts" else n)  # fmt: skip

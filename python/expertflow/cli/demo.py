@@ -7,6 +7,7 @@ import json
 
 from expertflow.demo.run import DEFAULT_PROMPT
 from expertflow.runtime.expert_format import EXPERT_FORMATS
+from expertflow.runtime.options import CPU_EXPERTS
 from expertflow.runtime.policies import BUDGETS, POLICIES
 
 
@@ -45,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         prefetch_threshold=args.prefetch_threshold,
         expert_format=args.expert_format,
         group_size=_group_size(args.group_size),
+        cpu_experts=args.cpu_experts,
         spell=_spelling,
     )
     print(json.dumps(result, indent=1) if args.json else format_demo(result))
@@ -103,6 +105,12 @@ def add_parser(sub) -> None:
     )
     dp.add_argument("--group-size", help="int4's group size, with --expert-format int4 only "
                     "(default: 64)")  # fmt: skip
+    dp.add_argument(
+        "--cpu-experts", default="never", choices=CPU_EXPERTS,
+        help="never: every expert from a device slot (the default); auto: a missed expert "
+        "computed on the CPU from host memory where that beats copying it; always: every expert "
+        "on the CPU",
+    )  # fmt: skip
     dp.add_argument(
         "--json", action="store_true", help="print the result as JSON instead of a table"
     )

@@ -72,7 +72,7 @@ def _renamed(exc: Exception, spell) -> ValueError:
     keyword it opens with spelled as ``spell`` names it (the command line: its option)."""
     text = str(exc).removeprefix("offload: ")
     for name in ("slots", "gpu_memory", "policy", "budget", "prefetch_threshold", "device",
-                 "expert_format", "group_size"):  # fmt: skip
+                 "expert_format", "group_size", "cpu_experts"):  # fmt: skip
         if text.startswith((name + " ", name + "=")):
             return ValueError(f"{spell(name)} {text[len(name) + 1 :]}")
     return ValueError(text)
@@ -100,6 +100,7 @@ def check_demo_options(
     prefetch_threshold: float,
     expert_format: str,
     group_size: int | None,
+    cpu_experts: str = "never",
     spell=str,
 ) -> None:
     """Refuses, before the model is loaded, any option :func:`run_demo` could not run with:
@@ -161,6 +162,7 @@ def check_demo_options(
                 prefetch_threshold=prefetch_threshold,
                 expert_format=expert_format,
                 group_size=group_size,
+                cpu_experts=cpu_experts,
             )
         except ValueError as exc:
             raise _renamed(exc, spell) from None

@@ -161,8 +161,13 @@ def _offloaded_row(
     report = expertflow.memory_report(model)
     lookups = decode["hits"] + decode["misses"]
     prefetcher = state.prefetcher
+    cpu_runs = sum(getattr(m, "cpu_expert_runs", 0) for m in model.modules())
+    cpu = options.get("cpu_experts", "never")
     row = {
-        "name": f"offloaded, {policy}" + (" + predictor" if predictor else ""),
+        "name": f"offloaded, {policy}"
+        + (" + predictor" if predictor else "")
+        + ("" if cpu == "never" else f" + CPU ({cpu})"),
+        "cpu_experts": cpu_runs,
         "predictor_ms_per_step": (
             1e3 * prefetcher.seconds / prefetcher.steps
             if prefetcher is not None and prefetcher.steps
@@ -197,6 +202,7 @@ def run_demo(
     prefetch_threshold: float = 0.5,
     expert_format: str = "auto",
     group_size: int | None = None,
+    cpu_experts: str = "never",
     spell=str,
 ) -> dict:
     """Runs the demo and returns the text and one row of figures per configuration.
@@ -204,7 +210,8 @@ def run_demo(
     path predictor gave both more hits and fewer expert loads per token than the history
     predictor bundled before it (README, "Routing predictor"). ``expert_format`` and
     ``group_size`` go to ``offload``; with a quantized format the whole model's row runs the
-    same quantized experts.
+    same quantized experts. ``cpu_experts`` goes to ``offload`` too (``"auto"``: each run's
+    misses computed on the CPU where that beats copying them; ``"always"``: all its experts).
 
     Every argument is checked before the model is loaded (:func:`check_demo_options`), and a
     ``gpu_memory`` against the loaded model before the whole model's run; ``spell`` names the
@@ -215,7 +222,7 @@ def run_demo(
     check_demo_options(
         prompt, max_new_tokens=max_new_tokens, slots=slots, gpu_memory=gpu_memory,
         policies=policies, budget=budget, device=device, prefetch_threshold=prefetch_threshold,
-        expert_format=expert_format, group_size=group_size, spell=spell,
+        expert_format=expert_format, group_size=group_size, cpu_experts=cpu_experts, spell=spell,
     )  # fmt: skip
     policies = (policies,) if isinstance(policies, str) else tuple(policies)
     # float32 everywhere: the model is small, and "same tokens as the whole model" then holds
@@ -236,6 +243,7 @@ def run_demo(
         "budget": budget,
         "expert_format": expert_format,
         "group_size": group_size,
+        "cpu_experts": cpu_experts,
     }
     check_budget_fits(base, options, spell)
     float_tokens = None
@@ -330,6 +338,8 @@ def format_demo(result: dict) -> str:
         ("host memory (experts)", lambda r: cell(r, "host_bytes", mib)),
         ("same tokens as whole", lambda r: cell(r, "same_tokens", lambda v: "yes" if v else "NO")),
     ]
+    if any(r.get("cpu_experts") for r in rows):  # --cpu-experts auto or always
+        table.insert(3, ("experts run on the CPU", lambda r: cell(r, "cpu_experts", str)))
     names = [r["name"] for r in rows]
     width = max(24, *(len(n) for n in names)) + 2
     lines = [
