@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from expertflow.cli.model_options import add_cpu_experts_option
 from expertflow.demo.run import DEFAULT_PROMPT
 from expertflow.runtime.expert_format import EXPERT_FORMATS
-from expertflow.runtime.options import CPU_EXPERTS
 from expertflow.runtime.policies import BUDGETS, POLICIES
 
 
@@ -105,12 +105,7 @@ def add_parser(sub) -> None:
     )
     dp.add_argument("--group-size", help="int4's group size, with --expert-format int4 only "
                     "(default: 64)")  # fmt: skip
-    dp.add_argument(
-        "--cpu-experts", default="never", choices=CPU_EXPERTS,
-        help="never: every expert from a device slot (the default); auto: a missed expert "
-        "computed on the CPU from host memory where that beats copying it; always: every expert "
-        "on the CPU",
-    )  # fmt: skip
+    add_cpu_experts_option(dp)
     dp.add_argument(
         "--json", action="store_true", help="print the result as JSON instead of a table"
     )

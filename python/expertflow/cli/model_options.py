@@ -46,16 +46,21 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="how experts are kept in host memory and copied: auto (the model's dtype, the "
         "default) or a quantized format",
     )  # fmt: skip
+    add_cpu_experts_option(parser)
+    parser.add_argument(
+        "--group-size", type=int, default=None,
+        help="int4's group size, with --expert-format int4 only (default: 64, or the largest "
+        "that divides a weight's input size)",
+    )  # fmt: skip
+
+
+def add_cpu_experts_option(parser: argparse.ArgumentParser) -> None:
+    """``--cpu-experts``, as ``offload(cpu_experts=...)``: shared with ``demo``."""
     parser.add_argument(
         "--cpu-experts", default="never", choices=CPU_EXPERTS,
         help="never: every expert runs from a device slot (the default); auto: a missed expert "
         "is computed on the CPU from host memory where that beats copying it; always: every "
         "expert on the CPU",
-    )  # fmt: skip
-    parser.add_argument(
-        "--group-size", type=int, default=None,
-        help="int4's group size, with --expert-format int4 only (default: 64, or the largest "
-        "that divides a weight's input size)",
     )  # fmt: skip
 
 
