@@ -20,26 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-
-import numpy as np
+import sys
+from pathlib import Path
 
 from expertflow.traces import load_trace
-from expertflow.traces.format import Trace
 from expertflow.traces.replay import load_predictions, replay
 
-MIXTRAL_EXPERT_BYTES = 3 * 4096 * 14336 * 2  # bf16 w1, w2, w3: 336 MiB
-
-
-def as_decode_stream(trace: Trace, expert_bytes: int) -> Trace:
-    """Every token its own step, all sequences one after another (batch-1 decoding)."""
-    meta = dict(trace.meta, prefill=[False] * trace.num_tokens, expert_bytes=expert_bytes)
-    meta.pop("sequence_sources", None)
-    return Trace(
-        expert_ids=trace.expert_ids,
-        meta=meta,
-        token_ids=trace.token_ids,
-        sequence_ids=np.zeros(trace.num_tokens, dtype=np.int64),
-    )
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_predictor import MIXTRAL_EXPERT_BYTES, as_decode_stream  # noqa: E402
 
 
 def configs(per_layer: int, slots: int, predicted: dict | None):

@@ -68,9 +68,10 @@ ORACLES = (
 )
 
 
-def as_decode_stream(trace: Trace) -> Trace:
-    """Every token its own step, all sequences one after another (batch-1 decoding)."""
-    meta = dict(trace.meta, prefill=[False] * trace.num_tokens, expert_bytes=MIXTRAL_EXPERT_BYTES)
+def as_decode_stream(trace: Trace, expert_bytes: int = MIXTRAL_EXPERT_BYTES) -> Trace:
+    """Every token its own step, all sequences one after another (batch-1 decoding), each
+    expert ``expert_bytes`` in the timing model."""
+    meta = dict(trace.meta, prefill=[False] * trace.num_tokens, expert_bytes=expert_bytes)
     meta.pop("sequence_sources", None)
     return Trace(
         expert_ids=trace.expert_ids,
