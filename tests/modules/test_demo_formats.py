@@ -109,8 +109,10 @@ def test_cpu_experts_run_and_give_the_whole_models_tokens(mode):
     result = json.loads(out.getvalue())
     _, lru = result["rows"]
     assert lru["name"] == f"offloaded, lru + CPU ({mode})"
-    assert lru["same_tokens"] is True and lru["cpu_experts"] > 0
-    assert "experts run on the CPU" in format_demo(result)
+    assert lru["same_tokens"] is True
+    if mode == "always":  # "auto" places misses by rates measured here: it may copy them all
+        assert lru["cpu_experts"] > 0
+        assert "experts run on the CPU" in format_demo(result)
 
 
 def test_a_bad_cpu_experts_is_refused_naming_the_option(capsys):

@@ -58,9 +58,12 @@ def test_loading_reports_progress_and_the_slots_chosen(checkpoint, caplog):
 def test_cpu_experts_give_the_same_logits(checkpoint, mode):
     ids = torch.randint(1, 96, (1, 7), generator=torch.Generator().manual_seed(2))
     logits = []
+    # "auto" with rates that make the CPU win (calibrated ones may put every miss on the link).
+    cpu_wins = {"link_gbps": 1e-3, "cpu_gbps": 100.0, "cpu_gflops": 1e6}
     for cpu in ("never", mode):
+        rates = cpu_wins if cpu == "auto" else None
         model = expertflow.from_pretrained(checkpoint, device="cpu", slots=4, dtype="float32",
-                                           cpu_experts=cpu)  # fmt: skip
+                                           cpu_experts=cpu, hybrid_rates=rates)  # fmt: skip
         with torch.no_grad():
             logits.append(model(input_ids=ids).logits)
         runs = sum(getattr(m, "cpu_expert_runs", 0) for m in model.modules())

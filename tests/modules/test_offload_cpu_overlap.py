@@ -227,7 +227,8 @@ def test_on_cuda_cpu_experts_give_the_models_logits(mode, fmt):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert torch.equal(tokens, want_tokens)
     runs = sum(m.cpu_expert_runs for m in model.modules() if isinstance(m, OffloadedExperts))
-    assert runs > 0
+    if mode != "auto-calibrated":  # measured rates may send every miss to the link
+        assert runs > 0
     if mode == "auto":  # equal rates: both the CPU and the link take misses
         assert model._expertflow.cache.stats()["misses"] > 0
 

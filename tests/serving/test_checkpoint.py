@@ -90,7 +90,8 @@ def test_a_checkpoint_with_cpu_experts_gives_the_same_greedy_text(checkpoint, mo
         texts.append(out.sequences[0])
         runs = sum(m.cpu_expert_runs for m in loaded.model.modules()
                    if isinstance(m, OffloadedExperts))  # fmt: skip
-        assert (runs > 0) == (cpu != "never")
+        # "auto" places misses by rates measured here: it may copy them all.
+        assert (runs == 0) if cpu == "never" else (runs > 0 or cpu == "auto")
     assert texts[0] == texts[1]
 
 
